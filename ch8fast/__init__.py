@@ -1,0 +1,17 @@
+"""ch8fast: fused, in-place optimizers for NumPy.
+
+The optimization chapter of Goodfellow, Bengio & Courville, *Deep Learning* (8.3-8.5):
+SGD with schedules, momentum, Nesterov momentum, AdaGrad, RMSProp (with Nesterov
+momentum), Adam, AdamW and AdaDelta, as one fused C loop per rule over the caller's arrays.
+"""
+
+from ._kernels import get_num_threads, set_num_threads
+from . import functional
+from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, Optimizer, RMSProp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta", "Optimizer",
+    "functional", "get_num_threads", "set_num_threads",
+]

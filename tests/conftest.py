@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+import ch8fast
+
+# Each optimizer configuration: (id, ch8fast class, reference class name, hyperparameters).
+# Hyperparameters are given in full, so the reference needs no defaults of its own.
+CONFIGS = [
+    ("sgd", ch8fast.SGD, "SGD", dict(lr=0.05)),
+    ("sgd_wd", ch8fast.SGD, "SGD", dict(lr=0.05, weight_decay=0.01)),
+    ("momentum", ch8fast.SGD, "SGD", dict(lr=0.05, momentum=0.9)),
+    ("nesterov", ch8fast.SGD, "SGD", dict(lr=0.05, momentum=0.9, nesterov=True,
+                                          weight_decay=0.001)),
+    ("adagrad", ch8fast.AdaGrad, "AdaGrad", dict(lr=0.1, eps=1e-7)),
+    ("adagrad_wd", ch8fast.AdaGrad, "AdaGrad", dict(lr=0.1, eps=1e-7, weight_decay=0.01,
+                                                    initial_accumulator_value=0.1)),
+    ("rmsprop", ch8fast.RMSProp, "RMSProp", dict(lr=0.01, rho=0.9, eps=1e-6)),
+    ("rmsprop_momentum", ch8fast.RMSProp, "RMSProp",
+     dict(lr=0.01, rho=0.9, eps=1e-6, momentum=0.5, weight_decay=0.01)),
+    ("rmsprop_nesterov", ch8fast.RMSProp, "RMSProp",
+     dict(lr=0.01, rho=0.9, eps=1e-6, momentum=0.9, nesterov=True)),
+    ("adam", ch8fast.Adam, "Adam", dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
+    ("adam_l2_amsgrad", ch8fast.Adam, "Adam",
+     dict(lr=0.01, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=True)),
+    ("adamw", ch8fast.AdamW, "Adam",
+     dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)),
+    ("adadelta", ch8fast.AdaDelta, "AdaDelta", dict(lr=1.0, rho=0.95, eps=1e-6)),
+    ("adadelta_wd", ch8fast.AdaDelta, "AdaDelta",
+     dict(lr=0.5, rho=0.9, eps=1e-6, weight_decay=0.01)),
+]
+
+
+def reference_hyper(cls, hyper):
+    """The reference's view of a configuration (AdamW is Adam with decoupled decay)."""
+    h = dict(hyper)
+    if cls is ch8fast.AdamW:
+        h["decoupled_weight_decay"] = True
+    return h
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = ch8fast.get_num_threads()
+    ch8fast.set_num_threads(request.param)
+    yield request.param
+    ch8fast.set_num_threads(0)
+    assert ch8fast.get_num_threads() == before
+
+
+def random_problem(shapes, dtype, seed, n_steps):
+    """Parameters and a sequence of gradients of mixed signs and magnitudes."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[(rng.standard_normal(s) * rng.choice([1e-3, 1.0, 10.0])).astype(dtype)
+              for s in shapes] for _ in range(n_steps)]
+    return params, grads
+
+
+def assert_close(got, ref, dtype, what=""):
+    """Relative tolerance justified by the dtype, with the absolute floor scaled by the
+    array's magnitude so that entries that cancel to near zero are judged fairly."""
+    rtol = 1e-12 if np.dtype(dtype) == np.float64 else 1e-6
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale, err_msg=what)
