@@ -6,12 +6,15 @@ momentum), Adam, AdamW and AdaDelta, as one fused C loop per rule over the calle
 """
 
 from ._kernels import get_num_threads, set_num_threads
-from . import functional
+from . import functional, init, schedules
+from .lr_finder import LRFinderResult, choose_lr
 from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, Optimizer, RMSProp
+from .schedules import minibatches, robbins_monro
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta", "Optimizer",
-    "functional", "get_num_threads", "set_num_threads",
+    "functional", "init", "schedules", "get_num_threads", "set_num_threads",
+    "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
 ]

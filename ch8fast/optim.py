@@ -42,7 +42,7 @@ def _encode(value):
 def _decode(value):
     if isinstance(value, dict) and set(value) == {"schedule"}:
         from . import schedules
-        return schedules.from_dict(value["schedule"])
+        return schedules.Schedule.from_dict(value["schedule"])
     if isinstance(value, list):
         return tuple(value)
     return value
@@ -421,7 +421,20 @@ class _NesterovMixin:
                     # the update itself is plain momentum at theta
                     args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["nesterov"],)
                 i0 += n
-            return Optimizer._call_closure(self, closure, args)
+            loss, grads = Optimizer._call_closure(self, closure, args)
+            grads = self._as_grad_list(grads)
+            for _, table in self._tables:
+                table.bind(grads)
+            # The L2 term belongs to the gradient at the interim point too.
+            grads, i0 = list(grads), 0
+            for gi, g in enumerate(self.param_groups):
+                n = len(g["params"])
+                if g["nesterov"] and args[gi][-1] & K.FLAGS["l2"]:
+                    for i in range(i0, i0 + n):
+                        grads[i] = grads[i] + args[gi][2] * self._params[i]
+                    args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["l2"],)
+                i0 += n
+            return loss, grads
         finally:
             for i in moved:
                 np.copyto(self._params[i], self._scratch[i])

@@ -272,3 +272,48 @@ def test_closure_returns_loss():
     assert w[0] == 3.0 - 0.25 * 6.0
     opt.step(closure=lambda: 2 * w)          # gradients only
     assert w[0] == 1.5 - 0.25 * 3.0
+
+
+def test_schedules_resume_bit_exact_through_state_dict():
+    """The step counter that drives the schedules is part of state_dict()."""
+    from ch8fast.schedules import linear_decay, momentum_ramp
+    params, grads = random_problem([(31,), (4, 4)], np.float32, seed=12, n_steps=10)
+
+    def make(ps):
+        return ch8fast.SGD(ps, lr=linear_decay(0.1, 8), momentum=momentum_ramp(0.5, 0.9, 6),
+                           nesterov=True)
+
+    a = [p.copy() for p in params]
+    opt_a = make(a)
+    for g in grads:
+        opt_a.step(g)
+    b = [p.copy() for p in params]
+    opt_b = make(b)
+    for g in grads[:4]:
+        opt_b.step(g)
+    sd = opt_b.state_dict()
+    assert sd["param_groups"][0]["lr"] == {"schedule": linear_decay(0.1, 8).to_dict()}
+    c = [p.copy() for p in b]
+    opt_c = ch8fast.SGD(c, lr=0.5, momentum=0.3, nesterov=True)   # replaced by the load
+    opt_c.load_state_dict(sd)
+    assert opt_c.param_groups[0]["lr"] == linear_decay(0.1, 8)
+    for g in grads[4:]:
+        opt_c.step(g)
+    for x, y in zip(a, c):
+        assert x.tobytes() == y.tobytes()
+
+
+def test_momentum_schedule_changes_behaviour():
+    """Raising alpha over time (the book's advice) gives the trajectory of that alpha."""
+    from ch8fast.schedules import momentum_ramp
+    w1, w2 = np.ones(3), np.ones(3)
+    ramp = momentum_ramp(0.0, 0.9, 5)
+    o1 = ch8fast.SGD([w1], lr=0.1, momentum=ramp)
+    o2 = ch8fast.SGD([w2], lr=0.1, momentum=0.9)
+    o1.step(np.ones(3))
+    o2.step(np.ones(3))
+    o1.step(np.ones(3))
+    o2.step(np.ones(3))
+    # step 2 uses alpha = ramp(1) = 0.18 against 0.9
+    assert_close(w1, np.ones(3) - 0.1 - (0.18 * 0.1 + 0.1), np.float64)
+    assert_close(w2, np.ones(3) - 0.1 - (0.9 * 0.1 + 0.1), np.float64)
