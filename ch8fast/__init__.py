@@ -7,6 +7,7 @@ momentum), Adam, AdamW and AdaDelta, as one fused C loop per rule over the calle
 
 from ._kernels import get_num_threads, set_num_threads
 from . import functional, init, schedules
+from .clip import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from .lr_finder import LRFinderResult, choose_lr
 from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, Optimizer, RMSProp
 from .schedules import minibatches, robbins_monro
@@ -17,4 +18,5 @@ __all__ = [
     "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta", "Optimizer",
     "functional", "init", "schedules", "get_num_threads", "set_num_threads",
     "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
+    "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "all_finite",
 ]

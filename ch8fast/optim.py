@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _kernels as K
 from . import functional as F
+from .clip import _norm_from
 from ._validation import (FLOAT_DTYPES, betas_pair, check_disjoint, check_param,
                           nonnegative, positive, unit_interval)
 
@@ -56,13 +57,29 @@ class Optimizer:
     state arrays exist), and implements ``_state_names(group)`` and
     ``_args(values, group_index)``, which returns the kernel arguments of one step from the
     evaluated hyperparameters (see ``ch8fast.functional``).
+
+    Options of every optimizer, applied to the gradients in the update pass itself:
+
+    * ``clip_norm``: scale all gradients by ``clip_norm / norm`` when their global 2-norm
+      exceeds it (the norm is kept in ``last_grad_norm``);
+    * ``clip_value``: clamp every gradient element to [-clip_value, clip_value] (after
+      ``clip_norm``, before weight decay);
+    * ``skip_nonfinite``: a step whose gradients hold a NaN or an Inf changes nothing
+      (parameters, state, step count) and adds one to ``skipped_steps``. Without it a NaN
+      gradient propagates into the parameters and the state, as in the reference rules.
     """
 
     _checks = {}
     _flags = ()
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, *, clip_norm=None, clip_value=None,
+                 skip_nonfinite=False):
         groups = self._as_groups(params)
+        self.clip_norm = None if clip_norm is None else positive(clip_norm, "clip_norm")
+        self.clip_value = None if clip_value is None else positive(clip_value, "clip_value")
+        self.skip_nonfinite = _flag(skip_nonfinite, "skip_nonfinite")
+        self.skipped_steps = 0          # steps skipped for non-finite gradients
+        self.last_grad_norm = None      # global norm before clipping, when computed
         self.defaults = dict(defaults)
         self.param_groups = []
         all_params, names = [], []
@@ -189,26 +206,50 @@ class Optimizer:
         one parameter). Or ``closure``: a callable that returns the gradients, or
         ``(loss, grads)``, evaluated at what the parameter arrays hold when it is called.
         Returns the loss from the closure, else None.
+
+        Everything is checked before any array is written. With ``skip_nonfinite``, a
+        step whose gradients hold a NaN or an Inf changes nothing and is counted in
+        ``skipped_steps``.
         """
         if (grads is None) == (closure is None):
             raise TypeError("step() takes either grads or closure=, exactly one of them")
         args = [self._args(self._values(gi, self._steps[gi]), gi)
                 for gi in range(len(self.param_groups))]
-        loss = None
+        loss, plan = None, None
         if closure is not None:
-            loss, grads = self._call_closure(closure, args)
+            loss, grads, plan = self._call_closure(closure, args)
         grads = self._as_grad_list(grads)
         for _, table in self._tables:
             table.bind(grads)
+        if plan is None:
+            plan = self._clip_plan(grads)
+        gscale, clip_flag, skip = plan
+        if skip:
+            self.skipped_steps += 1
+            return loss
         if closure is None and self._uses_nesterov():
             self._set_form("shifted")
+        clip = self.clip_value or 0.0
         for gi, table in self._tables:
-            table.run(*args[gi])
+            a = args[gi]
+            table.run(*a[:-1], a[-1] | clip_flag, gscale, clip)
         for gi in range(len(self.param_groups)):
             self._steps[gi] += 1
             if args[gi][-1] & K.FLAGS["nesterov"]:
                 self._interim[gi] = args[gi][5]
         return loss
+
+    def _clip_plan(self, grads):
+        """(gradient scale, clip flag, skip) for the gradients just bound."""
+        gscale = 1.0
+        if self.clip_norm is not None or self.skip_nonfinite:
+            norm = _norm_from(sum(t.sumsq(1) for _, t in self._tables), grads)
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not math.isfinite(norm):
+                return 1.0, 0, True
+            if self.clip_norm is not None and norm > self.clip_norm:
+                gscale = self.clip_norm / norm
+        return gscale, (K.FLAGS["clip"] if self.clip_value is not None else 0), False
 
     def _as_grad_list(self, grads):
         n = len(self._params)
@@ -239,11 +280,12 @@ class Optimizer:
         self._nesterov_form = form
 
     def _call_closure(self, closure, args):
+        """(loss, grads, None) from the closure; a subclass may return a clip plan."""
         out = closure()
         if (isinstance(out, tuple) and len(out) == 2
                 and not isinstance(out[0], (np.ndarray, list, tuple))):
-            return out
-        return None, out
+            return out[0], out[1], None
+        return None, out, None
 
     # ---- reading and saving -------------------------------------------------------------
 
@@ -272,6 +314,7 @@ class Optimizer:
             "optimizer": type(self).__name__,
             "version": 1,
             "nesterov_form": self._nesterov_form,
+            "skipped_steps": self.skipped_steps,
             "param_groups": groups,
             "state": [{k: a.copy() for k, a in st.items()} for st in self.state],
         }
@@ -282,7 +325,8 @@ class Optimizer:
         sd = state_dict
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
-        for key in ("optimizer", "version", "param_groups", "state", "nesterov_form"):
+        for key in ("optimizer", "version", "param_groups", "state", "nesterov_form",
+                    "skipped_steps"):
             if key not in sd:
                 raise ValueError(f"state_dict has no {key!r} entry")
         if sd["optimizer"] != type(self).__name__:
@@ -292,6 +336,11 @@ class Optimizer:
             raise ValueError(f"state_dict version {sd['version']} is not supported")
         if sd["nesterov_form"] not in (None, "shifted", "literal"):
             raise ValueError(f"state_dict['nesterov_form'] is {sd['nesterov_form']!r}")
+        skipped = sd["skipped_steps"]
+        if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) \
+                or skipped < 0:
+            raise ValueError(f"state_dict['skipped_steps'] must be an integer >= 0, got "
+                             f"{skipped!r}")
         groups = sd["param_groups"]
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer "
@@ -352,6 +401,7 @@ class Optimizer:
         self._steps = steps
         self._interim = interim
         self._nesterov_form = sd["nesterov_form"]
+        self.skipped_steps = int(skipped)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -421,20 +471,27 @@ class _NesterovMixin:
                     # the update itself is plain momentum at theta
                     args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["nesterov"],)
                 i0 += n
-            loss, grads = Optimizer._call_closure(self, closure, args)
+            loss, grads, _ = Optimizer._call_closure(self, closure, args)
             grads = self._as_grad_list(grads)
             for _, table in self._tables:
                 table.bind(grads)
-            # The L2 term belongs to the gradient at the interim point too.
-            grads, i0 = list(grads), 0
-            for gi, g in enumerate(self.param_groups):
-                n = len(g["params"])
-                if g["nesterov"] and args[gi][-1] & K.FLAGS["l2"]:
-                    for i in range(i0, i0 + n):
-                        grads[i] = grads[i] + args[gi][2] * self._params[i]
-                    args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["l2"],)
-                i0 += n
-            return loss, grads
+            plan = self._clip_plan(grads)
+            l2 = [gi for gi, g in enumerate(self.param_groups)
+                  if g["nesterov"] and args[gi][-1] & K.FLAGS["l2"]]
+            if plan[2] or not l2:
+                return loss, grads, plan
+            # The L2 term belongs to the gradient at the interim point, which only this
+            # window holds: clip the gradients here, then add it.
+            gscale, clip_flag, _ = plan
+            grads = [g * gscale for g in grads]
+            if clip_flag:
+                grads = [np.clip(g, -self.clip_value, self.clip_value) for g in grads]
+            for gi in l2:
+                i0 = sum(len(g["params"]) for g in self.param_groups[:gi])
+                for i in range(i0, i0 + len(self.param_groups[gi]["params"])):
+                    grads[i] = grads[i] + args[gi][2] * self._params[i]
+                args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["l2"],)
+            return loss, grads, (1.0, 0, False)
         finally:
             for i in moved:
                 np.copyto(self._params[i], self._scratch[i])
@@ -521,9 +578,10 @@ class SGD(_NesterovMixin, Optimizer):
     _checks = {"lr": nonnegative, "momentum": unit_interval, "weight_decay": nonnegative}
     _flags = ("nesterov",)
 
-    def __init__(self, params, lr=1e-2, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, params, lr=1e-2, momentum=0.0, nesterov=False, weight_decay=0.0,
+                 **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay), **options)
 
     def _state_names(self, group):
         return ("velocity",) if self._has_velocity(group) else ()
@@ -555,9 +613,10 @@ class AdaGrad(Optimizer):
                "initial_accumulator_value": nonnegative}
 
     def __init__(self, params, lr=1e-2, eps=1e-7, weight_decay=0.0,
-                 initial_accumulator_value=0.0):
+                 initial_accumulator_value=0.0, **options):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value))
+                                      initial_accumulator_value=initial_accumulator_value),
+                         **options)
 
     def _state_names(self, group):
         return ("sum",)
@@ -594,9 +653,10 @@ class RMSProp(_NesterovMixin, Optimizer):
     _flags = ("nesterov",)
 
     def __init__(self, params, lr=1e-3, rho=0.9, eps=1e-6, momentum=0.0, nesterov=False,
-                 weight_decay=0.0):
+                 weight_decay=0.0, **options):
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, momentum=momentum,
-                                      nesterov=nesterov, weight_decay=weight_decay))
+                                      nesterov=nesterov, weight_decay=weight_decay),
+                         **options)
 
     def _state_names(self, group):
         return ("square_avg", "velocity") if self._has_velocity(group) else ("square_avg",)
@@ -636,10 +696,11 @@ class Adam(Optimizer):
     _flags = ("amsgrad", "decoupled_weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, decoupled_weight_decay=False):
+                 amsgrad=False, decoupled_weight_decay=False, **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         **options)
 
     def _state_names(self, group):
         names = ("exp_avg", "exp_avg_sq")
@@ -664,10 +725,10 @@ class AdamW(Adam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False):
+                 amsgrad=False, **options):
         Optimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                               weight_decay=weight_decay, amsgrad=amsgrad,
-                                              decoupled_weight_decay=True))
+                                              decoupled_weight_decay=True), **options)
 
 
 class AdaDelta(Optimizer):
@@ -691,8 +752,9 @@ class AdaDelta(Optimizer):
     _checks = {"lr": nonnegative, "rho": unit_interval, "eps": positive,
                "weight_decay": nonnegative}
 
-    def __init__(self, params, lr=1.0, rho=0.95, eps=1e-6, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr=1.0, rho=0.95, eps=1e-6, weight_decay=0.0, **options):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay),
+                         **options)
 
     def _state_names(self, group):
         return ("square_avg", "acc_delta")

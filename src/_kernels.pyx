@@ -54,17 +54,28 @@ cdef enum:
     RMSPROP_MOMENTUM = 4  # p, g, r, v    (Alg 8.6 with FLAG_NESTEROV; plain momentum without)
     ADAM = 5              # p, g, m, v[, vmax with FLAG_AMSGRAD] (Alg 8.7)
     ADADELTA = 6          # p, g, Eg2, Edx2                      (Zeiler 2012)
-    N_RULES = 7
+    N_RULES = 10
+
+    SCALE = 7             # x <- gscale * x, on column 0 (gradient clipping by norm)
+    CLAMP = 8             # x <- min(max(x, -clip), clip), on column 0
+    ROOFLINE = 9          # no update: the memory traffic of a rule with this many columns
 
 cdef enum:
     FLAG_L2 = 1           # add weight_decay * p to the gradient first
     FLAG_NESTEROV = 2     # shifted Nesterov form: the arrays hold the interim point
     FLAG_AMSGRAD = 4      # Adam: divide by the running maximum of v
+    FLAG_CLIP = 8         # clamp each (scaled) gradient element to [-clip, clip]
+
+cdef enum:
+    SUM_BLOCK = 4096      # sums of squares: fixed blocks of the concatenated elements,
+    SUM_LANES = 16        # each summed in 16 lanes by global index, blocks added in order
 
 RULES = {"sgd": SGD, "momentum": MOMENTUM, "adagrad": ADAGRAD, "rmsprop": RMSPROP,
-         "rmsprop_momentum": RMSPROP_MOMENTUM, "adam": ADAM, "adadelta": ADADELTA}
-RULE_COLUMNS = (2, 3, 3, 3, 4, 4, 4)
-FLAGS = {"l2": FLAG_L2, "nesterov": FLAG_NESTEROV, "amsgrad": FLAG_AMSGRAD}
+         "rmsprop_momentum": RMSPROP_MOMENTUM, "adam": ADAM, "adadelta": ADADELTA,
+         "scale": SCALE, "clamp": CLAMP, "roofline": ROOFLINE}
+RULE_COLUMNS = (2, 3, 3, 3, 4, 4, 4, 2, 2, 2)
+FLAGS = {"l2": FLAG_L2, "nesterov": FLAG_NESTEROV, "amsgrad": FLAG_AMSGRAD,
+         "clip": FLAG_CLIP}
 
 cdef struct Hyper:
     double lr           # step size (for Adam: lr / (1 - beta1^t))
@@ -77,6 +88,8 @@ cdef struct Hyper:
     double beta2
     double c2           # Adam: 1 / sqrt(1 - beta2^t)
     double eps
+    double gscale       # every gradient is first multiplied by this (clipping by norm)
+    double clip         # then clamped to [-clip, clip] with FLAG_CLIP
     int flags
 
 
@@ -91,14 +104,71 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
         return sqrt(x)
 
 
+cdef inline floating _grad(floating x, floating s, floating c, bint clip) noexcept nogil:
+    # The gradient as the update sees it: scaled (by 1 unless clipping by norm), then
+    # clamped when clipping by value. x * 1 == x exactly, NaN and Inf included.
+    x = x * s
+    if clip:
+        if x > c:
+            x = c
+        elif x < -c:
+            x = -c
+    return x
+
+
+cdef void _traffic(floating* p, const floating* g, floating* a, floating* b, floating* c,
+                   Py_ssize_t n) noexcept nogil:
+    # The bandwidth yardstick: reads every column once and writes every column but the
+    # gradient once, as an update rule with the same columns does, with one add each.
+    cdef Py_ssize_t i
+    cdef floating x
+    if a == NULL:
+        for i in range(n):
+            p[i] = p[i] + g[i]
+    elif b == NULL:
+        for i in range(n):
+            x = p[i] + g[i] + a[i]
+            p[i] = x
+            a[i] = x
+    elif c == NULL:
+        for i in range(n):
+            x = p[i] + g[i] + a[i] + b[i]
+            p[i] = x
+            a[i] = x
+            b[i] = x
+    else:
+        for i in range(n):
+            x = p[i] + g[i] + a[i] + b[i] + c[i]
+            p[i] = x
+            a[i] = x
+            b[i] = x
+            c[i] = x
+
+
+cdef void _scale(floating* x, Py_ssize_t n, const Hyper* h) noexcept nogil:
+    cdef floating s = <floating>h.gscale
+    cdef Py_ssize_t i
+    for i in range(n):
+        x[i] = x[i] * s
+
+
+cdef void _clamp(floating* x, Py_ssize_t n, const Hyper* h) noexcept nogil:
+    cdef floating c = <floating>h.clip
+    cdef Py_ssize_t i
+    for i in range(n):
+        x[i] = _grad(x[i], <floating>1, c, True)
+
+
 cdef void _sgd(floating* p, const floating* g, Py_ssize_t n, const Hyper* h) noexcept nogil:
     # theta <- theta - eps * g                                            (Alg 8.1)
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd
     cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating gi
     cdef Py_ssize_t i
     for i in range(n):
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * p[i]
         p[i] = p[i] - lr * gi
@@ -112,10 +182,12 @@ cdef void _momentum(floating* p, const floating* g, floating* v, Py_ssize_t n,
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
     cdef bint l2 = h.flags & FLAG_L2, nesterov = h.flags & FLAG_NESTEROV
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating gi, vi, vn
     cdef Py_ssize_t i
     for i in range(n):
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * p[i]
         vi = v[i]
@@ -132,10 +204,12 @@ cdef void _adagrad(floating* p, const floating* g, floating* r, Py_ssize_t n,
     # r <- r + g*g;  theta <- theta - eps / (delta + sqrt(r)) * g          (Alg 8.4)
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating gi, ri
     cdef Py_ssize_t i
     for i in range(n):
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * p[i]
         ri = r[i] + gi * gi
@@ -149,10 +223,12 @@ cdef void _rmsprop(floating* p, const floating* g, floating* r, Py_ssize_t n,
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
     cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating gi, ri
     cdef Py_ssize_t i
     for i in range(n):
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * p[i]
         ri = rho * r[i] + rho1 * (gi * gi)
@@ -168,10 +244,12 @@ cdef void _rmsprop_momentum(floating* p, const floating* g, floating* r, floatin
     cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
     cdef bint l2 = h.flags & FLAG_L2, nesterov = h.flags & FLAG_NESTEROV
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating gi, ri, vi, vn
     cdef Py_ssize_t i
     for i in range(n):
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * p[i]
         ri = rho * r[i] + rho1 * (gi * gi)
@@ -196,11 +274,13 @@ cdef void _adam(floating* p, const floating* g, floating* m, floating* v, floati
     cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
     cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
     cdef bint l2 = h.flags & FLAG_L2, amsgrad = h.flags & FLAG_AMSGRAD
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating pi, gi, mi, vi
     cdef Py_ssize_t i
     for i in range(n):
         pi = p[i] * decay
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * pi
         mi = b1 * m[i] + b1c * gi
@@ -222,10 +302,12 @@ cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed,
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
     cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef floating gi, egi, di
     cdef Py_ssize_t i
     for i in range(n):
-        gi = g[i]
+        gi = _grad(g[i], gs, cv, clip)
         if l2:
             gi = gi + wd * p[i]
         egi = rho * eg[i] + rho1 * (gi * gi)
@@ -243,8 +325,19 @@ cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t 
                        Py_ssize_t n, const Hyper* h) noexcept nogil:
     # ``tag`` only selects the dtype; ``row`` holds the tensor's column addresses.
     cdef floating* p = (<floating*>row[0]) + lo
-    cdef const floating* g = (<const floating*>row[1]) + lo
-    if rule == SGD:
+    cdef const floating* g
+    if rule == SCALE:
+        _scale(p, n, h)
+        return
+    if rule == CLAMP:
+        _clamp(p, n, h)
+        return
+    g = (<const floating*>row[1]) + lo
+    if rule == ROOFLINE:       # h.flags holds the number of columns
+        _traffic(p, g, (<floating*>row[2]) + lo if h.flags > 2 else NULL,
+                 (<floating*>row[3]) + lo if h.flags > 3 else NULL,
+                 (<floating*>row[4]) + lo if h.flags > 4 else NULL, n)
+    elif rule == SGD:
         _sgd(p, g, n, h)
     elif rule == MOMENTUM:
         _momentum(p, g, (<floating*>row[2]) + lo, n, h)
@@ -319,6 +412,80 @@ cdef void _run(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
                   min(t * chunk, total), min((t + 1) * chunk, total), h)
     else:
         _walk(rule, f64, table, ncols, offsets, nrows, 0, total, h)
+
+
+cdef void _sumsq_piece(floating* tag, const floating* x, Py_ssize_t n, Py_ssize_t lane,
+                       double* acc) noexcept nogil:
+    # Add x[k]^2 to lane (lane + k) % SUM_LANES, in double precision: the lane of an element
+    # depends only on its global index, so the result does not depend on how the elements
+    # are split into arrays.
+    cdef Py_ssize_t k = 0, j
+    cdef double xi
+    while k < n and (lane + k) % SUM_LANES != 0:
+        xi = x[k]
+        acc[(lane + k) % SUM_LANES] += xi * xi
+        k += 1
+    while k + SUM_LANES <= n:
+        for j in range(SUM_LANES):
+            xi = x[k + j]
+            acc[j] += xi * xi
+        k += SUM_LANES
+    while k < n:
+        xi = x[k]
+        acc[(lane + k) % SUM_LANES] += xi * xi
+        k += 1
+
+
+cdef double _sumsq_block(bint f64, const intptr_t* table, Py_ssize_t ncols, int col,
+                         const Py_ssize_t* offsets, Py_ssize_t nrows, Py_ssize_t start,
+                         Py_ssize_t stop) noexcept nogil:
+    cdef double acc[SUM_LANES]
+    cdef double total = 0.0
+    cdef Py_ssize_t r, end, j
+    for j in range(SUM_LANES):
+        acc[j] = 0.0
+    r = _row_of(offsets, nrows, start)
+    while start < stop:
+        end = offsets[r + 1]
+        if end > stop:
+            end = stop
+        if end > start:
+            if f64:
+                _sumsq_piece(<double*>NULL,
+                             (<const double*>table[r * ncols + col]) + (start - offsets[r]),
+                             end - start, start % SUM_LANES, acc)
+            else:
+                _sumsq_piece(<float*>NULL,
+                             (<const float*>table[r * ncols + col]) + (start - offsets[r]),
+                             end - start, start % SUM_LANES, acc)
+            start = end
+        r += 1
+    for j in range(SUM_LANES):
+        total += acc[j]
+    return total
+
+
+cdef double _sumsq(bint f64, const intptr_t* table, Py_ssize_t ncols, int col,
+                   const Py_ssize_t* offsets, Py_ssize_t nrows, double* blocks,
+                   int n_threads) noexcept nogil:
+    # Sum of squares of column ``col``, the same bits for any thread count and any split
+    # of the same values into arrays: fixed blocks, each summed alone, added in order.
+    cdef Py_ssize_t total = offsets[nrows]
+    cdef Py_ssize_t nb = (total + SUM_BLOCK - 1) // SUM_BLOCK
+    cdef Py_ssize_t b
+    cdef double out = 0.0
+    cdef Py_ssize_t itemsize = 8 if f64 else 4
+    if n_threads > 1 and total * itemsize >= _parallel_min_bytes:
+        for b in prange(nb, num_threads=n_threads, schedule='static'):
+            blocks[b] = _sumsq_block(f64, table, ncols, col, offsets, nrows,
+                                     b * SUM_BLOCK, min((b + 1) * SUM_BLOCK, total))
+    else:
+        for b in range(nb):
+            blocks[b] = _sumsq_block(f64, table, ncols, col, offsets, nrows,
+                                     b * SUM_BLOCK, min((b + 1) * SUM_BLOCK, total))
+    for b in range(nb):
+        out += blocks[b]
+    return out
 
 
 cdef inline int _threads() noexcept nogil:
@@ -402,6 +569,7 @@ cdef class Table:
     cdef tuple shapes
     cdef Guard guard
     cdef list keep            # contiguous copies of non-contiguous gradients, this step
+    cdef double[::1] blocks   # per-block sums of squares
 
     def __init__(self, list params, list states, index, Guard guard):
         cdef Py_ssize_t r, c
@@ -417,6 +585,9 @@ cdef class Table:
         self.offsets = np.zeros(self.nrows + 1, dtype=np.intp)
         for r in range(self.nrows):
             self.offsets[r + 1] = self.offsets[r] + params[r].size
+        n_blocks = (self.offsets[self.nrows] + SUM_BLOCK - 1) // SUM_BLOCK
+        self.blocks = np.zeros(max(1, n_blocks))
+        for r in range(self.nrows):
             self.table[r, 0] = params[r].__array_interface__["data"][0]
             for c in range(len(states)):
                 self.table[r, 2 + c] = states[c][r].__array_interface__["data"][0]
@@ -459,14 +630,32 @@ cdef class Table:
     def _dtype(self):
         return np.float64 if self.f64 else np.float32
 
+    def sumsq(self, int col=1):
+        """Sum of squares of column ``col`` (1: the gradients last bound; 0: the
+        parameters), in double precision, the same bits for any thread count."""
+        cdef int nt = _threads()
+        cdef double out
+        if not 0 <= col < self.ncols:
+            raise ValueError(f"col must be in [0, {self.ncols}), got {col}")
+        if self.offsets[self.nrows] == 0:
+            return 0.0
+        with nogil:
+            out = _sumsq(self.f64, &self.table[0, 0], self.ncols, col, &self.offsets[0],
+                         self.nrows, &self.blocks[0], nt)
+        return out
+
     def run(self, int rule, double lr, double wd=0.0, double decay=1.0, double alpha=0.0,
             double alpha_next=0.0, double rho=0.0, double beta1=0.0, double beta2=0.0,
-            double c2=1.0, double eps=0.0, int flags=0):
-        """Apply ``rule`` to every row, with the gradients last bound."""
+            double c2=1.0, double eps=0.0, int flags=0, double gscale=1.0,
+            double clip=0.0):
+        """Apply ``rule`` to every row, with the gradients last bound: each gradient
+        element is multiplied by ``gscale``, then clamped to [-clip, clip] if
+        ``flags`` has FLAG_CLIP."""
         cdef Hyper h
         cdef int nt = _threads()
         h.lr = lr; h.wd = wd; h.decay = decay; h.alpha = alpha; h.alpha_next = alpha_next
         h.rho = rho; h.beta1 = beta1; h.beta2 = beta2; h.c2 = c2; h.eps = eps
+        h.gscale = gscale; h.clip = clip
         h.flags = flags
         if self.ncols < RULE_COLUMNS[rule] + (1 if flags & FLAG_AMSGRAD else 0):
             raise ValueError("table has too few state columns for this rule")
