@@ -2,38 +2,52 @@
 
 The kernels are compiled with -O3 and -fno-math-errno (without it gcc will not vectorize
 sqrt) and OpenMP. -ffp-contract=off keeps every kernel an exact sequence of IEEE
-operations, so results do not depend on which instructions the compiler picks.
-Never -ffast-math. Set CH8FAST_MARCH_NATIVE=1 to add -march=native for a local build.
+operations (no fused multiply-add), so results are the same bits whatever instructions
+the compiler picks. Never -ffast-math.
+
+On x86-64 the same source (src/kernels.pxi) is built three times: for the baseline
+instruction set, for AVX2 and for AVX-512; ``ch8fast`` picks the widest one the CPU runs,
+at import time. Set CH8FAST_MARCH_NATIVE=1 to add -march=native to a local build.
 """
 import os
+import platform
 import sys
 
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
 if sys.platform == "win32":
-    compile_args = ["/O2", "/openmp", "/fp:precise"]
-    link_args = []
-elif sys.platform == "darwin":
-    compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-Xpreprocessor", "-fopenmp"]
-    link_args = ["-lomp"]
+    base_args, link_args = ["/O2", "/openmp", "/fp:precise"], []
+    isa_args = {"_kernels_avx2": ["/arch:AVX2"], "_kernels_avx512": ["/arch:AVX512"]}
 else:
-    compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
-    link_args = ["-fopenmp"]
+    base_args = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    if sys.platform == "darwin":
+        base_args += ["-Xpreprocessor", "-fopenmp"]
+        link_args = ["-lomp"]
+    else:
+        base_args += ["-fopenmp"]
+        link_args = ["-fopenmp"]
+    isa_args = {"_kernels_avx2": ["-mavx2"],
+                "_kernels_avx512": ["-mavx512f", "-mprefer-vector-width=512"]}
 
 if os.environ.get("CH8FAST_MARCH_NATIVE") == "1":
-    compile_args.append("-march=native")
+    base_args.append("-march=native")
+
+modules = ["_kernels"] + (["_kernels_avx2", "_kernels_avx512"] if X86 else [])
 
 extensions = [
     Extension(
-        "ch8fast._kernels",
-        ["src/_kernels.pyx"],
+        f"ch8fast.{name}",
+        [f"src/{name}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=compile_args,
+        extra_compile_args=base_args + isa_args.get(name, []),
         extra_link_args=link_args,
     )
+    for name in modules
 ]
 
 setup(

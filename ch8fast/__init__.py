@@ -5,7 +5,7 @@ SGD with schedules, momentum, Nesterov momentum, AdaGrad, RMSProp (with Nesterov
 momentum), Adam, AdamW and AdaDelta, as one fused C loop per rule over the caller's arrays.
 """
 
-from ._kernels import get_num_threads, set_num_threads
+from ._isa import get_num_threads, isa, set_num_threads
 from . import functional, init, schedules
 from .clip import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from .lr_finder import LRFinderResult, choose_lr
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta", "Optimizer",
-    "functional", "init", "schedules", "get_num_threads", "set_num_threads",
+    "functional", "init", "schedules", "get_num_threads", "set_num_threads", "isa",
     "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "all_finite",
 ]

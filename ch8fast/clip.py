@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from . import _kernels as K
+from ._isa import K
 from ._validation import FLOAT_DTYPES, check_param, positive
 
 __all__ = ["global_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",

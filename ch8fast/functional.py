@@ -15,7 +15,7 @@ array([-0.1, -0.1, -0.1])
 
 import math
 
-from . import _kernels as K
+from ._isa import K
 from ._validation import (betas_pair, check_disjoint, check_param, check_state,
                           nonnegative, positive, step_count, unit_interval)
 

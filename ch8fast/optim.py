@@ -1,7 +1,7 @@
 """The optimizers: own the state, check the inputs once, compute per-step scalars, and run
 the fused kernels over the user's arrays in place.
 
-A parameter group of one dtype is one table in the extension (``ch8fast._kernels.Table``):
+A parameter group of one dtype is one table in the extension (``Table`` in src/kernels.pxi):
 the addresses of its parameter and state arrays are taken once, when the optimizer is made,
 and only the gradients' addresses change from step to step. A step is then one kernel call
 per group and dtype, however many arrays the group holds.
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from . import _kernels as K
+from ._isa import K
 from . import functional as F
 from .clip import _norm_from
 from ._validation import (FLOAT_DTYPES, betas_pair, check_disjoint, check_param,
@@ -103,7 +103,8 @@ class Optimizer:
                 names.append(f"params[{i}]")
             full["params"] = plist
             self.param_groups.append(full)
-        self._n_groups_checked = len(groups)
+        self._names = frozenset(self.defaults)
+        self._cache = [None] * len(self.param_groups)
         for gi, group in enumerate(self.param_groups):
             self._check_structure(group, gi)
             self._values(gi, 0)            # every hyperparameter valid at step 0
@@ -189,13 +190,34 @@ class Optimizer:
         return self._checks[name](v, self._where(gi, name))
 
     def _values(self, gi, step):
+        """The checked hyperparameters of group ``gi`` for the update after ``step``
+        completed steps. Checks run again only when a value changed (or is a schedule)."""
         group = self.param_groups[gi]
-        if len(group) != len(self.defaults) + 1:
-            unknown = sorted(set(group) - set(self.defaults) - {"params"})
-            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}")
+        raw = tuple(map(group.get, self._names))
+        cached = self._cache[gi]
+        if (cached is not None and raw == cached[0]
+                and len(group) == len(self._names) + 1):
+            values, scheduled = cached[1], cached[2]
+            if not scheduled:
+                return values
+            values = dict(values)
+            for k in scheduled:
+                values[k] = self._value(gi, k, step)
+            return values
+        if group.keys() != self._names | {"params"}:
+            unknown = sorted(set(group) - self._names - {"params"})
+            missing = sorted(self._names - set(group))
+            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}, "
+                            f"missing {missing}")
         for k in self._flags:
             _flag(group[k], self._where(gi, k))
-        return {k: self._value(gi, k, step) for k in self._checks}
+        values = {k: self._value(gi, k, step) for k in self._checks}
+        for k, v in group.items():           # lists become tuples: they cannot change
+            if isinstance(v, list) and k != "params":    # behind the cache's back
+                group[k] = tuple(v)
+        scheduled = tuple(k for k in self._checks if callable(group[k]))
+        self._cache[gi] = (tuple(map(group.get, self._names)), values, scheduled)
+        return values
 
     # ---- stepping ---------------------------------------------------------------------
 

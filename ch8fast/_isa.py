@@ -1,0 +1,69 @@
+"""Pick the kernel module built for the widest instruction set this CPU runs.
+
+All variants compute the same IEEE operations in the same order (no contraction into
+fused multiply-adds), so they give the same bits; only their speed differs. Set
+CH8FAST_ISA=baseline, avx2 or avx512 to choose one (an unavailable choice is an error).
+"""
+
+import importlib
+import os
+
+ISAS = ("avx512", "avx2", "baseline")
+_MODULES = {"baseline": "_kernels", "avx2": "_kernels_avx2",
+            "avx512": "_kernels_avx512"}
+
+
+def load(isa):
+    """The kernel module for ``isa``, or None when it is not built or the CPU lacks it."""
+    try:
+        mod = importlib.import_module(f"{__package__}.{_MODULES[isa]}")
+    except ImportError:
+        return None
+    return mod if mod.cpu_supports(isa) else None
+
+
+def available():
+    """The instruction sets whose kernels are built and run on this CPU, widest first."""
+    return [isa for isa in ISAS if load(isa) is not None]
+
+
+def _choose():
+    wanted = os.environ.get("CH8FAST_ISA", "").strip().lower()
+    if wanted:
+        if wanted not in _MODULES:
+            raise ImportError(f"CH8FAST_ISA={wanted!r}: expected one of {list(_MODULES)}")
+        mod = load(wanted)
+        if mod is None:
+            raise ImportError(f"CH8FAST_ISA={wanted!r}: not built or not supported by "
+                              f"this CPU (available: {available()})")
+        return mod
+    for isa in ISAS:
+        mod = load(isa)
+        if mod is not None:
+            return mod
+    raise ImportError("no ch8fast kernel module could be loaded")
+
+
+K = _choose()
+
+
+def _loaded():
+    return [m for m in (load(isa) for isa in ISAS) if m is not None]
+
+
+def set_num_threads(n):
+    """Use ``n`` threads in the kernels; ``n <= 0`` follows OpenMP again
+    (OMP_NUM_THREADS, threadpoolctl). Results are the same bits for any ``n``."""
+    n = int(n)
+    for mod in _loaded():
+        mod.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads a large enough update runs on."""
+    return K.get_num_threads()
+
+
+def isa():
+    """The instruction set of the kernels in use: "avx512", "avx2" or "baseline"."""
+    return K.ISA
