@@ -8,6 +8,7 @@ momentum), Adam, AdamW and AdaDelta, as one fused C loop per rule over the calle
 from ._isa import get_num_threads, isa, set_num_threads
 from . import functional, init, schedules
 from .clip import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
+from .flat import FlatParams
 from .lr_finder import LRFinderResult, choose_lr
 from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, Optimizer, RMSProp
 from .schedules import minibatches, robbins_monro
@@ -19,4 +20,5 @@ __all__ = [
     "functional", "init", "schedules", "get_num_threads", "set_num_threads", "isa",
     "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "all_finite",
+    "FlatParams",
 ]

@@ -9,6 +9,7 @@ per group and dtype, however many arrays the group holds.
 
 import contextlib
 import math
+import operator
 
 import numpy as np
 
@@ -104,6 +105,7 @@ class Optimizer:
             full["params"] = plist
             self.param_groups.append(full)
         self._names = frozenset(self.defaults)
+        self._getter = operator.itemgetter(*self._names)      # always a tuple: > 1 name
         self._cache = [None] * len(self.param_groups)
         for gi, group in enumerate(self.param_groups):
             self._check_structure(group, gi)
@@ -193,15 +195,15 @@ class Optimizer:
         """The checked hyperparameters of group ``gi`` for the update after ``step``
         completed steps. Checks run again only when a value changed (or is a schedule)."""
         group = self.param_groups[gi]
-        raw = tuple(map(group.get, self._names))
+        try:
+            raw = self._getter(group)
+        except KeyError:
+            raw = None
         cached = self._cache[gi]
         if (cached is not None and raw == cached[0]
                 and len(group) == len(self._names) + 1):
             values, scheduled = cached[1], cached[2]
-            if not scheduled:
-                return values
-            values = dict(values)
-            for k in scheduled:
+            for k in scheduled:              # the cache's own dict, updated in place
                 values[k] = self._value(gi, k, step)
             return values
         if group.keys() != self._names | {"params"}:
@@ -216,7 +218,7 @@ class Optimizer:
             if isinstance(v, list) and k != "params":    # behind the cache's back
                 group[k] = tuple(v)
         scheduled = tuple(k for k in self._checks if callable(group[k]))
-        self._cache[gi] = (tuple(map(group.get, self._names)), values, scheduled)
+        self._cache[gi] = (self._getter(group), values, scheduled)
         return values
 
     # ---- stepping ---------------------------------------------------------------------

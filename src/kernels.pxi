@@ -587,6 +587,8 @@ cdef class Table:
     cdef bint f64
     cdef int typenum
     cdef tuple shapes
+    cdef Py_ssize_t[::1] ndims       # each row's number of dimensions
+    cdef Py_ssize_t[::1] dims        # all rows' dimensions, concatenated
     cdef Guard guard
     cdef list keep            # contiguous copies of non-contiguous gradients, this step
     cdef double[::1] blocks   # per-block sums of squares
@@ -598,6 +600,8 @@ cdef class Table:
         self.f64 = params[0].dtype == np.float64
         self.typenum = params[0].dtype.num
         self.shapes = tuple(p.shape for p in params)
+        self.ndims = np.array([p.ndim for p in params], dtype=np.intp)
+        self.dims = np.array([d for p in params for d in p.shape] or [0], dtype=np.intp)
         self.guard = guard
         self.keep = []
         self.index = np.asarray(index, dtype=np.intp).copy()
@@ -621,13 +625,17 @@ cdef class Table:
 
         Raises TypeError/ValueError naming ``grads[i]``; writes only to the table.
         """
-        cdef Py_ssize_t r, i
+        cdef Py_ssize_t r, i, k, d0 = 0, nd
         cdef cnp.ndarray g
+        cdef cnp.npy_intp* gd
         cdef uintptr_t lo
-        self.keep.clear()
+        cdef bint same
+        if self.keep:
+            self.keep.clear()
         for r in range(self.nrows):
             i = self.index[r]
             obj = grads[i]
+            nd = self.ndims[r]
             if not cnp.PyArray_Check(obj):
                 raise TypeError(f"grads[{i}]: expected a numpy.ndarray, got "
                                 f"{type(obj).__name__}")
@@ -635,9 +643,17 @@ cdef class Table:
             if cnp.PyArray_TYPE(g) != self.typenum:
                 raise TypeError(f"grads[{i}]: dtype {(<object>g).dtype} does not match its "
                                 f"parameter's dtype {np.dtype(self._dtype())}")
-            if (<object>g).shape != self.shapes[r]:
+            same = cnp.PyArray_NDIM(g) == nd
+            if same:
+                gd = cnp.PyArray_DIMS(g)
+                for k in range(nd):
+                    if gd[k] != self.dims[d0 + k]:
+                        same = False
+                        break
+            if not same:
                 raise ValueError(f"grads[{i}]: shape {(<object>g).shape} does not match its "
                                  f"parameter's shape {self.shapes[r]}")
+            d0 += nd
             lo = <uintptr_t>cnp.PyArray_DATA(g)
             if self.guard.overlaps(lo, lo + <uintptr_t>cnp.PyArray_NBYTES(g)):
                 raise ValueError(f"grads[{i}] shares memory with a parameter or an "
@@ -670,7 +686,8 @@ cdef class Table:
             double clip=0.0):
         """Apply ``rule`` to every row, with the gradients last bound: each gradient
         element is multiplied by ``gscale``, then clamped to [-clip, clip] if
-        ``flags`` has FLAG_CLIP."""
+        ``flags`` has FLAG_CLIP. Gradient copies made by ``bind`` are kept until the
+        next ``bind``."""
         cdef Hyper h
         cdef int nt = _threads()
         h.lr = lr; h.wd = wd; h.decay = decay; h.alpha = alpha; h.alpha_next = alpha_next
@@ -682,4 +699,3 @@ cdef class Table:
         with nogil:
             _run(rule, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
                  self.nrows, &h, nt)
-        self.keep.clear()
