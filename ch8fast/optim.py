@@ -626,9 +626,9 @@ class AdaGrad(Optimizer):
         r \leftarrow r + g \odot g, \qquad
         \theta \leftarrow \theta - \frac{\epsilon}{\delta + \sqrt{r}} \odot g
 
-    ``eps`` is the book's delta, *outside* the root (default 1e-7). torch.optim.Adagrad and
-    optax.adagrad also put it outside (defaults 1e-10 and 1e-7); Keras adds it outside too
-    but starts the accumulator at 0.1. ``initial_accumulator_value`` sets r at the start.
+    ``eps`` is the book's delta, *outside* the root (default 1e-7), as in
+    torch.optim.Adagrad (default 1e-10); optax.adagrad adds it inside the root and starts
+    the accumulator at 0.1. ``initial_accumulator_value`` sets r at the start.
 
     State per parameter: ``sum`` (r).
     """
@@ -665,9 +665,9 @@ class RMSProp(_NesterovMixin, Optimizer):
     :math:`\theta + \alpha v` (Algorithm 8.6), in the same two forms as :class:`SGD`.
 
     ``eps`` is the book's delta, *inside* the root (default 1e-6); Algorithm 8.6 writes no
-    delta, and ch8fast keeps it there too so that r = 0 is safe. torch.optim.RMSprop and
-    optax.rmsprop put eps outside the root (defaults 1e-8), Keras inside (1e-7); torch's
-    ``alpha`` is our ``rho``.
+    delta, and ch8fast keeps it there too so that r = 0 is safe. optax.rmsprop also adds
+    it inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha``
+    (default 0.99).
 
     State per parameter: ``square_avg`` (r), and ``velocity`` (v) with momentum.
     """
