@@ -173,7 +173,7 @@ def _trial(params, saved, loss_and_grad, optimizer, lr, iters, blowup, kwargs):
 
 
 def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
-              blowup=10.0, rise=2.0, **optimizer_kwargs):
+              blowup=10.0, rise=2.0, refine=4, **optimizer_kwargs):
     r"""Recommend an initial learning rate from short trials of several candidates (8.3.1).
 
     For every candidate rate the user's parameter arrays are reset to their initial
@@ -199,9 +199,11 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
     log grid the cap only matters when the candidates are unevenly spaced; it lies
     between two rates that did not diverge). The recommendation is therefore always
     strictly below every diverged rate above the best. When the next candidate diverged,
-    or the best is the largest candidate, no higher rate has been shown to be safe, and
-    the best short-trial rate itself is recommended; the reasoning then says which finer
-    or wider grid to try.
+    or the best is the largest candidate, up to ``refine`` extra trials probe above the
+    best (the geometric mean of the best and the diverged rate, or one grid step above
+    the largest); a probe that does not diverge becomes the next candidate. If none
+    succeeds, no higher rate has been shown to be safe, and the best short-trial rate
+    itself is recommended; the reasoning then says which finer or wider grid to try.
 
     Parameters
     ----------
@@ -220,6 +222,8 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
         Updates per trial (the book speaks of the first ~100 iterations).
     blowup, rise : float > 1
         The divergence thresholds described above.
+    refine : int
+        The most extra trials spent probing above the best rate (0 to disable).
     **optimizer_kwargs
         Passed to every optimizer, e.g. ``momentum=0.9``.
 
@@ -242,42 +246,64 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
     iters = int(iters)
     blowup = _factor(blowup, "blowup")
     rise = _factor(rise, "rise")
+    if isinstance(refine, bool) or not isinstance(refine, numbers.Integral) or refine < 0:
+        raise ValueError(f"Invalid refine: {refine} (must be an int >= 0)")
+
+    window = max(1, (iters + 1) // 10)
+
+    def judge(curve, stopped):
+        """(diverged, final cost, why) of one trial."""
+        if stopped is not None:
+            return True, math.inf, stopped
+        smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+        end, low = float(smooth[-1]), float(smooth.min())
+        if _above(end, low, rise):
+            return True, math.inf, f"ended at {end:.3g}, above {rise:g}x its minimum {low:.3g}"
+        return False, end, None
 
     saved = [p.copy() for p in params]
-    curves, stops = [], []
+    trials = {}                    # lr -> (curve, diverged, final, why)
+    probes = []
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for lr in lrs:
+            def run(lr):
                 curve, stopped = _trial(params, saved, loss_and_grad, optimizer, lr, iters,
                                         blowup, optimizer_kwargs)
-                curves.append(curve)
-                stops.append(stopped)
+                trials[lr] = (curve,) + judge(curve, stopped)
+
+            for lr in lrs:
+                run(float(lr))
+            # No safe candidate above the best of the grid: probe between it and the first
+            # rate above it that diverged (or above the largest candidate), so that the
+            # recommendation can be higher than the best and still shown to be stable.
+            ok = [lr for lr in trials if not trials[lr][1]]
+            best = min(ok, key=lambda lr: trials[lr][2]) if ok else None
+            step_up = lrs[-1] / lrs[-2] if len(lrs) > 1 else 2.0
+            for _ in range(refine if ok else 0):
+                above = [lr for lr in sorted(trials) if lr > best]
+                if above and not trials[above[0]][1]:
+                    break
+                probe = math.sqrt(best * above[0]) if above else best * step_up
+                probes.append(probe)
+                run(probe)
     finally:
         for p, s in zip(params, saved):
             np.copyto(p, s)
 
-    window = max(1, (iters + 1) // 10)
-    diverged = np.zeros(len(lrs), dtype=bool)
-    final = np.full(len(lrs), np.inf)
-    why = {}
-    for i, (curve, stopped) in enumerate(zip(curves, stops)):
-        if stopped is not None:
-            diverged[i] = True
-            why[i] = stopped
-            continue
-        smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
-        end, low = float(smooth[-1]), float(smooth.min())
-        if _above(end, low, rise):
-            diverged[i] = True
-            why[i] = f"ended at {end:.3g}, above {rise:g}x its minimum {low:.3g}"
-            continue
-        final[i] = end
+    lrs = np.array(sorted(trials))
+    curves = [trials[lr][0] for lr in lrs]
+    diverged = np.array([trials[lr][1] for lr in lrs], dtype=bool)
+    final = np.array([trials[lr][2] for lr in lrs])
+    why = {i: trials[lr][3] for i, lr in enumerate(lrs) if trials[lr][1]}
 
     initial = float(curves[0][0])
     head = (
         f"Tried {len(lrs)} learning rates from {lrs[0]:.3g} to {lrs[-1]:.3g}, {iters} "
         f"iterations each, from the same initial parameters (initial cost {initial:.4g})."
     )
+    if probes:
+        head += (" Probed " + ", ".join(f"{lr:.3g}" for lr in probes) + " after the grid, "
+                 "to look for a stable rate above the best.")
     div_lines = [f"  lr={lrs[i]:.3g} diverged: {why[i]}" for i in np.flatnonzero(diverged)]
     if diverged.all():
         reasoning = "\n".join(
@@ -286,8 +312,7 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
         )
         return LRFinderResult(lrs, curves, diverged, final, None, None, reasoning, iters, initial)
 
-    b = int(np.argmin(final))
-    best = float(lrs[b])
+    b = int(np.flatnonzero(lrs == best)[0])      # the grid's best; probes lie above it
     higher_div = [i for i in np.flatnonzero(diverged) if i > b]
     d = float(lrs[higher_div[0]]) if higher_div else None
     lines = [head]
@@ -298,7 +323,8 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
     else:
         lines.append("None diverged.")
     lines.append(
-        f"Best after {iters} iterations: lr={best:.3g} (final cost {final[b]:.4g})."
+        f"Best of the grid after {iters} iterations: lr={best:.3g} (final cost "
+        f"{final[b]:.4g})."
     )
     if b + 1 < len(lrs) and not diverged[b + 1]:
         nxt = float(lrs[b + 1])

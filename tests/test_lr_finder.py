@@ -1,3 +1,4 @@
+import math
 """choose_lr on problems whose stable range of learning rates is known in closed form."""
 import sys
 
@@ -97,20 +98,42 @@ def test_geometric_mean_cap_on_uneven_grid():
     assert "cap" in res.reasoning
 
 
-def test_next_candidate_diverged_recommends_best():
+def test_next_candidate_diverged_recommends_best_without_refinement():
     _, lg, x0 = quadratic(EIGS)
-    res = choose_lr([x0.copy()], lg, optimizer=PlainSGD, lrs=[0.01, 0.1, 0.4, 0.8])
+    res = choose_lr([x0.copy()], lg, optimizer=PlainSGD, lrs=[0.01, 0.1, 0.4, 0.8],
+                    refine=0)
     assert list(res.diverged) == [False, False, False, True]
     assert res.best_short_trial == res.recommended == pytest.approx(0.4)
     assert "finer grid" in res.reasoning
 
 
+def test_next_candidate_diverged_probes_between():
+    """0.8 diverges (2/L = 0.5): the probe sqrt(0.4 * 0.8) = 0.566 diverges too, the next,
+    sqrt(0.4 * 0.566) = 0.476, does not, and it is recommended: higher than the best
+    short-trial rate and inside the stable range."""
+    _, lg, x0 = quadratic(EIGS)
+    res = choose_lr([x0.copy()], lg, optimizer=PlainSGD, lrs=[0.01, 0.1, 0.4, 0.8], refine=2)
+    assert len(res.lrs) == 6 and list(res.lrs) == sorted(res.lrs)
+    probe1, probe2 = math.sqrt(0.4 * 0.8), math.sqrt(0.4 * math.sqrt(0.4 * 0.8))
+    assert res.diverged[list(res.lrs).index(probe1)]
+    assert not res.diverged[list(res.lrs).index(probe2)]
+    assert res.best_short_trial < res.recommended < 2 / max(EIGS)
+    assert "Probed" in res.reasoning
+
+
 def test_largest_candidate_best():
     _, lg, x0 = quadratic(EIGS)
-    res = choose_lr([x0.copy()], lg, optimizer=PlainSGD, lrs=[0.001, 0.01, 0.1])
+    res = choose_lr([x0.copy()], lg, optimizer=PlainSGD, lrs=[0.001, 0.01, 0.1], refine=0)
     assert not res.diverged.any()
     assert res.recommended == res.best_short_trial == pytest.approx(0.1)
     assert "extend the grid" in res.reasoning
+
+
+def test_largest_candidate_best_probes_above():
+    _, lg, x0 = quadratic(EIGS)
+    res = choose_lr([x0.copy()], lg, optimizer=PlainSGD, lrs=[0.001, 0.01, 0.1])
+    assert 1.0 in list(res.lrs) and res.diverged[list(res.lrs).index(1.0)]   # 10x: beyond 2/L
+    assert res.best_short_trial < res.recommended < 2 / max(EIGS)
 
 
 def test_all_diverged():
@@ -235,7 +258,7 @@ def test_slow_rise_is_diverged_without_blowing_up():
         return 0.5 * float(x @ (eigs * x)), [eigs * x]
 
     x = np.array([1.0, 1e-3])
-    res = choose_lr([x], lg, optimizer=PlainSGD, lrs=[0.1, 0.3, 0.51])
+    res = choose_lr([x], lg, optimizer=PlainSGD, lrs=[0.1, 0.3, 0.51], refine=0)
     assert max(res.curves[2]) <= res.curves[2][0]
     assert list(res.diverged) == [False, False, True]
     assert "its minimum" in res.reasoning
