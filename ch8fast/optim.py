@@ -104,6 +104,7 @@ class Optimizer:
                 names.append(f"params[{i}]")
             full["params"] = plist
             self.param_groups.append(full)
+        self._fixed = [{k: g[k] for k in self._flags} for g in self.param_groups]
         self._names = frozenset(self.defaults)
         self._getter = operator.itemgetter(*self._names)      # always a tuple: > 1 name
         self._cache = [None] * len(self.param_groups)
@@ -176,6 +177,10 @@ class Optimizer:
                     self._tables.append(
                         (gi, K.Table([self._params[i] for i in rows], cols, rows, guard)))
             i0 += len(group["params"])
+        self._table_list = [t for _, t in self._tables]
+        self._table_groups = np.array([gi for gi, _ in self._tables], dtype=np.intp)
+        self._clip_flags = K.FLAGS["clip"] if self.clip_value is not None else 0
+        self._nesterov = self._uses_nesterov()
 
     def _where(self, gi, name, n_groups=None):
         n = len(self.param_groups) if n_groups is None else n_groups
@@ -212,7 +217,11 @@ class Optimizer:
             raise TypeError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}, "
                             f"missing {missing}")
         for k in self._flags:
-            _flag(group[k], self._where(gi, k))
+            if _flag(group[k], self._where(gi, k)) != self._fixed[gi][k]:
+                raise ValueError(f"{self._where(gi, k)} was {self._fixed[gi][k]} when the "
+                                 f"optimizer was made and cannot change (it decides the "
+                                 f"state arrays and what the parameter arrays hold); make "
+                                 f"a new optimizer")
         values = {k: self._value(gi, k, step) for k in self._checks}
         for k, v in group.items():           # lists become tuples: they cannot change
             if isinstance(v, list) and k != "params":    # behind the cache's back
@@ -242,21 +251,27 @@ class Optimizer:
         loss, plan = None, None
         if closure is not None:
             loss, grads, plan = self._call_closure(closure, args)
+        elif self._nesterov:
+            self._check_form("shifted")
         grads = self._as_grad_list(grads)
-        for _, table in self._tables:
-            table.bind(grads)
-        if plan is None:
-            plan = self._clip_plan(grads)
-        gscale, clip_flag, skip = plan
-        if skip:
-            self.skipped_steps += 1
-            return loss
-        if closure is None and self._uses_nesterov():
-            self._set_form("shifted")
         clip = self.clip_value or 0.0
-        for gi, table in self._tables:
-            a = args[gi]
-            table.run(*a[:-1], a[-1] | clip_flag, gscale, clip)
+        if plan is None and self.clip_norm is None and not self.skip_nonfinite:
+            # the common case: check and bind every gradient, then update, in one call
+            K.step_tables(self._table_list, self._table_groups, args, grads, 1.0,
+                          self._clip_flags, clip)
+        else:
+            for table in self._table_list:
+                table.bind(grads)
+            if plan is None:
+                plan = self._clip_plan(grads)
+            gscale, clip_flag, skip = plan
+            if skip:
+                self.skipped_steps += 1
+                return loss
+            K.step_tables(self._table_list, self._table_groups, args, grads, gscale,
+                          clip_flag, clip, False)
+        if self._nesterov:
+            self._nesterov_form = "shifted" if closure is None else "literal"
         for gi in range(len(self.param_groups)):
             self._steps[gi] += 1
             if args[gi][-1] & K.FLAGS["nesterov"]:
@@ -273,7 +288,7 @@ class Optimizer:
                 return 1.0, 0, True
             if self.clip_norm is not None and norm > self.clip_norm:
                 gscale = self.clip_norm / norm
-        return gscale, (K.FLAGS["clip"] if self.clip_value is not None else 0), False
+        return gscale, self._clip_flags, False
 
     def _as_grad_list(self, grads):
         n = len(self._params)
@@ -293,7 +308,8 @@ class Optimizer:
     def _uses_nesterov(self):
         return False
 
-    def _set_form(self, form):
+    def _check_form(self, form):
+        """Refuse to switch between the two Nesterov forms once steps were taken."""
         if self._nesterov_form not in (None, form) and any(self._steps):
             raise ValueError(
                 f"this optimizer has taken Nesterov steps in the {self._nesterov_form} "
@@ -301,7 +317,6 @@ class Optimizer:
                 f"{'the interim point' if self._nesterov_form == 'shifted' else 'theta'}); "
                 f"use step({'grads' if self._nesterov_form == 'shifted' else 'closure='}) "
                 f"throughout, or make a new optimizer")
-        self._nesterov_form = form
 
     def _call_closure(self, closure, args):
         """(loss, grads, None) from the closure; a subclass may return a clip plan."""
@@ -477,7 +492,7 @@ class _NesterovMixin:
     def _call_closure(self, closure, args):
         if not self._uses_nesterov():
             return Optimizer._call_closure(self, closure, args)
-        self._set_form("literal")
+        self._check_form("literal")
         if self._scratch is None:
             self._scratch = [np.empty_like(p) for p in self._params]
         moved, i0 = [], 0

@@ -410,9 +410,11 @@ cdef void _walk(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
         r += 1
 
 
-# Below this many bytes of parameters a group is updated on one thread: a thread team
-# costs a few microseconds to wake, more than the work it shares (see bench/).
-cdef Py_ssize_t _parallel_min_bytes = 131072
+# A call that moves fewer bytes than this (reads plus writes) runs on one thread: waking a
+# thread team costs a few microseconds, more than it saves on less work. Measured with
+# bench/cutoff.py on 2 cores: threads start to pay at about 224 KiB of traffic for Adam
+# float32 (8k elements), 320 KiB for momentum float64 and 384 KiB for SGD float32.
+cdef Py_ssize_t _parallel_min_bytes = 262144
 cdef int _num_threads = 0        # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 
 
@@ -423,7 +425,8 @@ cdef void _run(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
     cdef Py_ssize_t itemsize = 8 if f64 else 4
     cdef Py_ssize_t chunk
     cdef int t
-    if n_threads > 1 and total * itemsize >= _parallel_min_bytes:
+    # every column is read and all but the gradient written: 2 * ncols - 1 streams
+    if n_threads > 1 and total * itemsize * (2 * ncols - 1) >= _parallel_min_bytes:
         # One contiguous chunk per thread, a multiple of 16 elements (whole cache lines).
         chunk = (total + n_threads - 1) // n_threads
         chunk = (chunk + 15) // 16 * 16
@@ -526,7 +529,8 @@ def get_num_threads():
 
 
 def set_parallel_min_bytes(Py_ssize_t nbytes):
-    """Groups smaller than ``nbytes`` of parameters are updated on one thread."""
+    """A kernel call that moves fewer than ``nbytes`` (reads plus writes) runs on one
+    thread."""
     global _parallel_min_bytes
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
@@ -699,3 +703,38 @@ cdef class Table:
         with nogil:
             _run(rule, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
                  self.nrows, &h, nt)
+
+
+def step_tables(list tables, Py_ssize_t[::1] groups, list args, grads, double gscale=1.0,
+                int clip_flags=0, double clip=0.0, bint bind=True):
+    """One optimizer step over many tables: bind every table's gradients first (so that a
+    bad gradient raises before anything is written), then run each table with the kernel
+    arguments of its group, ``args[groups[i]]`` (the argument tuple of ``Table.run``
+    without ``gscale`` and ``clip``), OR-ing ``clip_flags`` into its flags."""
+    cdef Py_ssize_t i
+    cdef Table t
+    cdef tuple a
+    cdef Hyper h
+    cdef int rule, nt = _threads()
+    for i in range(len(tables)):
+        a = <tuple>args[groups[i]]
+        rule = a[0]
+        if not 0 <= rule < N_RULES or rule == ROOFLINE or (<Table>tables[i]).ncols < (
+                RULE_COLUMNS[rule] + (1 if (<int>a[11]) & FLAG_AMSGRAD else 0)):
+            raise ValueError(f"rule {rule} needs more state columns than table {i} has")
+    if bind:
+        for i in range(len(tables)):
+            (<Table>tables[i]).bind(grads)
+    for i in range(len(tables)):
+        t = <Table>tables[i]
+        a = <tuple>args[groups[i]]
+        h.lr = a[1]; h.wd = a[2]; h.decay = a[3]; h.alpha = a[4]; h.alpha_next = a[5]
+        h.rho = a[6]; h.beta1 = a[7]; h.beta2 = a[8]; h.c2 = a[9]; h.eps = a[10]
+        h.flags = <int>a[11] | clip_flags
+        h.gscale = gscale
+        h.clip = clip
+        rule = a[0]
+        if t.nrows:
+            with nogil:
+                _run(rule, t.f64, &t.table[0, 0], t.ncols, &t.offsets[0], t.nrows,
+                     &h, nt)

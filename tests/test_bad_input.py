@@ -108,6 +108,9 @@ STEP = [
     ("second_group_bad_grad", _two_groups, lambda o, w, u: o.step([np.ones(10), np.ones(4)]), ValueError, r"grads\[1\]"),
     ("second_group_bad_lr", _two_groups, lambda o, w, u: (_set(o, "lr", -5.0, group=1), o.step([np.ones(10), np.ones(3)])), ValueError, r"param_groups\[1\]\['lr'\]"),
     ("momentum_made_bad", _two_groups, lambda o, w, u: (_set(o, "momentum", 1.0, group=1), o.step([np.ones(10), np.ones(3)])), ValueError, "momentum"),
+    ("amsgrad_flipped", _adam, lambda o, w, u: (_set(o, "amsgrad", True), o.step([np.ones(10), np.ones(3)])), ValueError, "amsgrad"),
+    ("decoupled_flipped", _adam, lambda o, w, u: (_set(o, "decoupled_weight_decay", True), o.step([np.ones(10), np.ones(3)])), ValueError, "decoupled"),
+    ("nesterov_flipped", _two_groups, lambda o, w, u: (_set(o, "nesterov", True, group=1), o.step([np.ones(10), np.ones(3)])), ValueError, "nesterov"),
     ("closure_bad_grads", _adam, lambda o, w, u: o.step(closure=lambda: (1.0, [np.ones(10)])), ValueError, "expected 2"),
 ]
 
