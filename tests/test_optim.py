@@ -317,3 +317,13 @@ def test_momentum_schedule_changes_behaviour():
     # step 2 uses alpha = ramp(1) = 0.18 against 0.9
     assert_close(w1, np.ones(3) - 0.1 - (0.18 * 0.1 + 0.1), np.float64)
     assert_close(w2, np.ones(3) - 0.1 - (0.9 * 0.1 + 0.1), np.float64)
+
+
+def test_omp_num_threads_is_respected():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", "import ch8fast; print(ch8fast.get_num_threads())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
