@@ -6,7 +6,8 @@ momentum), Adam, AdamW and AdaDelta, as one fused C loop per rule over the calle
 """
 
 from ._isa import get_num_threads, isa, set_num_threads
-from . import functional, init, schedules
+from . import distributed, functional, init, schedules
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .clip import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from .flat import FlatParams
 from .lr_finder import LRFinderResult, choose_lr
@@ -20,5 +21,5 @@ __all__ = [
     "functional", "init", "schedules", "get_num_threads", "set_num_threads", "isa",
     "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "all_finite",
-    "FlatParams",
+    "FlatParams", "save_checkpoint", "load_checkpoint", "read_checkpoint", "distributed",
 ]

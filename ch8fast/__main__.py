@@ -1,6 +1,7 @@
 """The ``ch8fast`` command (also ``python -m ch8fast``).
 
     ch8fast demo    train a small MLP with every optimizer of the chapter and compare them
+                    (`mpirun -n 2 ch8fast demo --distributed`: data parallel over MPI)
     ch8fast tour    reproduce the chapter's claims as figures and a Markdown report
     ch8fast bench   benchmark the fused kernels
 """
@@ -49,15 +50,7 @@ def main(argv=None):
 
 
 def _bench(rest):
-    import importlib
-    try:
-        bench = importlib.import_module(f"{__package__}.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.bench":
-            raise
-        print("ch8fast bench: the benchmark module (ch8fast.bench) is not part of this "
-              "installation", file=sys.stderr)
-        return 2
+    from . import bench
     return bench.main(rest)
 
 

@@ -14,12 +14,17 @@ _MODULES = {"baseline": "_kernels", "avx2": "_kernels_avx2",
 
 
 def load(isa):
-    """The kernel module for ``isa``, or None when it is not built or the CPU lacks it."""
+    """The kernel module for ``isa``, or None when it is not built or the CPU lacks it.
+
+    The CPU is asked first, by the baseline module: a module built for a wider
+    instruction set may use it as soon as it is imported."""
+    from . import _kernels as baseline
+    if not baseline.cpu_supports(isa):
+        return None
     try:
-        mod = importlib.import_module(f"{__package__}.{_MODULES[isa]}")
+        return importlib.import_module(f"{__package__}.{_MODULES[isa]}")
     except ImportError:
         return None
-    return mod if mod.cpu_supports(isa) else None
 
 
 def available():

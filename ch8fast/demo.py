@@ -9,6 +9,7 @@ epochs to a target training loss, training time and the share of it spent in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -52,6 +53,13 @@ class Contender:
         cls = getattr(ch8fast, self.cls_name)
         rate = linear_decay(lr, max(1, total_steps)) if self.decay else lr
         return cls(params, lr=rate, **dict(self.kwargs))
+
+    def make_distributed(self, dist, lr, total_steps):
+        """The same optimizer, data-parallel over ``dist.comm`` (ch8fast.distributed)."""
+        from .distributed import DataParallel
+        rate = linear_decay(lr, max(1, total_steps)) if self.decay else lr
+        return DataParallel(dist.arena, self.cls_name, dist.comm,
+                            shard_state=dist.shard_state, lr=rate, **dict(self.kwargs))
 
     def describe(self, lr):
         extra = ", ".join(f"{k}={v}" for k, v in self.kwargs)
@@ -278,13 +286,51 @@ def count_steps(n, batch_size, epochs):
     return steps
 
 
+@dataclass(frozen=True)
+class _Dist:
+    """Data-parallel training: the communicator and the arena the model lives in."""
+    comm: object
+    arena: object
+    shard_state: bool
+
+    @property
+    def rank(self):
+        return self.comm.Get_rank()
+
+    @property
+    def world(self):
+        return self.comm.Get_size()
+
+
+def model_on_arena(model):
+    """Move ``model``'s parameters and gradients into a :class:`ch8fast.FlatParams`
+    (values copied; the model's lists then hold views of ``arena.flat`` and
+    ``arena.flat_grad``), as data-parallel training needs; returns the arena."""
+    from .flat import FlatParams
+    arena = FlatParams({f"p{i}": p.shape for i, p in enumerate(model.params)}, model.dtype)
+    for view, p in zip(arena.params, model.params):
+        np.copyto(view, p)
+    model.params[:] = arena.params
+    model.grads[:] = arena.grads
+    model.weights[:] = arena.params[0::2]
+    model.biases[:] = arena.params[1::2]
+    return arena
+
+
 def train_one(contender, model, data, *, lr, epochs, batch_size, seed, target_loss,
-              quiet=False):
-    """Train ``model`` (already initialized) with one optimizer; returns the measurements."""
+              quiet=False, dist=None):
+    """Train ``model`` (already initialized) with one optimizer; returns the measurements.
+
+    With ``dist`` (a ``_Dist``), every rank runs this with the same arguments: each takes
+    its share of every minibatch, and the optimizer is a ``DataParallel`` one."""
     Xt, yt, Xv, yv = data
     n = len(Xt)
     total_steps = count_steps(n, batch_size, epochs)
-    opt = contender.make(model.params, lr, total_steps)
+    if dist is None:
+        opt = contender.make(model.params, lr, total_steps)
+    else:
+        from .distributed import split_batch
+        opt = contender.make_distributed(dist, lr, total_steps)
     curve = {k: [] for k in ("epoch", "iteration", "seconds", "train_loss", "train_acc",
                              "val_loss", "val_acc")}
 
@@ -302,13 +348,21 @@ def train_one(contender, model, data, *, lr, epochs, batch_size, seed, target_lo
     it, seen, diverged = 0, 0, False
     tic = time.perf_counter()
     for idx in minibatches(n, batch_size, rng=seed + 1, epochs=epochs):
-        loss = model.loss_and_grad(Xt[idx], yt[idx])
+        if dist is None:
+            loss = model.loss_and_grad(Xt[idx], yt[idx])
+        else:                              # this rank's share; the mean over all ranks
+            mine = split_batch(idx, dist.rank, dist.world)
+            part = model.loss_and_grad(Xt[mine], yt[mine]) * len(mine) if len(mine) else 0.0
+            loss = dist.comm.allreduce(part) / len(idx)
         if not math.isfinite(loss):
             diverged = True
             train_time += time.perf_counter() - tic
             break
         t = time.perf_counter()
-        opt.step(model.grads)
+        if dist is None:
+            opt.step(model.grads)
+        else:
+            opt.step(len(mine), len(idx))
         step_time += time.perf_counter() - t
         it += 1
         seen += len(idx)
@@ -325,7 +379,12 @@ def train_one(contender, model, data, *, lr, epochs, batch_size, seed, target_lo
         bar.close()
 
     reached = [e for e, l in zip(curve["epoch"], curve["train_loss"]) if l <= target_loss]
-    return {
+    extra = {}
+    if dist is not None:
+        extra["distributed"] = {"ranks": dist.world, "shard_state": dist.shard_state,
+                                "in_sync": opt.check_in_sync(raise_error=True),
+                                "state_bytes_per_rank": opt.memory_report()["per_rank"]}
+    return {**extra,
         "optimizer": contender.name,
         "label": contender.label,
         "update": contender.describe(lr),
@@ -379,11 +438,27 @@ def _initial_model(sizes, init_name, seed, Xt, yt, batch_size):
 
 def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_growth=None,
              lr=None, init="he_normal", hidden=(64, 64), seed=0, threads=None,
-             target_loss=0.05, out="ch8fast_out", plot=True, quiet=False, stream=None):
-    """Run the comparison; returns the result dict that is also written as JSON."""
+             target_loss=0.05, out="ch8fast_out", plot=True, quiet=False, stream=None,
+             distributed=False, shard_state=False):
+    """Run the comparison; returns the result dict that is also written as JSON.
+
+    ``distributed=True``: data-parallel over MPI.COMM_WORLD (run under ``mpirun``); every
+    rank trains, rank 0 alone prints and writes files. ``shard_state`` shards the
+    optimizer state across the ranks (ch8fast.distributed)."""
     import ch8fast
     stream = stream or sys.stdout
-    say = lambda s="": print(s, file=stream, flush=True)   # noqa: E731
+    dist_comm, rank, world = None, 0, 1
+    if distributed:
+        from .distributed import get_comm, ranks_on_this_host
+        dist_comm = get_comm()
+        rank, world = dist_comm.Get_rank(), dist_comm.Get_size()
+        if threads is None:               # share the cores of this host among its ranks
+            threads = max(1, (os.cpu_count() or 1) // ranks_on_this_host(dist_comm))
+        if rank != 0:
+            quiet, plot = True, False
+    def say(s=""):
+        if rank == 0:                     # data parallel: rank 0 alone prints
+            print(s, file=stream, flush=True)
     if threads is not None:
         ch8fast.set_num_threads(threads)
     names = list(OPTIMIZERS) if optimizers is None else list(optimizers)
@@ -397,6 +472,9 @@ def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_grow
         max_size=min(len(Xt), batch_growth[2] or len(Xt)))
     sizes = [X.shape[1], *hidden, len(classes)]
     model, init_note = _initial_model(sizes, init, seed, Xt, yt, batch_size)
+    dist = None
+    if distributed:
+        dist = _Dist(dist_comm, model_on_arena(model), bool(shard_state))
     theta0 = [p.copy() for p in model.params]
 
     say(f"ch8fast demo: {desc}")
@@ -406,6 +484,11 @@ def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_grow
     say(f"  init: {init_note}")
     say(f"  {epochs} epochs, minibatch {bs!r}, same minibatch order for every optimizer; "
         f"{ch8fast.get_num_threads()} ch8fast thread(s)")
+    if dist is not None:
+        say(f"  data parallel over {world} MPI rank(s): each takes 1/{world} of every "
+            f"minibatch, one Allreduce averages the gradients"
+            + ("; optimizer state sharded across the ranks (ZeRO-1), one Allgatherv per "
+               "step" if shard_state else ""))
 
     results = []
     for name in names:
@@ -417,7 +500,8 @@ def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_grow
             finder = _auto_lr(c, model, Xt, yt, batch_size, seed)
             rate = finder.recommended if finder.recommended is not None else c.lr
         r = train_one(c, model, (Xt, yt, Xv, yv), lr=float(rate), epochs=epochs,
-                      batch_size=bs, seed=seed, target_loss=target_loss, quiet=quiet)
+                      batch_size=bs, seed=seed, target_loss=target_loss, quiet=quiet,
+                      dist=dist)
         if finder is not None:
             r["lr_finder"] = {"recommended": finder.recommended,
                               "best_short_trial": finder.best_short_trial,
@@ -428,6 +512,14 @@ def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_grow
     say()
     say(table)
     say()
+    if dist is not None:
+        for r in results:
+            d = r["distributed"]
+            say(f"  {r['optimizer']}: parameters identical on all {d['ranks']} ranks; "
+                f"optimizer state per rank (bytes): {d['state_bytes_per_rank']}")
+        say()
+        if rank != 0:
+            return {"results": results, "table": table, "paths": {}}
     os.makedirs(out, exist_ok=True)
     paths = write_outputs(results, out)
     summary = {
@@ -435,6 +527,7 @@ def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_grow
         "n_train": int(len(Xt)), "n_val": int(len(Xv)),
         "layers": sizes, "init": init_note, "epochs": epochs, "batch_size": repr(bs),
         "seed": seed, "target_loss": target_loss, "threads": ch8fast.get_num_threads(),
+        "mpi_ranks": world if distributed else None,
         "results": results,
     }
     with open(paths["json"], "w") as fh:
@@ -657,17 +750,42 @@ def add_arguments(p):
                    "ch8fast_out)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over MPI (needs mpi4py); run as "
+                        "`mpirun -n 2 ch8fast demo --distributed`: each rank takes its "
+                        "share of every minibatch, rank 0 prints and writes the files")
+    p.add_argument("--shard-state", action="store_true",
+                   help="with --distributed: shard the optimizer state across the ranks "
+                        "(ZeRO stage 1)")
     return p
 
 
 def main(args, parser=None):
     """Run from parsed arguments; a bad --data file exits with status 2 and a message."""
+    distributed = getattr(args, "distributed", False)
+    shard = getattr(args, "shard_state", False)
+    if shard and not distributed:
+        msg = "--shard-state needs --distributed"
+        if parser is not None:
+            parser.error(msg)
+        print(f"ch8fast demo: error: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+    guard = contextlib.nullcontext()
+    if distributed:
+        try:
+            from .distributed import abort_on_error
+            guard = abort_on_error()
+        except ImportError as exc:
+            print(f"ch8fast demo: error: --distributed: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     try:
-        run_demo(data=args.data, optimizers=args.optimizers, epochs=args.epochs,
-                 batch_size=args.batch_size, batch_growth=args.batch_growth, lr=args.lr,
-                 init=args.init, hidden=args.hidden, seed=args.seed, threads=args.threads,
-                 target_loss=args.target_loss, out=args.out, plot=not args.no_plot,
-                 quiet=args.quiet)
+        with guard:
+            run_demo(data=args.data, optimizers=args.optimizers, epochs=args.epochs,
+                     batch_size=args.batch_size, batch_growth=args.batch_growth, lr=args.lr,
+                     init=args.init, hidden=args.hidden, seed=args.seed,
+                     threads=args.threads, target_loss=args.target_loss, out=args.out,
+                     plot=not args.no_plot, quiet=args.quiet, distributed=distributed,
+                     shard_state=shard)
     except DataError as exc:
         if parser is not None:
             parser.error(f"--data {exc}")

@@ -205,11 +205,15 @@ class Optimizer:
         except KeyError:
             raw = None
         cached = self._cache[gi]
+        # Equal values of another type (True == 1 == 1.0) are checked again.
         if (cached is not None and raw == cached[0]
-                and len(group) == len(self._names) + 1):
+                and len(group) == len(self._names) + 1
+                and tuple(map(type, raw)) == cached[3]):
             values, scheduled = cached[1], cached[2]
             for k in scheduled:              # the cache's own dict, updated in place
                 values[k] = self._value(gi, k, step)
+            if scheduled:
+                self._check_dtype_values(gi, values)
             return values
         if group.keys() != self._names | {"params"}:
             unknown = sorted(set(group) - self._names - {"params"})
@@ -223,12 +227,25 @@ class Optimizer:
                                  f"state arrays and what the parameter arrays hold); make "
                                  f"a new optimizer")
         values = {k: self._value(gi, k, step) for k in self._checks}
+        self._check_dtype_values(gi, values)
         for k, v in group.items():           # lists become tuples: they cannot change
             if isinstance(v, list) and k != "params":    # behind the cache's back
                 group[k] = tuple(v)
         scheduled = tuple(k for k in self._checks if callable(group[k]))
-        self._cache[gi] = (self._getter(group), values, scheduled)
+        raw = self._getter(group)
+        self._cache[gi] = (raw, values, scheduled, tuple(map(type, raw)))
         return values
+
+    def _check_dtype_values(self, gi, values, where=None):
+        """Refuse an ``eps`` that rounds to 0 in the dtype of a parameter of the group
+        (below float32's smallest subnormal, 1.4e-45): 0/0 would give NaN."""
+        eps = values.get("eps")
+        if eps is None or np.float32(eps) > 0:
+            return
+        if any(p.dtype == np.float32 for p in self.param_groups[gi]["params"]):
+            name = where or self._where(gi, "eps")
+            raise ValueError(f"{name} is {eps}, which rounds to 0 in float32 (the dtype "
+                             f"of this group's parameters); use eps >= 1.4e-45")
 
     # ---- stepping ---------------------------------------------------------------------
 
@@ -381,12 +398,17 @@ class Optimizer:
             raise ValueError(f"state_dict['skipped_steps'] must be an integer >= 0, got "
                              f"{skipped!r}")
         groups = sd["param_groups"]
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+        if not isinstance(groups, list):
+            raise TypeError(f"state_dict['param_groups'] must be a list, got "
+                            f"{type(groups).__name__}")
+        if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer "
                              f"has {len(self.param_groups)}")
         new_groups, steps, interim, i0 = [], [], [], 0
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             where = f"state_dict['param_groups'][{gi}]"
+            if not isinstance(saved, dict):
+                raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
             n = len(group["params"])
             if saved.get("params") != list(range(i0, i0 + n)):
                 raise ValueError(f"{where}['params'] is {saved.get('params')}, expected "
@@ -403,12 +425,21 @@ class Optimizer:
                                      f"was made with {k}={group[k]}")
             trial = dict(values, params=group["params"])
             self._check_structure(trial, gi)
-            for k, check in self._checks.items():
-                v = values[k]
-                check(v(saved["step"]) if callable(v) else v, f"{where}['{k}']")
+            missing = [n for n in self._state_names(trial) if n not in self._layout[gi]]
+            if missing:
+                raise ValueError(f"{where}: its hyperparameters need the state "
+                                 f"{missing} (e.g. momentum > 0 needs 'velocity'), which "
+                                 f"this group was made without; make the optimizer with "
+                                 f"the same momentum settings")
             step = saved["step"]
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
                 raise ValueError(f"{where}['step'] must be an integer >= 0, got {step!r}")
+            checked = {}
+            for k, check in self._checks.items():
+                v = values[k]
+                checked[k] = check(v(int(step)) if callable(v) else v,
+                                   f"{where}['{k}']")
+            self._check_dtype_values(gi, checked, f"{where}['eps']")
             steps.append(int(step))
             interim.append(unit_interval(saved["interim_momentum"],
                                          f"{where}['interim_momentum']"))

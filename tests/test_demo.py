@@ -349,13 +349,6 @@ def test_demo_help_lists_the_options(capsys):
         assert opt in text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ch8fast.bench") is not None,
-                    reason="ch8fast.bench is installed; its own tests cover it")
-def test_bench_without_module_exits_2(capsys):
-    assert main(["bench"]) == 2
-    assert "ch8fast.bench" in capsys.readouterr().err
-
-
 def test_every_demo_optimizer_is_a_ch8fast_class():
     import ch8fast
     assert list(OPTIMIZERS) == ["sgd", "momentum", "nesterov", "adagrad", "rmsprop",

@@ -45,3 +45,37 @@ def test_adam_loop_uses_packed_square_roots():
         assert "call" not in "".join(l for l in asm.splitlines() if "<sqrt" in l), isa
         if isa == "avx512":
             assert "zmm" in asm
+
+
+_NO_WIDE_CPU = r"""
+import importlib.machinery, importlib.util, sys, pathlib
+pkg = pathlib.Path(sys.argv[1])
+path = next(pkg.glob("_kernels.*.so"), None) or next(pkg.glob("_kernels.*.pyd"))
+loader = importlib.machinery.ExtensionFileLoader("ch8fast._kernels", str(path))
+spec = importlib.util.spec_from_file_location("ch8fast._kernels", path, loader=loader)
+base = importlib.util.module_from_spec(spec)
+loader.exec_module(base)
+base.cpu_supports = lambda isa: isa == "baseline"     # a CPU without AVX2 or AVX-512
+sys.modules["ch8fast._kernels"] = base
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("ch8fast._kernels_"):
+            raise SystemExit(f"imported {name} on a CPU that cannot run it")
+sys.meta_path.insert(0, Refuse())
+import ch8fast
+ch8fast.set_num_threads(1)
+print(ch8fast.isa(), ch8fast._isa.available())
+"""
+
+
+def test_wider_modules_are_not_imported_on_a_cpu_without_them():
+    """A module built for AVX-512 may execute AVX-512 instructions as soon as it is loaded,
+    so the CPU is asked (by the baseline module) before a wider module is imported."""
+    import os
+    import sys
+    pkg = os.path.dirname(ch8fast.__file__)
+    r = subprocess.run([sys.executable, "-c", _NO_WIDE_CPU, pkg], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "CH8FAST_ISA": ""})
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.split() == ["baseline", "['baseline']"]

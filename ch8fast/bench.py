@@ -1,0 +1,869 @@
+"""The benchmark: the cost of one optimizer step, against the memory-bandwidth limit and
+against other ways of computing the same update.
+
+    ch8fast bench [--rules adam,sgd] [--sizes 1e3,16e6] [--layouts 100x1e4] ...
+    python -m ch8fast.bench ...
+
+Every case (rule, dtype, layout, thread count) times these contenders on arrays of the
+same sizes, each updating its own parameters and state from the same gradient values:
+
+* ``ch8fast``: ``opt.step(grads)``, the public call, Python overhead included;
+* ``roofline``: the traffic-matched copy kernel over an identical optimizer's tables
+  (``K.RULES["roofline"]``): it reads every column once and writes every column but the
+  gradient once, with the update's threads and chunking. Its time is the floor a
+  single-pass update can reach at the machine's memory (or cache) bandwidth;
+* ``flat`` (many-tensor layouts only): ``ch8fast`` on ONE array of the same total size;
+* ``numpy``: a careful in-place NumPy update (``out=``, preallocated temporaries, no
+  allocation per step);
+* ``textbook``: the book's formulas written with NumPy temporaries;
+* ``torch_fused`` / ``torch_foreach``: ``torch.optim`` with ``fused=True`` /
+  ``foreach=True`` on tensors of the same sizes (where torch has the rule).
+
+Timing: the contenders are timed round-robin, one sample each per round (the order
+rotated every round), so that the noise of a shared machine hits them all alike. A sample
+runs enough steps to last ``--min-time`` (small arrays: thousands of steps), and reports the
+time per step. Times are medians over the rounds; every ratio is the median over rounds of
+the ratio within the round.
+"""
+
+import argparse
+import functools
+import gc
+import glob
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import optim
+from ._isa import K, get_num_threads, isa, set_num_threads
+
+__all__ = ["RULES", "DEFAULT_RULES", "DEFAULT_SIZES", "DEFAULT_LAYOUTS", "NumpyOptimizer",
+           "machine_info", "make_contenders", "measure", "run_case", "main"]
+
+# ---------------------------------------------------------------------------------------
+# The rules and their hyperparameters (every implementation below uses these)
+# ---------------------------------------------------------------------------------------
+
+LR = 1e-3
+MOMENTUM = 0.9
+RHO = 0.9                   # RMSProp
+EPS_ADAGRAD = 1e-7
+EPS_RMSPROP = 1e-6
+BETAS = (0.9, 0.999)
+EPS_ADAM = 1e-8
+WD_ADAMW = 1e-2
+RHO_ADADELTA, EPS_ADADELTA, LR_ADADELTA = 0.95, 1e-6, 1.0
+
+
+def _ch8fast(rule, params):
+    if rule == "sgd":
+        return optim.SGD(params, lr=LR)
+    if rule == "momentum":
+        return optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    if rule == "nesterov":
+        return optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True)
+    if rule == "adagrad":
+        return optim.AdaGrad(params, lr=LR, eps=EPS_ADAGRAD)
+    if rule == "rmsprop":
+        return optim.RMSProp(params, lr=LR, rho=RHO, eps=EPS_RMSPROP)
+    if rule == "rmsprop_nesterov":
+        return optim.RMSProp(params, lr=LR, rho=RHO, eps=EPS_RMSPROP, momentum=MOMENTUM,
+                             nesterov=True)
+    if rule == "adam":
+        return optim.Adam(params, lr=LR, betas=BETAS, eps=EPS_ADAM)
+    if rule == "adamw":
+        return optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS_ADAM, weight_decay=WD_ADAMW)
+    if rule == "adadelta":
+        return optim.AdaDelta(params, lr=LR_ADADELTA, rho=RHO_ADADELTA, eps=EPS_ADADELTA)
+    raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
+
+
+def _torch(torch, rule, params, impl):
+    """A torch.optim optimizer for ``rule`` with ``impl`` ("fused" or "foreach"), or None
+    where torch has no such rule or implementation. torch's RMSprop puts eps outside the
+    root and its Nesterov SGD is written differently; the memory traffic is the same."""
+    o = torch.optim
+    kw = {impl: True}
+    try:
+        if rule == "sgd":
+            return o.SGD(params, lr=LR, **kw)
+        if rule == "momentum":
+            return o.SGD(params, lr=LR, momentum=MOMENTUM, **kw)
+        if rule == "nesterov":
+            return o.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, **kw)
+        if rule == "adagrad":
+            return o.Adagrad(params, lr=LR, eps=EPS_ADAGRAD, **kw)
+        if rule == "rmsprop":
+            return o.RMSprop(params, lr=LR, alpha=RHO, eps=EPS_RMSPROP, **kw)
+        if rule == "adam":
+            return o.Adam(params, lr=LR, betas=BETAS, eps=EPS_ADAM, **kw)
+        if rule == "adamw":
+            return o.AdamW(params, lr=LR, betas=BETAS, eps=EPS_ADAM,
+                           weight_decay=WD_ADAMW, **kw)
+        if rule == "adadelta":
+            return o.Adadelta(params, lr=LR_ADADELTA, rho=RHO_ADADELTA, eps=EPS_ADADELTA,
+                              **kw)
+    except (TypeError, RuntimeError, ValueError):    # no such implementation
+        return None
+    return None                                       # rmsprop_nesterov: no equivalent
+
+
+# ---------------------------------------------------------------------------------------
+# The NumPy peers: the same update, in place with preallocated temporaries, or as the
+# book writes it. The Nesterov rules use the shifted form of ch8fast's step(grads):
+# the arrays hold phi = theta + alpha v, and phi' = phi - alpha v + (1 + alpha) v'.
+# ---------------------------------------------------------------------------------------
+
+def _inplace_sgd(p, g, st, a, b, t):
+    np.multiply(g, LR, out=a)
+    p -= a
+
+
+def _inplace_momentum(p, g, st, a, b, t):
+    v = st["v"]
+    v *= MOMENTUM
+    np.multiply(g, LR, out=a)
+    v -= a                                   # v <- alpha v - eps g          (8.15)
+    p += v                                   # theta <- theta + v           (8.16)
+
+
+def _inplace_nesterov(p, g, st, a, b, t):
+    v = st["v"]
+    np.multiply(v, MOMENTUM, out=a)          # alpha v
+    p -= a
+    np.multiply(g, LR, out=b)
+    np.subtract(a, b, out=v)                 # v' = alpha v - eps g
+    np.multiply(v, 1.0 + MOMENTUM, out=a)
+    p += a                                   # phi - alpha v + (1 + alpha) v'
+
+
+def _inplace_adagrad(p, g, st, a, b, t):
+    r = st["r"]
+    np.multiply(g, g, out=a)
+    r += a                                   # r <- r + g*g
+    np.sqrt(r, out=a)
+    a += EPS_ADAGRAD
+    np.divide(g, a, out=a)
+    a *= LR
+    p -= a                                   # theta - eps g / (delta + sqrt(r))
+
+
+def _rms_scaled(g, r, a):
+    """r <- rho r + (1 - rho) g*g; a = eps g / sqrt(delta + r)."""
+    r *= RHO
+    np.multiply(g, g, out=a)
+    a *= 1.0 - RHO
+    r += a
+    np.add(r, EPS_RMSPROP, out=a)
+    np.sqrt(a, out=a)
+    np.divide(g, a, out=a)
+    a *= LR
+
+
+def _inplace_rmsprop(p, g, st, a, b, t):
+    _rms_scaled(g, st["r"], a)
+    p -= a
+
+
+def _inplace_rmsprop_nesterov(p, g, st, a, b, t):
+    v = st["v"]
+    _rms_scaled(g, st["r"], a)
+    np.multiply(v, MOMENTUM, out=b)          # alpha v
+    p -= b
+    np.subtract(b, a, out=v)                 # v' = alpha v - eps g / sqrt(delta + r)
+    np.multiply(v, 1.0 + MOMENTUM, out=a)
+    p += a
+
+
+def _adam_scalars(t):
+    b1, b2 = BETAS
+    return LR / (1.0 - b1 ** t), 1.0 / math.sqrt(1.0 - b2 ** t)
+
+
+def _inplace_adam(p, g, st, a, b, t, decay=None):
+    b1, b2 = BETAS
+    step_size, c2 = _adam_scalars(t)
+    m, v = st["m"], st["v"]
+    if decay is not None:
+        p *= decay                           # AdamW: theta (1 - eps lambda) first
+    m *= b1
+    np.multiply(g, 1.0 - b1, out=a)
+    m += a                                   # s <- b1 s + (1 - b1) g
+    v *= b2
+    np.multiply(g, g, out=a)
+    a *= 1.0 - b2
+    v += a                                   # r <- b2 r + (1 - b2) g*g
+    np.sqrt(v, out=a)
+    a *= c2
+    a += EPS_ADAM
+    np.divide(m, a, out=a)
+    a *= step_size
+    p -= a                                   # theta - eps s_hat / (sqrt(r_hat) + delta)
+
+
+def _inplace_adamw(p, g, st, a, b, t):
+    _inplace_adam(p, g, st, a, b, t, decay=1.0 - LR * WD_ADAMW)
+
+
+def _inplace_adadelta(p, g, st, a, b, t):
+    eg, ed = st["eg"], st["ed"]
+    eg *= RHO_ADADELTA
+    np.multiply(g, g, out=a)
+    a *= 1.0 - RHO_ADADELTA
+    eg += a                                  # E[g^2]
+    np.add(ed, EPS_ADADELTA, out=a)
+    np.sqrt(a, out=a)
+    np.add(eg, EPS_ADADELTA, out=b)
+    np.sqrt(b, out=b)
+    np.divide(a, b, out=a)
+    a *= g                                   # d = sqrt(E[dx^2] + delta) / sqrt(E[g^2] + delta) g
+    ed *= RHO_ADADELTA
+    np.multiply(a, a, out=b)
+    b *= 1.0 - RHO_ADADELTA
+    ed += b                                  # E[dx^2]
+    a *= LR_ADADELTA
+    p -= a
+
+
+def _textbook_sgd(p, g, st, t):
+    p -= LR * g
+
+
+def _textbook_momentum(p, g, st, t):
+    st["v"] = MOMENTUM * st["v"] - LR * g
+    p += st["v"]
+
+
+def _textbook_nesterov(p, g, st, t):
+    v = st["v"]
+    v_new = MOMENTUM * v - LR * g
+    p += -MOMENTUM * v + (1.0 + MOMENTUM) * v_new
+    st["v"] = v_new
+
+
+def _textbook_adagrad(p, g, st, t):
+    st["r"] = st["r"] + g * g
+    p += -LR / (EPS_ADAGRAD + np.sqrt(st["r"])) * g
+
+
+def _textbook_rmsprop(p, g, st, t):
+    st["r"] = RHO * st["r"] + (1.0 - RHO) * g * g
+    p += -LR / np.sqrt(EPS_RMSPROP + st["r"]) * g
+
+
+def _textbook_rmsprop_nesterov(p, g, st, t):
+    st["r"] = RHO * st["r"] + (1.0 - RHO) * g * g
+    v = st["v"]
+    v_new = MOMENTUM * v - LR / np.sqrt(EPS_RMSPROP + st["r"]) * g
+    p += -MOMENTUM * v + (1.0 + MOMENTUM) * v_new
+    st["v"] = v_new
+
+
+def _textbook_adam(p, g, st, t, decay=None):
+    b1, b2 = BETAS
+    if decay is not None:
+        p *= decay
+    st["m"] = b1 * st["m"] + (1.0 - b1) * g
+    st["v"] = b2 * st["v"] + (1.0 - b2) * g * g
+    m_hat = st["m"] / (1.0 - b1 ** t)
+    v_hat = st["v"] / (1.0 - b2 ** t)
+    p += -LR * m_hat / (np.sqrt(v_hat) + EPS_ADAM)
+
+
+def _textbook_adamw(p, g, st, t):
+    _textbook_adam(p, g, st, t, decay=1.0 - LR * WD_ADAMW)
+
+
+def _textbook_adadelta(p, g, st, t):
+    st["eg"] = RHO_ADADELTA * st["eg"] + (1.0 - RHO_ADADELTA) * g * g
+    d = -np.sqrt(st["ed"] + EPS_ADADELTA) / np.sqrt(st["eg"] + EPS_ADADELTA) * g
+    st["ed"] = RHO_ADADELTA * st["ed"] + (1.0 - RHO_ADADELTA) * d * d
+    p += LR_ADADELTA * d
+
+
+# rule -> (state names, in-place update, textbook update)
+RULES = {
+    "sgd": ((), _inplace_sgd, _textbook_sgd),
+    "momentum": (("v",), _inplace_momentum, _textbook_momentum),
+    "nesterov": (("v",), _inplace_nesterov, _textbook_nesterov),
+    "adagrad": (("r",), _inplace_adagrad, _textbook_adagrad),
+    "rmsprop": (("r",), _inplace_rmsprop, _textbook_rmsprop),
+    "rmsprop_nesterov": (("r", "v"), _inplace_rmsprop_nesterov, _textbook_rmsprop_nesterov),
+    "adam": (("m", "v"), _inplace_adam, _textbook_adam),
+    "adamw": (("m", "v"), _inplace_adamw, _textbook_adamw),
+    "adadelta": (("eg", "ed"), _inplace_adadelta, _textbook_adadelta),
+}
+DEFAULT_RULES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+DEFAULT_SIZES = (100, 1000, 10_000, 100_000, 1_000_000, 4_000_000, 16_000_000, 32_000_000)
+DEFAULT_LAYOUTS = ((100, 10_000), (1000, 1000))
+QUICK_SIZES = (100, 10_000, 1_000_000)
+QUICK_LAYOUTS = ((100, 1000),)
+
+
+class NumpyOptimizer:
+    """One rule in NumPy over a list of arrays, updated in place: ``inplace=True`` uses
+    ``out=`` and two temporaries allocated here (sized to the largest array), so a step
+    allocates nothing; ``inplace=False`` writes the book's formulas with temporaries."""
+
+    def __init__(self, rule, params, inplace=True):
+        names, self._inplace, self._textbook = RULES[rule]
+        self.params = list(params)
+        self.inplace = inplace
+        self.state = [{n: np.zeros_like(p) for n in names} for p in self.params]
+        self.t = 0
+        if inplace:
+            big = max(p.size for p in self.params)
+            dtype = self.params[0].dtype
+            self._tmp = (np.zeros(big, dtype), np.zeros(big, dtype))
+            self._views = [(self._tmp[0][:p.size].reshape(p.shape),
+                            self._tmp[1][:p.size].reshape(p.shape)) for p in self.params]
+
+    def step(self, grads):
+        self.t += 1
+        if self.inplace:
+            for p, g, st, (a, b) in zip(self.params, grads, self.state, self._views):
+                self._inplace(p, g, st, a, b, self.t)
+        else:
+            for p, g, st in zip(self.params, grads, self.state):
+                self._textbook(p, g, st, self.t)
+
+
+# ---------------------------------------------------------------------------------------
+# Contenders and timing
+# ---------------------------------------------------------------------------------------
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _filled(shape_list, dtype, rng, scale):
+    """Separate arrays (one allocation each, as a model's tensors are), written now, so
+    their pages are in memory before any timing."""
+    out = []
+    for n in shape_list:
+        a = np.empty(n, dtype)
+        a[...] = rng.standard_normal(n, dtype=np.float32) * scale
+        out.append(a)
+    return out
+
+
+def _table_columns(opt, gi):
+    return 2 + len(opt._layout[gi])
+
+
+def _roofline_fn(opt):
+    """The traffic-matched copy kernel over ``opt``'s tables (gradients must be bound)."""
+    rule = K.RULES["roofline"]
+    runs = [functools.partial(t.run, rule, 0.0, flags=_table_columns(opt, gi))
+            for gi, t in opt._tables]
+    if len(runs) == 1:
+        return runs[0]
+
+    def run_all():
+        for r in runs:
+            r()
+    return run_all
+
+
+def make_contenders(rule, dtype, tensors, size, which, seed=0):
+    """(contenders, ncols): ``contenders`` is a dict name -> zero-argument step function,
+    for the names in ``which`` that apply, over ``tensors`` arrays of ``size`` elements.
+    Each contender owns its parameters and state; ch8fast and NumPy read one gradient
+    buffer, each torch contender a copy of it."""
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    flat_grad = np.empty(tensors * size, dtype)
+    flat_grad[...] = rng.standard_normal(tensors * size, dtype=np.float32) * 0.1
+    grads = [flat_grad[i * size:(i + 1) * size] for i in range(tensors)]
+    init = rng.standard_normal(size, dtype=np.float32)
+    sizes = [size] * tensors
+
+    def params():
+        out = []
+        for _ in range(tensors):
+            a = np.empty(size, dtype)
+            a[...] = init
+            out.append(a)
+        return out
+
+    fns = {}
+    opt = _ch8fast(rule, params())
+    opt.step(grads)
+    ncols = _table_columns(opt, 0)
+    if "ch8fast" in which:
+        fns["ch8fast"] = functools.partial(opt.step, grads)
+    if "roofline" in which:
+        # An identical optimizer, so that the copy kernel's writes leave ch8fast's state
+        # alone; zero parameters and gradients keep its values at zero (no overflow).
+        twin = _ch8fast(rule, _filled(sizes, dtype, rng, 0.0))
+        twin_grads = _filled(sizes, dtype, rng, 0.0)
+        twin.step(twin_grads)
+        fns["roofline"] = _roofline_fn(twin)
+        fns["roofline"].keep = (twin, twin_grads)   # the bound gradients stay alive
+    if "flat" in which and tensors > 1:
+        flat_p = np.empty(tensors * size, dtype)
+        flat_p[...] = np.tile(init, tensors)
+        flat = _ch8fast(rule, [flat_p])
+        flat.step([flat_grad])
+        fns["flat"] = functools.partial(flat.step, [flat_grad])
+    for name, inplace in (("numpy", True), ("textbook", False)):
+        if name in which:
+            fns[name] = functools.partial(NumpyOptimizer(rule, params(), inplace).step,
+                                          grads)
+    torch = _import_torch() if {"torch_fused", "torch_foreach"} & set(which) else None
+    if torch is not None:
+        for impl in ("fused", "foreach"):
+            if f"torch_{impl}" not in which:
+                continue
+            # torch gets gradients of its own: its foreach Nesterov SGD writes into them
+            own = flat_grad.copy()
+            tgrads = [torch.from_numpy(own[i * size:(i + 1) * size]) for i in range(tensors)]
+            tparams = [torch.nn.Parameter(torch.from_numpy(p)) for p in params()]
+            for p, g in zip(tparams, tgrads):
+                p.grad = g
+            topt = _torch(torch, rule, tparams, impl)
+            if topt is None:
+                continue
+            try:
+                topt.step()
+            except (RuntimeError, TypeError):
+                continue
+            fns[f"torch_{impl}"] = topt.step
+    for f in fns.values():                       # warm: pages touched, state allocated
+        f()
+    return fns, ncols
+
+
+def _time(fn, k):
+    t0 = time.perf_counter()
+    for _ in itertools.repeat(None, k):
+        fn()
+    return time.perf_counter() - t0
+
+
+def _calibrate(fn, min_time, max_steps=1 << 20):
+    """Steps per sample so that a sample lasts at least ``min_time`` seconds."""
+    k = 1
+    while True:
+        t = _time(fn, k)
+        if t >= min_time or k >= max_steps:
+            return k
+        k = min(max_steps, max(2 * k, int(k * 1.2 * min_time / max(t, 1e-9)) + 1))
+
+
+def measure(fns, repeats, min_time, max_seconds=None):
+    """Interleaved timing: ``repeats`` rounds, each one sample of every contender, the
+    order rotated every round. Returns (samples, steps): seconds per step of every
+    sample, by contender, and the steps per sample. With ``max_seconds``, stops after the
+    round that passes it (at least 3 rounds)."""
+    names = list(fns)
+    steps = {n: _calibrate(fns[n], min_time) for n in names}
+    samples = {n: [] for n in names}
+    enabled = gc.isenabled()
+    gc.disable()
+    t_start = time.perf_counter()
+    try:
+        for r in range(repeats):
+            for j in range(len(names)):
+                n = names[(r + j) % len(names)]
+                samples[n].append(_time(fns[n], steps[n]) / steps[n])
+            if (max_seconds is not None and r >= 2
+                    and time.perf_counter() - t_start > max_seconds):
+                break
+    finally:
+        if enabled:
+            gc.enable()
+    return samples, steps
+
+
+def _median_ratio(num, den):
+    return float(np.median(np.asarray(num) / np.asarray(den)))
+
+
+PEERS = ("numpy", "textbook", "torch_fused", "torch_foreach")
+CONTENDERS = ("ch8fast", "roofline", "flat") + PEERS
+
+
+def run_case(rule, dtype, tensors, size, threads, which=CONTENDERS, repeats=7,
+             min_time=2e-3, max_seconds=None, seed=0):
+    """Time one case; returns a plain dict (see ``main``'s JSON). Arrays are freed on
+    return."""
+    dtype = np.dtype(dtype)
+    set_num_threads(threads)
+    torch = _import_torch() if {"torch_fused", "torch_foreach"} & set(which) else None
+    if torch is not None:
+        torch.set_num_threads(threads)
+    fns, ncols = make_contenders(rule, dtype, tensors, size, which, seed)
+    samples, steps = measure(fns, repeats, min_time, max_seconds)
+    del fns
+    gc.collect()
+    n = tensors * size
+    bytes_per_step = dtype.itemsize * (2 * ncols - 1) * n
+    times = {c: float(np.median(s)) for c, s in samples.items()}
+    ch8 = samples["ch8fast"]
+    out = {
+        "rule": rule, "dtype": dtype.name, "tensors": tensors, "size": size,
+        "elements": n, "layout": f"{tensors}x{size}", "threads": threads,
+        "ncols": ncols, "bytes_per_step": bytes_per_step,
+        "rounds": len(ch8), "steps_per_sample": steps,
+        "time": times,
+        "time_min": {c: float(np.min(s)) for c, s in samples.items()},
+        # (75th - 25th percentile) / median of ch8fast's samples: how noisy the case was
+        "spread": float(np.subtract(*np.percentile(ch8, [75, 25])) / np.median(ch8)),
+        "gbps": {c: bytes_per_step / t / 1e9 for c, t in times.items()},
+        "roofline_fraction": (_median_ratio(samples["roofline"], ch8)
+                              if "roofline" in samples else None),
+        "speedup": {c: _median_ratio(samples[c], ch8) for c in PEERS if c in samples},
+        "vs_flat": (_median_ratio(ch8, samples["flat"]) if "flat" in samples else None),
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------
+
+def machine_info(threads):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    caches = []
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{d}/level") as f1, open(f"{d}/type") as f2, \
+                    open(f"{d}/size") as f3:
+                level, kind, size = f1.read().strip(), f2.read().strip(), f3.read().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level} {size}")
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    torch = _import_torch()
+    from . import __version__
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "caches": caches,
+        "load_average": load, "isa": isa(),
+        "threads": list(threads), "python": platform.python_version(),
+        "numpy": np.__version__, "torch": torch.__version__ if torch else None,
+        "ch8fast": __version__, "platform": platform.platform(),
+    }
+
+
+def header(info):
+    caches = f" ({', '.join(info['caches'])})" if info.get("caches") else ""
+    load = ""
+    if info.get("load_average"):
+        load = f", load average {info['load_average'][0]} at start"
+        if info.get("load_average_end"):
+            load += f" and {info['load_average_end'][0]} at end"
+    return (f"ch8fast {info['ch8fast']} bench: {info['cpu']}{caches}, {info['cores']} "
+            f"cores ({info['usable_cores']} usable){load}, kernels {info['isa']}, threads "
+            f"{','.join(map(str, info['threads']))}; Python {info['python']}, "
+            f"NumPy {info['numpy']}, torch {info['torch'] or 'absent'}")
+
+
+def _fmt_time(t):
+    if t is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+def _fmt_size(n):
+    if n < 1000:
+        return str(n)
+    e = int(math.floor(math.log10(n)))
+    m = n / 10 ** e
+    return f"{m:.3g}e{e}" if m != 1 else f"1e{e}"
+
+
+def _fmt_x(r, digits=2):
+    return "-" if r is None else f"{r:.{digits}f}"
+
+
+COLUMNS = ["rule", "dtype", "layout", "thr", "step", "spread", "GB/s", "roofline",
+           "x numpy", "x textbook", "x torch fused", "x torch foreach", "/ flat"]
+
+
+def _cells(row):
+    layout = (_fmt_size(row["size"]) if row["tensors"] == 1
+              else f"{row['tensors']}x{_fmt_size(row['size'])}")
+    sp = row["speedup"]
+    return [row["rule"], row["dtype"], layout, str(row["threads"]),
+            _fmt_time(row["time"]["ch8fast"]), f"{100 * row['spread']:.0f}%",
+            f"{row['gbps']['ch8fast']:.1f}",
+            _fmt_x(row["roofline_fraction"]), _fmt_x(sp.get("numpy"), 1),
+            _fmt_x(sp.get("textbook"), 1), _fmt_x(sp.get("torch_fused")),
+            _fmt_x(sp.get("torch_foreach")), _fmt_x(row["vs_flat"])]
+
+
+_WIDTHS = [16, 7, 12, 3, 9, 6, 6, 8, 7, 10, 13, 15, 6]
+
+
+def text_line(cells):
+    return "  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(cells, _WIDTHS)))
+
+
+def markdown(info, rows):
+    lines = [f"Machine: {header(info)}.", "",
+             "| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+PLOT_STYLE = {"ch8fast": ("C0", "-", "o"), "numpy": ("C1", "-", "s"),
+              "textbook": ("C2", "-", "^"), "torch_fused": ("C3", "-", "D"),
+              "torch_foreach": ("C4", "-", "v")}
+
+
+def plot(rows, path, info):
+    """Time per element against size, log-log, one panel per (rule, dtype, threads)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"ch8fast bench: matplotlib is not installed, so no plot was written to "
+              f"{path} (pip install matplotlib)", file=sys.stderr)
+        return False
+    keys = list(dict.fromkeys((r["rule"], r["dtype"], r["threads"]) for r in rows))
+    ncol = min(4, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False,
+                             sharex=True)
+    for ax, key in zip(axes.flat, keys):
+        case = [r for r in rows if (r["rule"], r["dtype"], r["threads"]) == key]
+        single = sorted((r for r in case if r["tensors"] == 1), key=lambda r: r["elements"])
+        multi = [r for r in case if r["tensors"] > 1]
+        x = [r["elements"] for r in single]
+        if single:
+            ax.plot(x, [r["time"]["roofline"] / r["elements"] * 1e9 for r in single],
+                    "k--", lw=1.5, label="roofline (copy kernel)")
+        for c, (color, ls, mk) in PLOT_STYLE.items():
+            pts = [(r["elements"], r["time"][c] / r["elements"] * 1e9)
+                   for r in single if c in r["time"]]
+            if pts:
+                ax.plot(*zip(*pts), color=color, ls=ls, marker=mk, ms=3.5, lw=1.2,
+                        label=c.replace("_", " "))
+        for i, r in enumerate(multi):
+            y = r["time"]["ch8fast"] / r["elements"] * 1e9
+            ax.plot(r["elements"], y, "x", color="C0", ms=8, mew=2)
+            ax.annotate(r["layout"], (r["elements"], y), fontsize=6,
+                        xytext=(5, 6 if i % 2 == 0 else -10), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{key[0]} {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''}",
+                     fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("elements", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("time per element per step (ns)", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
+               frameon=False)
+    fig.suptitle(header(info), fontsize=7, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def _parse_list(text, parse, what):
+    if text.strip().lower() in ("", "none"):
+        return []
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(parse(item.strip()))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad {what} {item.strip()!r}") from None
+    return out
+
+
+def _count(text):
+    v = float(text)
+    if not (v >= 1 and v == int(v)):
+        raise ValueError(text)
+    return int(v)
+
+
+def _layout(text):
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(text)
+    return _count(parts[0]), _count(parts[1])
+
+
+def _rule(text):
+    if text not in RULES:
+        raise argparse.ArgumentTypeError(f"unknown rule {text!r}; expected some of "
+                                         f"{', '.join(RULES)}")
+    return text
+
+
+def _dtype(text):
+    if text not in ("float32", "float64"):
+        raise ValueError(text)
+    return text
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="ch8fast bench",
+        description="Time one optimizer step of each rule against the traffic-matched "
+                    "roofline kernel, in-place and textbook NumPy, and torch.optim "
+                    "(fused and foreach), interleaved in one run.")
+    p.add_argument("--rules", type=lambda s: _parse_list(s, _rule, "rule"),
+                   default=list(DEFAULT_RULES),
+                   help=f"comma-separated, of {', '.join(RULES)} "
+                        f"(default: {','.join(DEFAULT_RULES)})")
+    p.add_argument("--sizes", type=lambda s: _parse_list(s, _count, "size"), default=None,
+                   help="elements of the one-array cases, e.g. 1e3,16e6 ('none' for no "
+                        "one-array case; default 1e2,1e3,1e4,1e5,1e6,4e6,16e6,32e6)")
+    p.add_argument("--layouts", type=lambda s: _parse_list(s, _layout, "layout"),
+                   default=None,
+                   help="many-tensor layouts NxM: N arrays of M elements, e.g. 100x1e4 "
+                        "('none' for none; default 100x1e4,1000x1e3)")
+    p.add_argument("--dtype", type=lambda s: _parse_list(s, _dtype, "dtype"),
+                   default=["float32"], help="float32, float64 or both (default float32)")
+    p.add_argument("--threads", type=lambda s: _parse_list(s, _count, "thread count"),
+                   default=None, help="thread counts, each a table of its own, e.g. 1,2 "
+                                      "(default: the current setting, "
+                                      f"{get_num_threads()})")
+    p.add_argument("--repeats", type=_count, default=None,
+                   help="interleaved rounds per case (default 9; --quick 3)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds per timing sample: small arrays run many steps per "
+                        "sample (default 0.002; --quick 0.001)")
+    p.add_argument("--max-case-time", type=float, default=None,
+                   help="stop a case's rounds after this many seconds, at least 3 rounds "
+                        "(default 4)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="time ch8fast, the roofline and the flat array only")
+    p.add_argument("--no-torch", action="store_true", help="leave out torch.optim")
+    p.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the table in Markdown")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="plot time per element against size (needs matplotlib)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, few repeats (about half a minute)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sizes = args.sizes if args.sizes is not None else list(
+        QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    layouts = args.layouts if args.layouts is not None else list(
+        QUICK_LAYOUTS if args.quick else DEFAULT_LAYOUTS)
+    repeats = args.repeats or (3 if args.quick else 9)
+    min_time = args.min_time if args.min_time is not None else (1e-3 if args.quick
+                                                                 else 2e-3)
+    max_case = args.max_case_time if args.max_case_time is not None else 4.0
+    if min_time <= 0 or max_case <= 0:
+        print("ch8fast bench: --min-time and --max-case-time must be > 0", file=sys.stderr)
+        return 2
+    if not args.rules or not args.dtype or not (sizes or layouts):
+        print("ch8fast bench: nothing to run (no rule, dtype, size or layout)",
+              file=sys.stderr)
+        return 2
+    old_threads = get_num_threads()
+    threads = args.threads or [old_threads]
+    which = ["ch8fast", "roofline", "flat"]
+    if not args.no_peers:
+        which += ["numpy", "textbook"]
+        if not args.no_torch:
+            if _import_torch() is None:
+                print("ch8fast bench: torch is not installed; no torch columns",
+                      file=sys.stderr)
+            else:
+                which += ["torch_fused", "torch_foreach"]
+    info = machine_info(threads)
+    print(header(info))
+    if info["load_average"] and info["load_average"][0] > 0.5:
+        print(f"note: load average {info['load_average'][0]} on {info['usable_cores']} "
+              f"cores: other processes compete for the cores; multi-threaded times "
+              f"suffer most (a thread team waits for its slowest thread)")
+    print("step: median time of one opt.step; spread: interquartile range of its samples "
+          "over the median;\nGB/s: its traffic, itemsize*(2*ncols-1) bytes per element; "
+          "roofline: roofline time / step time; x peer: peer time / "
+          "step time (>1: ch8fast faster);\n/ flat: step time over N tensors / step time "
+          "over one array of the same total")
+    print(text_line(COLUMNS))
+    sys.stdout.flush()
+    torch = _import_torch() if "torch_fused" in which else None
+    torch_threads = torch.get_num_threads() if torch else None
+    cases = [(1, n) for n in sizes] + list(layouts)
+    rows = []
+    try:
+        for n_threads in threads:
+            for dtype in args.dtype:
+                for rule in args.rules:
+                    for tensors, size in cases:
+                        row = run_case(rule, dtype, tensors, size, n_threads, which,
+                                       repeats, min_time, max_case)
+                        rows.append(row)
+                        print(text_line(_cells(row)))
+                        sys.stdout.flush()
+    finally:
+        set_num_threads(old_threads)
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+    try:
+        info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    settings = {"rules": args.rules, "sizes": sizes,
+                "layouts": [f"{t}x{s}" for t, s in layouts], "dtypes": args.dtype,
+                "threads": threads, "repeats": repeats, "min_time": min_time,
+                "max_case_time": max_case, "contenders": which,
+                "argv": list(sys.argv[1:] if argv is None else argv)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "settings": settings, "results": rows}, f,
+                      indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(info, rows))
+    if args.plot:
+        plot(rows, args.plot, info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The benchmark: its outputs are complete and well-formed, and its NumPy peers compute
+the same update as ch8fast (so that the comparison is fair)."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+import ch8fast
+from ch8fast import bench
+
+RULES = list(bench.RULES)
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+# ---- the NumPy peers compute ch8fast's update -----------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "textbook"])
+@pytest.mark.parametrize("rule", RULES)
+def test_numpy_peers_match_ch8fast(rule, inplace, dtype):
+    rng = np.random.default_rng(1)
+    shapes = [(7,), (3, 5), (1,)]
+    p0 = [(0.1 * rng.standard_normal(s)).astype(dtype) for s in shapes]
+    ours = bench._ch8fast(rule, [p.copy() for p in p0])
+    peer = bench.NumpyOptimizer(rule, [p.copy() for p in p0], inplace=inplace)
+    for _ in range(5):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        ours.step(grads)
+        peer.step(grads)
+    rtol = 1e-3 if dtype == np.float32 else 1e-9
+    for a, b, p in zip(peer.params, ours._params, p0):
+        assert a.dtype == b.dtype == dtype
+        moved = b.astype(np.float64) - p
+        assert np.all(np.abs(moved) > 0)
+        np.testing.assert_allclose(a.astype(np.float64) - p, moved, rtol=rtol,
+                                   atol=1e-7 if dtype == np.float32 else 1e-15)
+        if inplace:
+            # the same IEEE operations in the same order as the kernel: the same bits
+            np.testing.assert_array_equal(a, b)
+
+
+def test_inplace_numpy_allocates_nothing_per_step():
+    params = [np.zeros(1000, np.float32), np.zeros((10, 10), np.float32)]
+    grads = [np.ones_like(p) for p in params]
+    peer = bench.NumpyOptimizer("adam", params, inplace=True)
+    state_ids = [[id(a) for a in st.values()] for st in peer.state]
+    peer.step(grads)
+    assert [[id(a) for a in st.values()] for st in peer.state] == state_ids
+    assert peer.params[0] is params[0] and peer.params[1] is params[1]
+
+
+# ---- the command line -----------------------------------------------------------------
+
+def _run_main(tmp_path, *extra):
+    js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    argv = ["--rules", "sgd,adam,rmsprop_nesterov", "--sizes", "1e2,2e3",
+            "--layouts", "3x1e2", "--dtype", "float32,float64", "--threads", "1",
+            "--repeats", "2", "--min-time", "2e-4", "--json", str(js),
+            "--markdown", str(md), "--plot", str(png), *extra]
+    threads = ch8fast.get_num_threads()
+    assert bench.main(argv) == 0
+    assert ch8fast.get_num_threads() == threads          # restored
+    return json.loads(js.read_text()), md.read_text(), png
+
+
+def test_main_writes_every_case_and_contender(tmp_path, capsys):
+    data, md, png = _run_main(tmp_path)
+    out = capsys.readouterr().out
+    assert "kernels " + ch8fast.isa() in out and "NumPy" in out
+    assert data["machine"]["isa"] == ch8fast.isa()
+    rows = data["results"]
+    cases = {(r["rule"], r["dtype"], r["layout"], r["threads"]) for r in rows}
+    assert cases == {(rule, dt, lay, 1) for rule in ("sgd", "adam", "rmsprop_nesterov")
+                     for dt in ("float32", "float64")
+                     for lay in ("1x100", "1x2000", "3x100")}
+    assert len(rows) == len(cases)
+    for r in rows:
+        names = set(r["time"])
+        expect = {"ch8fast", "roofline", "numpy", "textbook"}
+        if r["tensors"] > 1:
+            expect.add("flat")
+            assert r["vs_flat"] > 0
+        else:
+            assert r["vs_flat"] is None
+        if HAS_TORCH and r["rule"] != "rmsprop_nesterov":
+            expect |= {"torch_fused", "torch_foreach"}
+        assert names == expect
+        assert all(t > 0 and np.isfinite(t) for t in r["time"].values())
+        assert set(r["speedup"]) == expect & set(bench.PEERS)
+        assert 0 < r["roofline_fraction"] < 100
+        assert r["rounds"] == 2
+        ncols = {"sgd": 2, "adam": 4, "rmsprop_nesterov": 4}[r["rule"]]
+        itemsize = 4 if r["dtype"] == "float32" else 8
+        assert r["ncols"] == ncols
+        assert r["bytes_per_step"] == itemsize * (2 * ncols - 1) * r["elements"]
+        assert r["gbps"]["ch8fast"] == pytest.approx(
+            r["bytes_per_step"] / r["time"]["ch8fast"] / 1e9)
+
+    lines = md.strip().splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert lines[0].startswith("Machine: ")
+    assert len(table) == 2 + len(rows)
+    assert all(ln.count("|") == len(bench.COLUMNS) + 1 for ln in table)
+    for rule in ("sgd", "adam", "rmsprop_nesterov"):
+        assert sum(f"| {rule} |" in ln for ln in table) == 6
+    assert png.exists() == HAS_MPL
+    if HAS_MPL:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_peers_keeps_ch8fast_roofline_and_flat(tmp_path):
+    js = tmp_path / "b.json"
+    assert bench.main(["--rules", "momentum", "--sizes", "100", "--layouts", "2x50",
+                       "--repeats", "1", "--min-time", "1e-4", "--no-peers",
+                       "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["results"]
+    assert [set(r["time"]) for r in rows] == [{"ch8fast", "roofline"},
+                                              {"ch8fast", "roofline", "flat"}]
+
+
+def test_command_line_dispatch(capsys):
+    from ch8fast.__main__ import main
+    assert main(["bench", "--rules", "sgd", "--sizes", "100", "--layouts", "none",
+                 "--repeats", "1", "--min-time", "1e-4", "--no-peers"]) == 0
+    assert "sgd" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "1e3,abc"], ["--rules", "adam,lion"],
+                                  ["--layouts", "100by10"], ["--dtype", "float16"],
+                                  ["--threads", "0"], ["--sizes", "1.5"]])
+def test_bad_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert "ch8fast bench" in capsys.readouterr().err
+
+
+def test_size_and_layout_parsing():
+    assert bench._parse_list("1e2,16e6, 3.2e7", bench._count, "size") == [
+        100, 16_000_000, 32_000_000]
+    assert bench._parse_list("100x1e4,1000X1e3", bench._layout, "layout") == [
+        (100, 10_000), (1000, 1000)]
+    assert bench._parse_list("none", bench._count, "size") == []
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_no_contender_writes_the_shared_gradient(rule):
+    fns, ncols = bench.make_contenders(rule, np.float32, 3, 50, bench.CONTENDERS)
+    grads = fns["ch8fast"].args[0]
+    before = [g.copy() for g in grads]
+    for _ in range(20):
+        for f in fns.values():
+            f()
+    for g, b in zip(grads, before):
+        np.testing.assert_array_equal(g, b)
+    assert ncols == 2 + len(bench.RULES[rule][0])
