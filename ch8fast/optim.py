@@ -9,7 +9,6 @@ per group and dtype, however many arrays the group holds.
 
 import contextlib
 import math
-import operator
 
 import numpy as np
 
@@ -26,6 +25,50 @@ def _flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+class ParamGroup(dict):
+    """A parameter group: a plain dict of ``"params"`` and hyperparameters that notes when
+    it is changed (``group["lr"] = 0.01``, ``update``, ...), so that the optimizer checks
+    its hyperparameters again at the next step, and only then."""
+
+    __slots__ = ("changed",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.changed = True
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.changed = True
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.changed = True
+
+    def __ior__(self, other):
+        self.changed = True
+        return super().__ior__(other)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self.changed = True
+
+    def setdefault(self, key, default=None):
+        self.changed = True
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self.changed = True
+        return super().pop(*args)
+
+    def popitem(self):
+        self.changed = True
+        return super().popitem()
+
+    def clear(self):
+        super().clear()
+        self.changed = True
 
 
 def _encode(value):
@@ -103,10 +146,9 @@ class Optimizer:
                 all_params.append(p)
                 names.append(f"params[{i}]")
             full["params"] = plist
-            self.param_groups.append(full)
+            self.param_groups.append(ParamGroup(full))
         self._fixed = [{k: g[k] for k in self._flags} for g in self.param_groups]
         self._names = frozenset(self.defaults)
-        self._getter = operator.itemgetter(*self._names)      # always a tuple: > 1 name
         self._cache = [None] * len(self.param_groups)
         for gi, group in enumerate(self.param_groups):
             self._check_structure(group, gi)
@@ -198,23 +240,19 @@ class Optimizer:
 
     def _values(self, gi, step):
         """The checked hyperparameters of group ``gi`` for the update after ``step``
-        completed steps. Checks run again only when a value changed (or is a schedule)."""
+        completed steps. Checks run again only when the group was changed (or for a
+        schedule, whose value is checked at every step)."""
         group = self.param_groups[gi]
-        try:
-            raw = self._getter(group)
-        except KeyError:
-            raw = None
         cached = self._cache[gi]
-        # Equal values of another type (True == 1 == 1.0) are checked again.
-        if (cached is not None and raw == cached[0]
-                and len(group) == len(self._names) + 1
-                and tuple(map(type, raw)) == cached[3]):
-            values, scheduled = cached[1], cached[2]
+        if cached is not None and type(group) is ParamGroup and not group.changed:
+            values, scheduled = cached
             for k in scheduled:              # the cache's own dict, updated in place
                 values[k] = self._value(gi, k, step)
             if scheduled:
                 self._check_dtype_values(gi, values)
             return values
+        # A group that is not a ParamGroup (a dict put in param_groups by hand) is checked
+        # at every step.
         if group.keys() != self._names | {"params"}:
             unknown = sorted(set(group) - self._names - {"params"})
             missing = sorted(self._names - set(group))
@@ -228,12 +266,13 @@ class Optimizer:
                                  f"a new optimizer")
         values = {k: self._value(gi, k, step) for k in self._checks}
         self._check_dtype_values(gi, values)
-        for k, v in group.items():           # lists become tuples: they cannot change
+        for k, v in list(group.items()):     # lists become tuples: they cannot change
             if isinstance(v, list) and k != "params":    # behind the cache's back
                 group[k] = tuple(v)
         scheduled = tuple(k for k in self._checks if callable(group[k]))
-        raw = self._getter(group)
-        self._cache[gi] = (raw, values, scheduled, tuple(map(type, raw)))
+        self._cache[gi] = (values, scheduled)
+        if type(group) is ParamGroup:
+            group.changed = False
         return values
 
     def _check_dtype_values(self, gi, values, where=None):

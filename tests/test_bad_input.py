@@ -149,3 +149,45 @@ def test_nested_nesterov_closure_grad_aliasing_restores_theta():
         opt.step(closure=lambda: w)              # the closure hands back the parameter
     assert w.tobytes() == before[0].tobytes()
     assert opt.state[0]["velocity"].tobytes() == before[1].tobytes()
+
+
+@pytest.mark.parametrize("change,exc", [
+    (lambda g: g.__setitem__("lr", -1.0), ValueError),
+    (lambda g: g.update(lr=float("nan")), ValueError),
+    (lambda g: g.update({"betas": (0.9, 1.0)}), ValueError),
+    (lambda g: g.__ior__({"eps": 0.0}), ValueError),
+    (lambda g: g.setdefault("foo", 1), TypeError),
+    (lambda g: g.pop("eps"), TypeError),
+    (lambda g: g.popitem(), TypeError),
+    (lambda g: g.__delitem__("lr"), TypeError),
+    (lambda g: g.clear(), TypeError),
+    (lambda g: g.__setitem__("weight_decay", False), TypeError),   # equal to 0.0, a bool
+])
+def test_every_change_to_a_group_is_checked_at_the_next_step(change, exc):
+    """Hyperparameters are checked once and cached; any change to the group, by any dict
+    method, is seen at the next step, which refuses a bad value and changes nothing."""
+    w = np.linspace(-1, 1, 7)
+    opt = ch8fast.Adam([w], lr=0.1)
+    opt.step(np.ones(7))
+    before, state = w.copy(), {k: a.copy() for k, a in opt.state[0].items()}
+    change(opt.param_groups[0])
+    with pytest.raises(exc):
+        opt.step(np.ones(7))
+    assert w.tobytes() == before.tobytes()
+    assert all(opt.state[0][k].tobytes() == a.tobytes() for k, a in state.items())
+
+
+def test_a_plain_dict_put_in_param_groups_is_checked_at_every_step():
+    w = np.zeros(5)
+    opt = ch8fast.SGD([w], lr=0.1)
+    opt.step(np.ones(5))
+    plain = dict(opt.param_groups[0])
+    opt.param_groups[0] = plain
+    opt.step(np.ones(5))
+    np.testing.assert_array_equal(w, -0.2)
+    plain["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(np.ones(5))
+    plain["lr"] = 0.5
+    opt.step(np.ones(5))
+    np.testing.assert_array_equal(w, -0.7)
