@@ -191,3 +191,21 @@ def test_a_plain_dict_put_in_param_groups_is_checked_at_every_step():
     plain["lr"] = 0.5
     opt.step(np.ones(5))
     np.testing.assert_array_equal(w, -0.7)
+
+
+def test_aliasing_gradient_is_refused_after_clean_steps():
+    """Gradient addresses found clear of the parameters and state are remembered per row;
+    a gradient at another address is checked again."""
+    w, b = np.zeros(6), np.zeros(3)
+    opt = ch8fast.Adam([w, b], lr=0.1)
+    gw, gb = np.ones(6), np.ones(3)
+    opt.step([gw, gb])
+    opt.step([gw, gb])
+    before = (w.copy(), b.copy(), [a.copy() for st in opt.state for a in st.values()])
+    for bad in (opt.state[0]["exp_avg"], w, opt.state[1]["exp_avg_sq"][:3]):
+        with pytest.raises(ValueError, match="shares memory"):
+            opt.step([bad if bad.size == 6 else gw, bad if bad.size == 3 else gb])
+    assert w.tobytes() == before[0].tobytes() and b.tobytes() == before[1].tobytes()
+    assert all(a.tobytes() == c.tobytes() for a, c in
+               zip([a for st in opt.state for a in st.values()], before[2]))
+    opt.step([gw, gb])
