@@ -1,7 +1,7 @@
 #!/bin/sh
-# The commands behind the table and plot of the README's benchmark section (about 10 minutes on a
-# 2-core machine). Run from the repository root, in the environment ch8fast is
-# installed in. Results land in bench/results/; the plot in docs/bench.png.
+# The commands behind the tables and plot of the README's benchmark section (about 12
+# minutes on a 2-core machine). Run from the repository root, in the environment ch8fast
+# is installed in. Results land in bench/results/; the plot in docs/bench.png.
 set -e
 mkdir -p bench/results
 # Every rule of the chapter in float32, one array of 1e2..3.2e7 elements and the
@@ -13,3 +13,7 @@ python -m ch8fast.bench --rules sgd,momentum,nesterov,adagrad,rmsprop,adam,adamw
 # Adam in float64, the same sizes and layouts.
 python -m ch8fast.bench --rules adam --dtype float64 --threads 1,2 \
     --json bench/results/float64.json --markdown bench/results/float64.md
+# Every rule in float64 at 16e6 elements, against the roofline only.
+python -m ch8fast.bench --rules sgd,momentum,nesterov,adagrad,rmsprop,adam,adamw \
+    --sizes 16e6 --layouts "" --dtype float64 --threads 1,2 --no-peers --repeats 15 \
+    --markdown bench/results/float64_all_rules_16e6.md
