@@ -710,14 +710,14 @@ def _parse_list(text, parse, what):
     for item in text.split(","):
         try:
             out.append(parse(item.strip()))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"bad {what} {item.strip()!r}") from None
     return out
 
 
 def _count(text):
     v = float(text)
-    if not (v >= 1 and v == int(v)):
+    if not (1 <= v < 2**62 and v == int(v)):
         raise ValueError(text)
     return int(v)
 
@@ -795,8 +795,8 @@ def main(argv=None):
     min_time = args.min_time if args.min_time is not None else (1e-3 if args.quick
                                                                  else 2e-3)
     max_case = args.max_case_time if args.max_case_time is not None else 4.0
-    if min_time <= 0 or max_case <= 0:
-        print("ch8fast bench: --min-time and --max-case-time must be > 0", file=sys.stderr)
+    if not (0 < min_time < math.inf and 0 < max_case < math.inf):
+        print("ch8fast bench: --min-time and --max-case-time must be finite and > 0", file=sys.stderr)
         return 2
     if not args.rules or not args.dtype or not (sizes or layouts):
         print("ch8fast bench: nothing to run (no rule, dtype, size or layout)",

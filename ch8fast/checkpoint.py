@@ -37,6 +37,8 @@ ValueError that names the wrong entry.
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import zipfile
 
@@ -85,7 +87,7 @@ def _dtype_str(a):
     return a.dtype.str                      # e.g. "<f4": byte order, kind, size
 
 
-def _header(optimizer, sd, params, extra):
+def _header(sd, params, extra):
     arrays, entries = {}, []
     for i, st in enumerate(sd["state"]):
         for name, a in st.items():
@@ -148,9 +150,16 @@ def _pid_alive(pid):
     return True
 
 
+def _temp_prefix(base):
+    """``.<base>.tmp-<host>-``: a temporary file names its machine, then its process."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    return f".{base}{_TMP_MARK}{host}-"
+
+
 def _remove_stale_temps(folder, base):
-    """Remove ``.<base>.tmp-<pid>-*`` files whose writing process no longer exists."""
-    prefix = f".{base}{_TMP_MARK}"
+    """Remove this machine's ``.<base>.tmp-<host>-<pid>-*`` files whose process no longer
+    exists (those of other machines sharing the folder are left alone)."""
+    prefix = _temp_prefix(base)
     try:
         names = os.listdir(folder)
     except OSError:
@@ -164,6 +173,43 @@ def _remove_stale_temps(folder, base):
                 os.remove(os.path.join(folder, name))
             except OSError:
                 pass
+
+
+def _new_file_mode():
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path, write):
+    """Write a file atomically: ``write(f)`` fills a temporary file in the same folder
+    (binary mode), which is flushed, fsynced and renamed over ``path``, and the folder is
+    fsynced. A crash at any moment leaves the old file or the new one; an exception
+    removes the temporary file and leaves the old file as it was. The new file keeps the
+    old one's permissions (else the umask's)."""
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    _remove_stale_temps(folder, base)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_temp_prefix(base)}{os.getpid()}-")
+    try:
+        if hasattr(os, "fchmod"):            # mkstemp makes 0600
+            try:
+                mode = os.stat(path).st_mode & 0o777
+            except OSError:
+                mode = _new_file_mode()
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
 
 
 def _check_params(params, what):
@@ -202,34 +248,13 @@ def save_checkpoint(path, optimizer, params=None, extra=None):
     _check_optimizer(optimizer, "save_checkpoint")
     params = _check_params(params, "save_checkpoint")
     path = os.fspath(path)
-    sd = optimizer.state_dict()
+    own = getattr(optimizer, "_state_dict", None)
+    sd = own(copy=False) if own is not None else optimizer.state_dict()
     if params is not None and len(params) != len(sd["state"]):
         raise ValueError(f"save_checkpoint: got {len(params)} params, the optimizer has "
                          f"{len(sd['state'])}")
-    arrays = _header(optimizer, sd, params, extra)
-
-    folder, base = os.path.split(os.path.abspath(path))
-    _remove_stale_temps(folder, base)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}{_TMP_MARK}{os.getpid()}-")
-    try:
-        if hasattr(os, "fchmod"):            # mkstemp makes 0600; keep the old file's mode
-            try:
-                mode = os.stat(path).st_mode & 0o777
-            except OSError:
-                mode = 0o644
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+    arrays = _header(sd, params, extra)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,10 +286,14 @@ def read_checkpoint(path):
             names = list(npz.files)
             _expect(_HEADER in names, path, f"no {_HEADER!r} entry: not a ch8fast "
                     f"checkpoint")
-            raw = npz[_HEADER]
+            members = {n: npz[n] for n in names}
+            for n, a in members.items():     # a member that is not .npy comes as bytes
+                _expect(isinstance(a, np.ndarray), path,
+                        f"entry {n!r} is not a NumPy array")
+            raw = members.pop(_HEADER)
             _expect(raw.dtype == np.uint8 and raw.ndim == 1, path,
                     f"{_HEADER!r} must be a 1-D uint8 array, got {raw.dtype} {raw.shape}")
-            arrays = {n: npz[n] for n in names if n != _HEADER}
+            arrays = members
     except FileNotFoundError:
         raise
     except ValueError as e:
@@ -346,14 +375,20 @@ def load_checkpoint(path, optimizer, params=None):
     path = os.fspath(path)
     header, arrays = read_checkpoint(path)
 
-    mine = optimizer.state_dict()
-    _expect(header["optimizer"] == mine["optimizer"], path,
-            f"it holds the state of a {header['optimizer']}, not of a {mine['optimizer']}")
-    n = len(mine["state"])
+    kind = type(optimizer).__name__
+    _expect(header["optimizer"] == kind, path,
+            f"it holds the state of a {header['optimizer']}, not of a {kind}")
+    mine = getattr(optimizer, "state", None)
+    if mine is None:
+        mine = optimizer.state_dict()["state"]
+    n = len(mine)
     _expect(header["n_params"] == n, path,
             f"it holds {header['n_params']} parameters, the optimizer has {n}")
+    missing = [f"param.{i}" for i in range(n) if header["has_params"]
+               and f"param.{i}" not in arrays]
+    _expect(not missing, path, f"header['has_params'] is true but {missing} are missing")
     state = []
-    for i, st in enumerate(mine["state"]):
+    for i, st in enumerate(mine):
         saved = {}
         prefix = f"state.{i}."
         names = {k[len(prefix):] for k in arrays if k.startswith(prefix)}
@@ -367,6 +402,11 @@ def load_checkpoint(path, optimizer, params=None):
                     f"optimizer's is {a.shape} {a.dtype}")
             saved[name] = b
         state.append(saved)
+    known = {f"state.{i}.{k}" for i, st in enumerate(mine) for k in st}
+    if header["has_params"]:
+        known |= {f"param.{i}" for i in range(n)}
+    stray = sorted(set(arrays) - known)
+    _expect(not stray, path, f"unexpected array(s) {stray}")
     if params is not None:
         _expect(header["has_params"], path, "it holds no parameters (saved with "
                 "params=None), but params were given")

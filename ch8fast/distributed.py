@@ -165,6 +165,9 @@ class DataParallel:
             slice (half the traffic of an allreduce). ``arena.flat_grad`` then keeps this
             rank's own gradients, and the summation order of a reduce-scatter may differ
             from the allreduce's for more than two ranks (equal to rounding, not bitwise).
+            After a step with the allreduce and ``shard_state``, and without sample
+            counts, only this rank's slice of ``arena.flat_grad`` is divided by the
+            number of ranks; the rest holds the summed gradients.
         broadcast: copy rank 0's parameters to every rank first (default True).
         **opt_kwargs: the optimizer's hyperparameters (``lr=...``, schedules too) and
             ``clip_norm``, ``clip_value``, ``skip_nonfinite``. The norm for ``clip_norm``
@@ -182,10 +185,39 @@ class DataParallel:
 
     def __init__(self, arena, optimizer, comm=None, *, shard_state=False,
                  grad_sync="allreduce", broadcast=True, **opt_kwargs):
-        import ch8fast
         MPI = _mpi()
         self.comm = comm = get_comm(comm)
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        self._MPI = MPI
+        # Check and build locally, then compare once: a rank whose arguments are bad, or
+        # that disagrees with the others (which would make the collectives mismatch and
+        # hang), makes every rank raise.
+        error, mine = None, None
+        try:
+            mine = self._setup(arena, optimizer, shard_state, grad_sync, opt_kwargs)
+        except Exception as exc:             # raised below, once every rank knows
+            error = exc
+        everyone = comm.allgather((None if error is None
+                                   else f"{type(error).__name__}: {error}", mine))
+        failed = [(r, m) for r, (m, _) in enumerate(everyone) if m is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError("DataParallel: " + "; ".join(f"rank {r}: {m}"
+                                                          for r, m in failed))
+        if any(other != mine for _, other in everyone):
+            raise ValueError("DataParallel: the ranks disagree on (size, dtype, optimizer, "
+                             "shard_state, grad_sync, clip_norm, skip_nonfinite, "
+                             f"hyperparameters): {[other for _, other in everyone]}")
+        if broadcast and self.world > 1:
+            comm.Bcast([self.flat, self._mpi_type], root=0)
+
+    def _setup(self, arena, optimizer, shard_state, grad_sync, opt_kwargs):
+        """Check the arguments and build this rank's optimizer; returns what every rank
+        must agree on."""
+        import ch8fast
+        from .optim import _encode, _flag
+        from ._validation import positive
         flat, flat_grad = getattr(arena, "flat", None), getattr(arena, "flat_grad", None)
         for name, a in (("arena.flat", flat), ("arena.flat_grad", flat_grad)):
             if not isinstance(a, np.ndarray):
@@ -211,26 +243,21 @@ class DataParallel:
         if grad_sync not in ("allreduce", "reduce_scatter"):
             raise ValueError(f"grad_sync must be 'allreduce' or 'reduce_scatter', got "
                              f"{grad_sync!r}")
+        shard_state = _flag(shard_state, "shard_state")
         if grad_sync == "reduce_scatter" and not shard_state:
             raise ValueError("grad_sync='reduce_scatter' needs shard_state=True (without "
                              "sharding every rank needs every averaged gradient)")
-        # Every rank must agree on the layout and the mode, or the collectives would
-        # mismatch (and hang); compare once, and fail on every rank alike.
-        mine = (flat.size, flat.dtype.str, optimizer.__name__, bool(shard_state), grad_sync)
-        everyone = comm.allgather(mine)
-        if any(o != mine for o in everyone):
-            raise ValueError("DataParallel: the ranks disagree on (size, dtype, optimizer, "
-                             f"shard_state, grad_sync): {everyone}")
+        opt_kwargs = dict(opt_kwargs)
+        clip_norm = opt_kwargs.pop("clip_norm", None)
+        self.clip_norm = None if clip_norm is None else positive(clip_norm, "clip_norm")
+        self.skip_nonfinite = _flag(opt_kwargs.pop("skip_nonfinite", False),
+                                    "skip_nonfinite")
 
         self.arena, self.flat, self.flat_grad = arena, flat, flat_grad
-        self.shard_state, self.grad_sync = bool(shard_state), grad_sync
-        self.clip_norm = opt_kwargs.pop("clip_norm", None)
-        self.skip_nonfinite = bool(opt_kwargs.pop("skip_nonfinite", False))
-        if self.clip_norm is not None and not (self.clip_norm > 0):
-            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
+        self.shard_state, self.grad_sync = shard_state, grad_sync
         self.bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize)
         self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
-        self._mpi_type = MPI.FLOAT if flat.dtype == np.float32 else MPI.DOUBLE
+        self._mpi_type = self._MPI.FLOAT if flat.dtype == np.float32 else self._MPI.DOUBLE
         self._counts = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
         self._displs = self.bounds[:-1]
         if self.shard_state:
@@ -244,9 +271,15 @@ class DataParallel:
         self.steps = 0
         self.skipped_steps = 0
         self.last_grad_norm = None
-        self._MPI = MPI
-        if broadcast and self.world > 1:
-            comm.Bcast([flat, self._mpi_type], root=0)
+
+        def describe(v):                     # schedules by content, other callables by name
+            if callable(v) and not hasattr(v, "to_dict"):
+                return f"callable {getattr(v, '__qualname__', type(v).__name__)}"
+            return _encode(v)
+        hyper = [{k: describe(v) for k, v in g.items() if k != "params"}
+                 for g in self.optimizer.param_groups]
+        return (flat.size, flat.dtype.str, optimizer.__name__, shard_state, grad_sync,
+                self.clip_norm, self.skip_nonfinite, hyper)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -307,17 +340,21 @@ class DataParallel:
                              [self.flat, self._counts, self._displs, self._mpi_type])
 
     def _global_norm(self):
-        """The 2-norm of the averaged gradient: the squared norm of every rank's slice,
-        added with math.fsum (one rounding: independent of the order), so both modes and
-        every rank get the same bits."""
+        """The 2-norm of the averaged gradient, from the norm of every rank's slice:
+        scaled by the largest (so that no square overflows, even for norms above 1e154)
+        and added with math.fsum (one rounding: independent of the order), so both modes
+        and every rank get the same bits."""
         if self.shard_state:
-            parts = self.comm.allgather(global_norm(self.grad_view) ** 2)
+            parts = self.comm.allgather(global_norm(self.grad_view))
         else:
-            parts = [global_norm(self.flat_grad[self.bounds[r]:self.bounds[r + 1]]) ** 2
+            parts = [global_norm(self.flat_grad[self.bounds[r]:self.bounds[r + 1]])
                      for r in range(self.world)]
         if any(math.isnan(p) for p in parts):
             return math.nan
-        return math.sqrt(math.fsum(parts))
+        top = max(parts)
+        if top == 0.0 or math.isinf(top):
+            return top
+        return top * math.sqrt(math.fsum((p / top) ** 2 for p in parts))
 
     # ---- reading the parameters ---------------------------------------------------------
 
@@ -373,8 +410,9 @@ class DataParallel:
 
     # ---- checkpoints --------------------------------------------------------------------
 
-    def _shard_file(self, r, world):
-        return f"shard-{r:05d}-of-{world:05d}.npz"
+    @staticmethod
+    def _shard_file(save_id, r, world):
+        return f"shard-{save_id}-{r:05d}-of-{world:05d}.npz"
 
     def _layout(self):
         a = self.arena
@@ -386,29 +424,45 @@ class DataParallel:
         """Write a checkpoint to the folder ``path``. Collective.
 
         Sharded: every rank writes its slice of the parameters and its optimizer state to
-        ``shard-<r>-of-<p>.npz`` (a ch8fast.checkpoint file: atomic, checksummed); not
-        sharded: rank 0 writes one file for the whole buffer. Then rank 0 writes
-        ``manifest.json`` (atomically) naming the files, their slices, a fresh save id
-        that every file also carries (so files of different saves are never mixed), the
-        step counters and ``extra`` (JSON). Needs a folder every rank can write (a shared
-        file system across hosts).
+        ``shard-<save id>-<r>-of-<p>.npz`` (a ch8fast.checkpoint file: atomic,
+        checksummed); not sharded: rank 0 writes one file for the whole buffer. Then rank
+        0 writes ``manifest.json`` (atomically) naming the files, their slices, the save
+        id that every file also carries, the step counters and ``extra`` (JSON), and
+        only then removes the files of earlier saves. Until the new manifest is in place
+        the previous save stays complete and loadable, so a save that fails or is killed
+        loses nothing. Needs a folder every rank can write (a shared file system across
+        hosts).
         """
-        from .checkpoint import save_checkpoint
+        from .checkpoint import _canonical, atomic_write, save_checkpoint
         comm = self.comm
         save_id = comm.bcast(secrets.token_hex(8) if self.rank == 0 else None, root=0)
         if self.shard_state:
-            shards = [{"file": self._shard_file(r, self.world), "lo": self.bounds[r],
-                       "hi": self.bounds[r + 1]} for r in range(self.world)]
+            shards = [{"file": self._shard_file(save_id, r, self.world),
+                       "lo": self.bounds[r], "hi": self.bounds[r + 1]}
+                      for r in range(self.world)]
             mine = shards[self.rank]
         else:
-            shards = [{"file": self._shard_file(0, 1), "lo": 0, "hi": self.flat.size}]
+            shards = [{"file": self._shard_file(save_id, 0, 1), "lo": 0,
+                       "hi": self.flat.size}]
             mine = shards[0] if self.rank == 0 else None
+        norm = self.last_grad_norm
+        manifest = {
+            "format": DIST_CHECKPOINT_FORMAT, "format_version": DIST_CHECKPOINT_VERSION,
+            "save_id": save_id, "optimizer": type(self.optimizer).__name__,
+            "dtype": self.flat.dtype.str, "size": int(self.flat.size),
+            "layout": self._layout(), "world_size": self.world,
+            "shard_state": self.shard_state, "shards": shards,
+            "steps": self.steps, "skipped_steps": self.skipped_steps,
+            "last_grad_norm": norm if norm is None or math.isfinite(norm) else repr(norm),
+            "extra": extra,
+        }
         err = None
-        if self.rank == 0:
-            try:
+        try:                                 # refuse what JSON cannot hold before writing
+            text = _canonical(manifest)
+            if self.rank == 0:
                 os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                err = f"cannot make the checkpoint folder: {exc}"
+        except (TypeError, ValueError, OSError) as exc:
+            err = f"cannot save to {path!r}: {type(exc).__name__}: {exc}"
         _collective_check(comm, err)
         try:
             if mine is not None:
@@ -419,25 +473,14 @@ class DataParallel:
         except Exception as exc:           # report on every rank, never hang
             err = f"{type(exc).__name__}: {exc}"
         _collective_check(comm, err)
-        err = None
         if self.rank == 0:
-            manifest = {
-                "format": DIST_CHECKPOINT_FORMAT, "format_version": DIST_CHECKPOINT_VERSION,
-                "save_id": save_id, "optimizer": type(self.optimizer).__name__,
-                "dtype": self.flat.dtype.str, "size": int(self.flat.size),
-                "layout": self._layout(), "world_size": self.world,
-                "shard_state": self.shard_state, "shards": shards,
-                "steps": self.steps, "skipped_steps": self.skipped_steps,
-                "last_grad_norm": self.last_grad_norm, "extra": extra,
-            }
             try:
-                text = json.dumps(manifest, indent=1, allow_nan=True)
-                tmp = os.path.join(path, f".{MANIFEST}.tmp-{os.getpid()}")
-                with open(tmp, "w") as fh:
-                    fh.write(text)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, os.path.join(path, MANIFEST))
+                atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(text))
+                keep = {sh["file"] for sh in shards}
+                for name in os.listdir(path):
+                    if name.startswith("shard-") and name.endswith(".npz") \
+                            and name not in keep:
+                        os.remove(os.path.join(path, name))
             except Exception as exc:
                 err = f"{type(exc).__name__}: {exc}"
         _collective_check(comm, err)
@@ -464,18 +507,24 @@ class DataParallel:
             err = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         _collective_check(comm, err)
         sd, params = pieces
-        err = None
+        err, before = None, self.optimizer.state_dict()
         try:
             self.optimizer.load_state_dict(sd)      # checks everything, then applies
         except Exception as exc:
             err = f"checkpoint {path!r}: {exc}"
-        _collective_check(comm, err)
+        try:
+            _collective_check(comm, err)
+        except ValueError:
+            if err is None:                  # this rank loaded, another refused: undo
+                self.optimizer.load_state_dict(before)
+            raise
         np.copyto(self.param_view, params)
         if self.shard_state and self.world > 1:
             self._allgather()
         self.steps = manifest["steps"]
         self.skipped_steps = manifest["skipped_steps"]
-        self.last_grad_norm = manifest["last_grad_norm"]
+        norm = manifest["last_grad_norm"]
+        self.last_grad_norm = float(norm) if isinstance(norm, str) else norm
         return manifest["extra"]
 
     def _read_manifest(self, path):

@@ -397,6 +397,11 @@ class Optimizer:
     def state_dict(self):
         """Plain Python and NumPy data: hyperparameters (schedules as dicts), step counts,
         copies of the state arrays."""
+        return self._state_dict(copy=True)
+
+    def _state_dict(self, copy):
+        """``state_dict()``, holding the state arrays themselves when ``copy`` is False
+        (for a checkpoint writer that only reads them)."""
         groups, i0 = [], 0
         for gi, g in enumerate(self.param_groups):
             d = {k: _encode(v) for k, v in g.items() if k != "params"}
@@ -411,7 +416,8 @@ class Optimizer:
             "nesterov_form": self._nesterov_form,
             "skipped_steps": self.skipped_steps,
             "param_groups": groups,
-            "state": [{k: a.copy() for k, a in st.items()} for st in self.state],
+            "state": [{k: a.copy() if copy else a for k, a in st.items()}
+                      for st in self.state],
         }
 
     def load_state_dict(self, state_dict):

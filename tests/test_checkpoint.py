@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -354,18 +355,22 @@ def test_stale_temp_files_are_ignored_and_cleaned(tmp_path):
     opt, params = make()
     path = tmp_path / "c.npz"
     save_checkpoint(path, opt, params, extra={"v": 1})
-    # A temp file of a process that is gone, one of a live process (ours), one of another
-    # checkpoint name: only the first is removed by the next save.
+    # Temp files name their machine and process. One of a process of this machine that
+    # is gone, one of a live process (ours), one of another checkpoint name, one of
+    # another machine sharing the folder: only the first is removed by the next save.
+    from ch8fast.checkpoint import _temp_prefix
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f".c.npz.tmp-{dead}-abc"
-    live = tmp_path / f".c.npz.tmp-{os.getpid()}-def"
-    other = tmp_path / f".d.npz.tmp-{dead}-ghi"
-    for f in (stale, live, other):
+    stale = tmp_path / f"{_temp_prefix('c.npz')}{dead}-abc"
+    live = tmp_path / f"{_temp_prefix('c.npz')}{os.getpid()}-def"
+    other = tmp_path / f"{_temp_prefix('d.npz')}{dead}-ghi"
+    elsewhere = tmp_path / f".c.npz.tmp-another_host-{dead}-jkl"
+    for f in (stale, live, other, elsewhere):
         f.write_bytes(b"PK\x03\x04 torn")
     assert load_checkpoint(path, opt, params) == {"v": 1}
     save_checkpoint(path, opt, params, extra={"v": 2})
-    assert sorted(os.listdir(tmp_path)) == sorted(["c.npz", live.name, other.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.npz", live.name, other.name,
+                                                   elsewhere.name])
 
 
 def test_sigkill_during_saves_never_leaves_a_torn_file(tmp_path):
@@ -469,8 +474,35 @@ def test_crafted_headers_are_refused(tmp_path):
 def test_file_mode_is_kept(tmp_path):
     opt, params = make()
     path = tmp_path / "c.npz"
-    save_checkpoint(path, opt)
-    assert os.stat(path).st_mode & 0o777 == 0o644
-    os.chmod(path, 0o640)
+    old = os.umask(0o077)                   # a new file gets what the umask allows
+    try:
+        save_checkpoint(path, opt)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        os.remove(path)
+        os.umask(0o022)
+        save_checkpoint(path, opt)
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o640)                   # a replaced file keeps its mode
     save_checkpoint(path, opt)
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+def test_a_header_that_promises_missing_params_is_refused(tmp_path):
+    opt, params = make()
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, opt)                       # no params saved
+    _rewrite(path, lambda h, a: h.update(has_params=True))
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"has_params.*param\.0"):
+        load_checkpoint(path, opt, params)
+    assert snapshot(opt, params) == before
+
+
+def test_a_zip_member_that_is_not_an_array_is_refused(tmp_path):
+    path = tmp_path / "c.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("__header__", b"{}")                # raw bytes, not .npy
+    with pytest.raises(ValueError, match="not a NumPy array"):
+        read_checkpoint(path)

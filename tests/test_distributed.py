@@ -202,8 +202,10 @@ def test_sharded_checkpoint_resumes_bit_for_bit(tmp_path):
     check(proc)
     assert res[0]["reload_identity"] and res[1]["saved"]
     files = sorted(os.listdir(folder))
-    assert files == ["final-2.npy", "manifest.json", "shard-00000-of-00002.npz",
-                     "shard-00001-of-00002.npz"]
+    assert len(files) == 4 and files[:2] == ["final-2.npy", "manifest.json"]
+    with open(os.path.join(folder, "manifest.json")) as fh:
+        sid = json.load(fh)["save_id"]
+    assert files[2:] == [f"shard-{sid}-00000-of-00002.npz", f"shard-{sid}-00001-of-00002.npz"]
     # Same number of ranks, sharded: each rank reads its own file; bit for bit.
     proc, res = mpirun(2, "resume", folder, "--shard")
     check(proc)
@@ -220,6 +222,25 @@ def test_sharded_checkpoint_resumes_bit_for_bit(tmp_path):
     proc, res = mpirun(3, "resume", folder, "--shard")
     check(proc)
     assert res[0]["in_sync"] and res[0]["max_rel_diff"] <= RTOL["float64"]
+
+
+@needs_mpi
+def test_failures_leave_every_rank_consistent(tmp_path):
+    """Bad arguments or disagreement on one rank raise on every rank; a norm whose square
+    overflows is still clipped; a failed save keeps the previous one loadable and a later
+    save removes the old files; a load one rank refuses is undone on the others."""
+    proc, res = mpirun(2, "robust", str(tmp_path / "ck"))
+    check(proc)
+    r = res[0]
+    assert all(m is not None and "lr" in m for m in r["bad_lr_on_one_rank"]), r
+    assert all(m is not None and "disagree" in m for m in r["clip_norm_differs"]), r
+    n0, n1 = r["huge_norm"]
+    assert n0 == n1 and abs(n0 / 5e159 - 1) < 1e-12 and r["huge_in_sync"]   # mean of 2
+    assert r["bad_extra"] is not None and "JSON" in r["bad_extra"]
+    assert r["files_kept"] and r["previous_save_loads"] and r["old_files_removed"]
+    assert len(r["files_after_second_save"]) == 3
+    assert r["one_rank_refuses"] is not None and "rank 1" in r["one_rank_refuses"]
+    assert r["state_unchanged"] == [True, True]
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     mpirun -n P python tests/mpi/dp_worker.py save DIR [--shard]    # train, save, train on
     mpirun -n P python tests/mpi/dp_worker.py resume DIR [--shard]  # load, train on, compare
     mpirun -n P python tests/mpi/dp_worker.py fail                  # rank P-1 raises
+    mpirun -n 2 python tests/mpi/dp_worker.py robust DIR            # failures stay consistent
 
 Each rank computes the gradient of its share of every minibatch; rank 0 also trains the
 same model on whole minibatches in one process (the reference), and every variant is
@@ -174,6 +175,84 @@ def resume(folder, shard):
            in_sync=dp.check_in_sync(), errors=errors)
 
 
+def robust(folder):
+    """Failures that must leave every rank consistent and no rank hanging (2 ranks)."""
+    from ch8fast.checkpoint import _canonical, _checksum
+    out = {}
+    X, y = data()
+    # A bad argument on one rank, or ranks that disagree: every rank raises.
+    for what, kw in (("bad_lr_on_one_rank", dict(lr=-1.0 if RANK == 1 else 0.1)),
+                     ("clip_norm_differs", dict(lr=0.1, clip_norm=1.0 + RANK))):
+        model, arena = new_model(np.float64)
+        try:
+            DataParallel(arena, ch8fast.SGD, COMM, **kw)
+            out[what] = None
+        except (TypeError, ValueError) as exc:
+            out[what] = f"{type(exc).__name__}: {exc}"
+    out = {k: COMM.allgather(v) for k, v in out.items()}
+
+    # A gradient whose norm squared overflows float64 (only in rank 1's slice): clipping
+    # still works, on every rank alike.
+    model, arena = new_model(np.float64)
+    dp = DataParallel(arena, ch8fast.SGD, COMM, shard_state=True, lr=0.1, clip_norm=1.0,
+                      skip_nonfinite=True)
+    dp.flat_grad[...] = 0.0
+    if RANK == 1:
+        dp.flat_grad[dp.lo] = 1e160
+    norm = dp.step()
+    out["huge_norm"] = COMM.allgather(norm)
+    out["huge_in_sync"] = dp.check_in_sync()
+
+    # A save that fails (extra is not JSON) loses nothing; a later save removes the files
+    # of the earlier one.
+    dp, model = train_dp(CK_CLS, CK_HYPER, np.float64, X, y, FIRST, shard_state=True)
+    dp.save(folder, extra={"epoch": 1})
+    first = dp.flat.copy()
+    first_files = sorted(os.listdir(folder))
+    dp, model = train_dp(CK_CLS, CK_HYPER, np.float64, X, y, SECOND, dp=dp, model=model)
+    try:
+        dp.save(folder, extra={"epoch": object()})
+        out["bad_extra"] = None
+    except ValueError as exc:
+        out["bad_extra"] = str(exc)
+    out["files_kept"] = sorted(os.listdir(folder)) == first_files
+    dp.load(folder)
+    out["previous_save_loads"] = dp.flat.tobytes() == first.tobytes()
+    dp.save(folder, extra={"epoch": 2})
+    files = sorted(os.listdir(folder))
+    out["files_after_second_save"] = files
+    out["old_files_removed"] = not set(first_files) & set(files) - {"manifest.json"}
+
+    # A load that one rank refuses (its shard's hyperparameters forged, checksum fixed):
+    # the rank that could load undoes it.
+    COMM.Barrier()
+    if RANK == 1:
+        name = [f for f in files if f.startswith("shard-") and "-00001-of-" in f][0]
+        path = os.path.join(folder, name)
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        header = json.loads(arrays.pop("__header__").tobytes())
+        header.pop("checksum")
+        header["state_dict"]["param_groups"][0]["lr"] = -1.0
+        header["checksum"] = {"algorithm": "sha256", "hexdigest": _checksum(header, arrays)}
+        arrays["__header__"] = np.frombuffer(_canonical(header), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    COMM.Barrier()
+    dp2, model2 = train_dp(CK_CLS, CK_HYPER, np.float64, X, y, FIRST, shard_state=True)
+    before = [a.tobytes() for st in dp2.optimizer.state for a in st.values()]
+    steps_before = dp2.optimizer.state_dict()["param_groups"][0]["step"]
+    try:
+        dp2.load(folder)
+        out["one_rank_refuses"] = None
+    except ValueError as exc:
+        out["one_rank_refuses"] = str(exc)
+    out["state_unchanged"] = COMM.allgather(
+        [a.tobytes() for st in dp2.optimizer.state for a in st.values()] == before
+        and dp2.optimizer.state_dict()["param_groups"][0]["step"] == steps_before)
+    result(**out)
+
+
 def fail():
     X, y = data()
     model, arena = new_model(np.float64)
@@ -191,7 +270,7 @@ def fail():
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["equivalence", "save", "resume", "fail"])
+    ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust"])
     ap.add_argument("folder", nargs="?")
     ap.add_argument("--shard", action="store_true")
     a = ap.parse_args()
@@ -202,5 +281,7 @@ if __name__ == "__main__":
         equivalence()
     elif a.what == "fail":
         fail()
+    elif a.what == "robust":
+        robust(a.folder)
     else:
         {"save": save, "resume": resume}[a.what](a.folder, a.shard)
