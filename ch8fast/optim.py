@@ -18,6 +18,8 @@ from .clip import _norm_from
 from ._validation import (FLOAT_DTYPES, betas_pair, check_disjoint, check_param,
                           nonnegative, positive, unit_interval)
 
+_NESTEROV = K.FLAGS["nesterov"]
+
 __all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta"]
 
 
@@ -302,8 +304,8 @@ class Optimizer:
         """
         if (grads is None) == (closure is None):
             raise TypeError("step() takes either grads or closure=, exactly one of them")
-        args = [self._args(self._values(gi, self._steps[gi]), gi)
-                for gi in range(len(self.param_groups))]
+        steps = self._steps
+        args = [self._args(self._values(gi, steps[gi]), gi) for gi in range(len(steps))]
         loss, plan = None, None
         if closure is not None:
             loss, grads, plan = self._call_closure(closure, args)
@@ -328,10 +330,11 @@ class Optimizer:
                           clip_flag, clip, False)
         if self._nesterov:
             self._nesterov_form = "shifted" if closure is None else "literal"
-        for gi in range(len(self.param_groups)):
-            self._steps[gi] += 1
-            if args[gi][-1] & K.FLAGS["nesterov"]:
-                self._interim[gi] = args[gi][5]
+        steps = self._steps                  # (a closure may have loaded a state dict)
+        for gi, a in enumerate(args):
+            steps[gi] += 1
+            if a[-1] & _NESTEROV:
+                self._interim[gi] = a[5]
         return loss
 
     def _clip_plan(self, grads):
