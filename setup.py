@@ -3,7 +3,7 @@
 The kernels are compiled with -O3 and -fno-math-errno (without it gcc will not vectorize
 sqrt) and OpenMP. -ffp-contract=off keeps every kernel an exact sequence of IEEE
 operations (no fused multiply-add), so results are the same bits whatever instructions
-the compiler picks. Never -ffast-math.
+the compiler picks. No fast-math flags: they change NaN, Inf and rounding semantics.
 
 On x86-64 the same source (src/kernels.pxi) is built three times: for the baseline
 instruction set, for AVX2 and for AVX-512; ``ch8fast`` picks the widest one the CPU runs,
