@@ -22,9 +22,13 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; th
     fi
     if command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive
-        $SUDO apt-get update -qq >/dev/null
-        $SUDO apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev \
-            >/dev/null
+        if ! { $SUDO apt-get update -qq >/dev/null &&
+               $SUDO apt-get install -y -qq --no-install-recommends openmpi-bin \
+                   libopenmpi-dev >/dev/null; }; then
+            echo "install_mpi.sh: apt-get could not install Open MPI; the MPI tests will" \
+                 "be skipped" >&2
+            exit 0
+        fi
     else
         echo "install_mpi.sh: no apt-get; install Open MPI (mpirun, mpicc) by hand" >&2
         exit 0
@@ -34,7 +38,11 @@ fi
 if ! "$PYTHON" -c "import mpi4py" >/dev/null 2>&1; then
     # PyPI's mpi4py wheel loads the system's libmpi at run time; if no wheel fits this
     # platform pip builds it from source with mpicc (libopenmpi-dev).
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check "mpi4py>=3.1"
+    if ! "$PYTHON" -m pip install --quiet --disable-pip-version-check "mpi4py>=3.1"; then
+        echo "install_mpi.sh: pip could not install mpi4py; the MPI tests will be" \
+             "skipped" >&2
+        exit 0
+    fi
 fi
 
 # A one-line check that the two work together (as root Open MPI needs the flag).
