@@ -21,7 +21,6 @@ trajectories of fixed configurations.
 
 import contextlib
 import copy
-import math
 import os
 
 import numpy as np
@@ -31,7 +30,6 @@ from hypothesis import strategies as st
 
 import ch8fast
 import reference as R
-from ch8fast import schedules as S
 
 settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow],

@@ -158,7 +158,6 @@ def test_functional_rejects_bad_arrays(fn, states, kw):
 
 
 def test_state_dict_roundtrip_and_resume():
-    rng = np.random.default_rng(4)
     shapes = [(13,), (2, 3)]
     params, grads = random_problem(shapes, np.float64, seed=9, n_steps=6)
     a = [p.copy() for p in params]
