@@ -1,7 +1,14 @@
-"""Checks shared by the optimizers and the functional layer.
+"""The argument checks of ch8fast: one vocabulary of constraints, one message style.
 
-Every check runs once, before any array is written, and raises a TypeError or ValueError
-that names the argument and says what was expected.
+Every check runs once, before any array is written, and raises a TypeError (a value of the
+wrong kind) or a ValueError (the right kind, a wrong value) whose message starts with the
+argument's name and says what was expected, e.g. ``lr must be a finite number >= 0, got
+-1.0``. A constraint is a callable ``check(value, name) -> checked value``; the numeric ones
+also say whether a value survives rounding to a parameter dtype (``fits``).
+
+Arrays are checked in the kernel module (``check_param``), so that the classes, the
+functional layer and the clipping functions share one implementation and one message
+for each rule an array must satisfy.
 """
 
 import math
@@ -9,92 +16,148 @@ import numbers
 
 import numpy as np
 
+from ._isa import K
+
+__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "check_param",
+           "nonnegative", "positive", "unit_interval", "betas_pair", "flag", "step_count",
+           "count"]
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32 = np.dtype(np.float32)
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+check_param = K.check_param
 
 
-def check_param(p, name):
-    """A parameter must be a writeable, C-contiguous float32/float64 ndarray.
+def _kind(value):
+    return type(value).__name__
 
-    It is updated in place, so it is never copied or converted: a copy would take the update
-    and the caller's array would not change.
+
+class Real:
+    """A real number (not a bool) in an interval; returns it as a Python float.
+
+    ``lo``/``hi`` bound the interval, ``lo_open``/``hi_open`` exclude the bounds. NaN is
+    refused; an infinite bound refuses infinities too (the interval is of finite numbers).
     """
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(p).__name__}")
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype must be float32 or float64, got {p.dtype}")
-    if not p.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous (it is updated in place, so it "
-                         f"cannot be copied); pass np.ascontiguousarray(...) and keep that "
-                         f"array as the parameter")
-    if not p.flags.writeable:
-        raise ValueError(f"{name}: array is read-only")
-    if not p.flags.aligned:
-        raise ValueError(f"{name}: array is not aligned")
-    return p
+
+    def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, what=None):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.what = what or self._describe()
+
+    def _describe(self):
+        if self.hi == math.inf:
+            if self.lo == -math.inf:
+                return "a finite number"
+            return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
+        left = "(" if self.lo_open else "["
+        right = ")" if self.hi_open else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+    def __call__(self, value, name):
+        if type(value) is float:                    # the common case, first
+            v = value
+        else:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {_kind(value)}")
+            try:
+                v = float(value)
+            except OverflowError:
+                raise ValueError(f"{name} must be {self.what}, got an integer too large "
+                                 f"for a float ({len(str(abs(int(value))))} digits)") \
+                    from None
+        if v != v:
+            raise ValueError(f"{name} must not be NaN")
+        lo, hi = self.lo, self.hi
+        if (v < lo or (self.lo_open and v == lo) or v > hi or (self.hi_open and v == hi)
+                or v in (math.inf, -math.inf)):
+            raise ValueError(f"{name} must be {self.what}, got {v}")
+        return v
+
+    def fits(self, value, name, dtype):
+        """Refuse a checked ``value`` that the kernels, rounding it to ``dtype``, would turn
+        into an infinity, or (for an interval open at 0) into 0."""
+        if dtype != _F32 or value == 0.0:
+            return
+        if abs(value) > _F32_MAX:
+            raise ValueError(f"{name} is {value}, which overflows float32 (the dtype of "
+                             f"these parameters); use |{name}| <= {_F32_MAX:.4g}")
+        if self.lo_open and self.lo == 0.0 and np.float32(value) == 0.0:
+            raise ValueError(f"{name} is {value}, which rounds to 0 in float32 (the dtype "
+                             f"of these parameters); use {name} >= {_F32_TINY:.2g}")
 
 
-def check_state(a, like, name, like_name):
-    """A state array: like a parameter, with the same shape and dtype as ``like``."""
-    check_param(a, name)
-    if a.dtype != like.dtype:
-        raise TypeError(f"{name}: dtype {a.dtype} does not match {like_name}'s dtype "
-                        f"{like.dtype}")
-    if a.shape != like.shape:
-        raise ValueError(f"{name}: shape {a.shape} does not match {like_name}'s shape "
-                         f"{like.shape}")
-    return a
+class Integer:
+    """An integer (not a bool) in [lo, hi]; returns it as a Python int."""
+
+    def __init__(self, lo, hi, what):
+        self.lo, self.hi, self.what = lo, hi, what
+
+    def __call__(self, value, name):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {_kind(value)}")
+        v = int(value)
+        if not self.lo <= v <= self.hi:
+            shown = v if abs(v) < 10 ** 30 else f"an integer of {len(str(abs(v)))} digits"
+            raise ValueError(f"{name} must be {self.what}, got {shown}")
+        return v
+
+    def fits(self, value, name, dtype):
+        pass
 
 
-def check_disjoint(arrays, names):
-    """No two of the arrays that an update writes may share memory."""
-    spans = sorted((a.__array_interface__["data"][0], a.nbytes, n)
-                   for a, n in zip(arrays, names) if a.nbytes > 0)
-    for (s0, nb0, n0), (s1, _, n1) in zip(spans, spans[1:]):
-        if s1 < s0 + nb0:
-            raise ValueError(f"{n0} and {n1} share memory; every parameter and state array "
-                             f"must be a separate buffer")
+class Pair:
+    """Two values, each checked by ``item`` (named ``name[0]`` and ``name[1]``); returns a
+    tuple."""
+
+    def __init__(self, item, what):
+        self.item, self.what = item, what
+
+    def __call__(self, value, name):
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"{name} must be {self.what}, got {value!r}")
+        return (self.item(value[0], f"{name}[0]"), self.item(value[1], f"{name}[1]"))
+
+    def fits(self, value, name, dtype):
+        self.item.fits(value[0], f"{name}[0]", dtype)
+        self.item.fits(value[1], f"{name}[1]", dtype)
 
 
-def real(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    return value
+class Flag:
+    """True or False (a Python or NumPy bool, nothing else: the string "False" is not
+    false); returns a Python bool."""
+
+    def __call__(self, value, name):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+        return bool(value)
+
+    def fits(self, value, name, dtype):
+        pass
 
 
-def nonnegative(value, name):
-    value = real(value, name)
-    if not 0.0 <= value < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
+class Exactly:
+    """One allowed value, e.g. AdamW's ``decoupled_weight_decay=True``."""
+
+    def __init__(self, value, why):
+        self.value, self.why = value, why
+
+    def __call__(self, value, name):
+        if not (type(value) is type(self.value) and value == self.value) \
+                and not (isinstance(value, np.bool_) and bool(value) is self.value):
+            raise ValueError(f"{name} must be {self.value!r} ({self.why}), got {value!r}")
+        return self.value
+
+    def fits(self, value, name, dtype):
+        pass
 
 
-def positive(value, name):
-    value = real(value, name)
-    if not 0.0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def unit_interval(value, name):
-    """A decay rate or momentum: in [0, 1)."""
-    value = real(value, name)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
-
-
-def betas_pair(value, name):
-    if (not isinstance(value, (tuple, list)) or len(value) != 2):
-        raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
-    return (unit_interval(value[0], f"{name}[0]"), unit_interval(value[1], f"{name}[1]"))
-
-
-def step_count(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1 (the number of this update), got {value}")
-    return int(value)
+nonnegative = Real(0.0, math.inf)
+positive = Real(0.0, math.inf, lo_open=True)
+unit_interval = Real(0.0, 1.0, hi_open=True)      # a decay rate or a momentum
+betas_pair = Pair(unit_interval, "a pair (beta1, beta2)")
+flag = Flag()
+# Step counts: Adam raises beta ** t, schedules take k; 2**62 steps is beyond any run and
+# still an exact int64.
+step_count = Integer(1, 2 ** 62, "an integer in [1, 2**62] (the number of this update)")
+count = Integer(0, 2 ** 62, "an integer in [0, 2**62]")

@@ -8,9 +8,9 @@ Every case (rule, dtype, layout, thread count) times these contenders on arrays 
 same sizes, each updating its own parameters and state from the same gradient values:
 
 * ``ch8fast``: ``opt.step(grads)``, the public call, Python overhead included;
-* ``roofline``: the traffic-matched copy kernel over an identical optimizer's tables
-  (``K.RULES["roofline"]``): it reads every column once and writes every column but the
-  gradient once, with the update's threads and chunking. Its time is the floor a
+* ``roofline``: the traffic-matched copy kernel (:class:`ch8fast.roofline.Roofline`):
+  it reads every column once and writes every column but the gradient once, with the
+  update's threads and chunking. Its time is the floor a
   single-pass update can reach at the machine's memory (or cache) bandwidth;
 * ``flat`` (many-tensor layouts only): ``ch8fast`` on ONE array of the same total size;
 * ``numpy``: a careful in-place NumPy update (``out=``, preallocated temporaries, no
@@ -41,7 +41,8 @@ import time
 import numpy as np
 
 from . import optim
-from ._isa import K, get_num_threads, isa, set_num_threads
+from .roofline import Roofline
+from ._isa import get_num_threads, isa, set_num_threads
 
 __all__ = ["RULES", "DEFAULT_RULES", "DEFAULT_SIZES", "DEFAULT_LAYOUTS", "NumpyOptimizer",
            "machine_info", "make_contenders", "measure", "run_case", "main"]
@@ -357,22 +358,8 @@ def _filled(shape_list, dtype, rng, scale):
     return out
 
 
-def _table_columns(opt, gi):
-    return 2 + len(opt._layout[gi])
-
-
-def _roofline_fn(opt):
-    """The traffic-matched copy kernel over ``opt``'s tables (gradients must be bound)."""
-    rule = K.RULES["roofline"]
-    runs = [functools.partial(t.run, rule, 0.0, flags=_table_columns(opt, gi))
-            for gi, t in opt._tables]
-    if len(runs) == 1:
-        return runs[0]
-
-    def run_all():
-        for r in runs:
-            r()
-    return run_all
+def _table_columns(opt):
+    return 2 + len(opt.state[0])
 
 
 def make_contenders(rule, dtype, tensors, size, which, seed=0):
@@ -399,17 +386,12 @@ def make_contenders(rule, dtype, tensors, size, which, seed=0):
     fns = {}
     opt = _ch8fast(rule, params())
     opt.step(grads)
-    ncols = _table_columns(opt, 0)
+    ncols = _table_columns(opt)
     if "ch8fast" in which:
         fns["ch8fast"] = functools.partial(opt.step, grads)
     if "roofline" in which:
-        # An identical optimizer, so that the copy kernel's writes leave ch8fast's state
-        # alone; zero parameters and gradients keep its values at zero (no overflow).
-        twin = _ch8fast(rule, _filled(sizes, dtype, rng, 0.0))
-        twin_grads = _filled(sizes, dtype, rng, 0.0)
-        twin.step(twin_grads)
-        fns["roofline"] = _roofline_fn(twin)
-        fns["roofline"].keep = (twin, twin_grads)   # the bound gradients stay alive
+        # Arrays of its own, zero so that its adds keep them at zero (no overflow).
+        fns["roofline"] = Roofline(sizes, dtype, ncols)
     if "flat" in which and tensors > 1:
         flat_p = np.empty(tensors * size, dtype)
         flat_p[...] = np.tile(init, tensors)

@@ -18,7 +18,7 @@ from ._isa import K
 from ._validation import FLOAT_DTYPES, check_param, positive
 
 __all__ = ["global_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",
-           "all_finite"]
+           "all_finite", "norm_from_sumsq"]
 
 
 def _as_list(grads, name="grads"):
@@ -35,7 +35,8 @@ def _as_list(grads, name="grads"):
 def _tables(grads):
     """One kernel table per dtype, the gradients as column 0 (read or written in place)."""
     guard = K.Guard([])
-    out = []
+    out = []     # (the arrays must not overlap each other either: one may be scaled twice)
+    K.Guard(grads, [f"grads[{i}]" for i in range(len(grads))])
     for dt in FLOAT_DTYPES:
         rows = [i for i, g in enumerate(grads) if g.dtype == dt]
         if rows:
@@ -43,9 +44,10 @@ def _tables(grads):
     return out
 
 
-def _norm_from(sumsq, grads):
-    """sqrt(sumsq), unless the sum overflowed: float64 squares above ~1e308 do, so redo
-    that (rare) case scaled by the largest magnitude; an Inf or NaN entry gives inf/nan."""
+def norm_from_sumsq(sumsq, grads):
+    """The 2-norm of ``grads`` from their sum of squares ``sumsq``: sqrt(sumsq), unless the
+    sum overflowed (float64 squares above ~1e308 do), a rare case redone scaled by the
+    largest magnitude; an Inf or NaN entry gives inf/nan."""
     if not math.isinf(sumsq):
         return math.sqrt(sumsq)
     if not all(np.isfinite(g).all() for g in grads):
@@ -58,7 +60,7 @@ def global_norm(grads):
     """The 2-norm of all gradients together, as a Python float (inf or nan when an entry
     is)."""
     grads = _as_list(grads)
-    return _norm_from(sum(t.sumsq(0) for t in _tables(grads)), grads)
+    return norm_from_sumsq(sum(t.sumsq(0) for t in _tables(grads)), grads)
 
 
 def all_finite(grads):
@@ -77,11 +79,12 @@ def clip_by_global_norm(grads, max_norm):
     grads = _as_list(grads)
     max_norm = positive(max_norm, "max_norm")
     tables = _tables(grads)
-    norm = _norm_from(sum(t.sumsq(0) for t in tables), grads)
+    norm = norm_from_sumsq(sum(t.sumsq(0) for t in tables), grads)
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / norm
+        plan = K.GradPlan(scale=scale)
         for t in tables:
-            t.run(K.RULES["scale"], 0.0, gscale=scale)
+            t.transform(plan)
     return norm
 
 
@@ -98,5 +101,6 @@ def clip_by_value(grads, clip_value):
     NaN)."""
     grads = _as_list(grads)
     clip_value = positive(clip_value, "clip_value")
+    plan = K.GradPlan(clamp=clip_value)
     for t in _tables(grads):
-        t.run(K.RULES["clamp"], 0.0, clip=clip_value)
+        t.transform(plan)

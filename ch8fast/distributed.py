@@ -216,8 +216,8 @@ class DataParallel:
         """Check the arguments and build this rank's optimizer; returns what every rank
         must agree on."""
         import ch8fast
-        from .optim import _encode, _flag
-        from ._validation import positive
+        from ._validation import flag, positive
+        from .optim import Optimizer, encode_hyperparameter
         flat, flat_grad = getattr(arena, "flat", None), getattr(arena, "flat_grad", None)
         for name, a in (("arena.flat", flat), ("arena.flat_grad", flat_grad)):
             if not isinstance(a, np.ndarray):
@@ -234,24 +234,24 @@ class DataParallel:
             raise ValueError("arena.flat and arena.flat_grad share memory")
         if isinstance(optimizer, str):
             cls = getattr(ch8fast, optimizer, None)
-            if not (isinstance(cls, type) and issubclass(cls, ch8fast.Optimizer)):
+            if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
                 raise ValueError(f"unknown optimizer {optimizer!r}")
             optimizer = cls
-        if not (isinstance(optimizer, type) and issubclass(optimizer, ch8fast.Optimizer)):
+        if not (isinstance(optimizer, type) and issubclass(optimizer, Optimizer)):
             raise TypeError(f"optimizer must be a ch8fast optimizer class or its name, got "
                             f"{optimizer!r}")
         if grad_sync not in ("allreduce", "reduce_scatter"):
             raise ValueError(f"grad_sync must be 'allreduce' or 'reduce_scatter', got "
                              f"{grad_sync!r}")
-        shard_state = _flag(shard_state, "shard_state")
+        shard_state = flag(shard_state, "shard_state")
         if grad_sync == "reduce_scatter" and not shard_state:
             raise ValueError("grad_sync='reduce_scatter' needs shard_state=True (without "
                              "sharding every rank needs every averaged gradient)")
         opt_kwargs = dict(opt_kwargs)
-        clip_norm = opt_kwargs.pop("clip_norm", None)
+        clip_norm = opt_kwargs.get("clip_norm")
         self.clip_norm = None if clip_norm is None else positive(clip_norm, "clip_norm")
-        self.skip_nonfinite = _flag(opt_kwargs.pop("skip_nonfinite", False),
-                                    "skip_nonfinite")
+        self.skip_nonfinite = flag(opt_kwargs.get("skip_nonfinite", False),
+                                   "skip_nonfinite")
 
         self.arena, self.flat, self.flat_grad = arena, flat, flat_grad
         self.shard_state, self.grad_sync = shard_state, grad_sync
@@ -268,14 +268,11 @@ class DataParallel:
         else:
             self.param_view, self.grad_view = flat, flat_grad
         self.optimizer = optimizer([self.param_view], **opt_kwargs)
-        self.steps = 0
-        self.skipped_steps = 0
-        self.last_grad_norm = None
 
         def describe(v):                     # schedules by content, other callables by name
             if callable(v) and not hasattr(v, "to_dict"):
                 return f"callable {getattr(v, '__qualname__', type(v).__name__)}"
-            return _encode(v)
+            return encode_hyperparameter(v)
         hyper = [{k: describe(v) for k, v in g.items() if k != "params"}
                  for g in self.optimizer.param_groups]
         return (flat.size, flat.dtype.str, optimizer.__name__, shard_state, grad_sync,
@@ -321,19 +318,27 @@ class DataParallel:
         norm = None
         if self.clip_norm is not None or self.skip_nonfinite:
             norm = self._global_norm()
-            self.last_grad_norm = norm
-            if self.skip_nonfinite and not math.isfinite(norm):
-                self.skipped_steps += 1
-                return norm
-            if self.clip_norm is not None and norm > self.clip_norm:
-                # the same float multiply the fused kernels apply for clip_norm
-                np.multiply(self.grad_view, g.dtype.type(self.clip_norm / norm),
-                            out=self.grad_view)
-        self.optimizer.step(self.grad_view)
-        if self.shard_state and world > 1:
+        # the optimizer's own step: clipping and skipping by the global norm, its counters
+        before = self.optimizer.skipped_steps
+        self.optimizer.step(self.grad_view, grad_norm=norm)
+        if self.shard_state and world > 1 and self.optimizer.skipped_steps == before:
             self._allgather()
-        self.steps += 1
         return norm
+
+    @property
+    def steps(self):
+        """The number of steps applied (skipped ones not counted)."""
+        return self.optimizer.steps[0]
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for a non-finite global gradient norm."""
+        return self.optimizer.skipped_steps
+
+    @property
+    def last_grad_norm(self):
+        """The global norm of the last step's averaged gradient, when computed."""
+        return self.optimizer.last_grad_norm
 
     def _allgather(self):
         self.comm.Allgatherv(self._MPI.IN_PLACE,
@@ -521,10 +526,8 @@ class DataParallel:
         np.copyto(self.param_view, params)
         if self.shard_state and self.world > 1:
             self._allgather()
-        self.steps = manifest["steps"]
-        self.skipped_steps = manifest["skipped_steps"]
         norm = manifest["last_grad_norm"]
-        self.last_grad_norm = float(norm) if isinstance(norm, str) else norm
+        self.optimizer.last_grad_norm = float(norm) if isinstance(norm, str) else norm
         return manifest["extra"]
 
     def _read_manifest(self, path):

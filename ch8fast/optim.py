@@ -1,80 +1,294 @@
 """The optimizers: own the state, check the inputs once, compute per-step scalars, and run
 the fused kernels over the user's arrays in place.
 
-A parameter group of one dtype is one table in the extension (``Table`` in src/kernels.pxi):
-the addresses of its parameter and state arrays are taken once, when the optimizer is made,
-and only the gradients' addresses change from step to step. A step is then one kernel call
-per group and dtype, however many arrays the group holds.
+Each class is its rule's specification (:mod:`ch8fast.rules`) plus this shared machinery.
+A parameter group of one dtype is one table in the extension (``Table`` in
+src/kernels.pxi), and all the tables of an optimizer form its ``Engine``, which also keeps
+the step counters. The engine holds a reference to every array whose address it holds:
+the parameters (the user's arrays, checked at every step to be still the same arrays) and
+the state arrays, which the optimizer owns and lends out only as views in read-only
+mappings (``opt.state[i]["exp_avg"][...] = x`` writes into them; replacing one is refused).
+Changes to ``param_groups`` are noticed: hyperparameters are checked again at the next
+step, an edited ``"params"`` list rebuilds the tables (state created for new arrays).
+
+A step holds the optimizer's lock: two threads stepping one optimizer run one after the
+other, and ``state_dict()`` or a checkpoint taken from another thread sees a whole step or
+none. The kernels, the step counters and the Nesterov bookkeeping are updated in one call
+into the extension, so a KeyboardInterrupt during a step leaves it applied and counted, or
+not applied.
 """
 
 import contextlib
+import inspect
 import math
+import threading
 
 import numpy as np
 
+from . import rules
 from ._isa import K
-from . import functional as F
-from .clip import _norm_from
-from ._validation import (FLOAT_DTYPES, betas_pair, check_disjoint, check_param,
-                          nonnegative, positive, unit_interval)
+from ._validation import (FLOAT_DTYPES, check_param, count, flag, positive,
+                          unit_interval)
+from .clip import norm_from_sumsq
 
-_NESTEROV = K.FLAGS["nesterov"]
+__all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
+           "AdaDelta", "encode_hyperparameter", "decode_hyperparameter"]
 
-__all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta"]
+_SHIFTED, _LITERAL = 1, 2            # the Engine's codes of the two Nesterov forms
+_FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
+_FORM_CODES = {v: k for k, v in _FORMS.items()}
+
+_OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite")
+_OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` when their global 2-norm
+        exceeds it (keyword only; the norm is kept in ``last_grad_norm``).
+    clip_value: clamp every gradient element to [-clip_value, clip_value] (after
+        ``clip_norm``, before weight decay; keyword only).
+    skip_nonfinite: a step whose gradients hold a NaN or an Inf changes nothing
+        (parameters, state, step count) and adds one to ``skipped_steps`` (keyword
+        only). Without it a NaN gradient propagates, as in the reference rules."""
 
 
-def _flag(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+# ---------------------------------------------------------------------------------------
+# Param groups that note their changes, and read-only views of the state
+# ---------------------------------------------------------------------------------------
+
+class _Edits:
+    """Shared by an optimizer's groups: ``dirty`` when any group changed since the last
+    check; ``hook(group, keys)`` is told of every change as it happens."""
+
+    __slots__ = ("dirty", "hook")
+
+    def __init__(self, hook):
+        self.dirty = True
+        self.hook = hook
+
+
+class ParamList(list):
+    """The ``"params"`` list of a param group: editing it (append, remove, slice
+    assignment, ...) takes effect at the next step, which checks the new arrays, creates
+    their state and rebuilds the kernel tables."""
+
+    __slots__ = ("_group",)
+
+    def __init__(self, items=(), group=None):
+        super().__init__(items)
+        self._group = group
+
+    def _touch(self):
+        if self._group is not None:
+            self._group._touch(("params",))
+
+    def __reduce__(self):
+        return (list, (list(self),))
+
+
+def _mutator(name):
+    base = getattr(list, name)
+
+    def method(self, *args):
+        out = base(self, *args)
+        self._touch()
+        return self if name in ("__iadd__", "__imul__") else out
+    method.__name__ = name
+    return method
+
+
+for _name in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse",
+              "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+    setattr(ParamList, _name, _mutator(_name))
+
+
+def _as_param_list(value):
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, (str, bytes, dict)):
+        raise TypeError(f"'params' must be a sequence of arrays, got {type(value).__name__}")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"'params' must be a sequence of arrays, got "
+                        f"{type(value).__name__}") from None
 
 
 class ParamGroup(dict):
-    """A parameter group: a plain dict of ``"params"`` and hyperparameters that notes when
-    it is changed (``group["lr"] = 0.01``, ``update``, ...), so that the optimizer checks
-    its hyperparameters again at the next step, and only then."""
+    """A parameter group: a dict of ``"params"`` and hyperparameters that notes when it is
+    changed (``group["lr"] = 0.01``, ``update``, ``del``, ...), so that the optimizer
+    checks it again at the next step, and only then. A copy (``copy.copy``, pickling) is a
+    plain dict."""
 
-    __slots__ = ("changed",)
+    __slots__ = ("changed", "_edits")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, data, edits=None):
+        super().__init__(data)
         self.changed = True
+        self._edits = edits
+        if "params" in self:
+            dict.__setitem__(self, "params", ParamList(_as_param_list(self["params"]), self))
+
+    def _touch(self, keys):
+        self.changed = True
+        edits = self._edits
+        if edits is not None:
+            edits.dirty = True
+            edits.hook(self, keys)
+
+    def _wrap(self, key, value):
+        return ParamList(_as_param_list(value), self) if key == "params" else value
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
 
     def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.changed = True
+        super().__setitem__(key, self._wrap(key, value))
+        self._touch((key,))
 
     def __delitem__(self, key):
         super().__delitem__(key)
-        self.changed = True
-
-    def __ior__(self, other):
-        self.changed = True
-        return super().__ior__(other)
+        self._touch((key,))
 
     def update(self, *args, **kwargs):
-        super().update(*args, **kwargs)
-        self.changed = True
+        new = dict(*args, **kwargs)
+        super().update({k: self._wrap(k, v) for k, v in new.items()})
+        self._touch(tuple(new))
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
 
     def setdefault(self, key, default=None):
-        self.changed = True
-        return super().setdefault(key, default)
+        if key not in self:
+            self[key] = default
+        return self[key]
 
     def pop(self, *args):
-        self.changed = True
-        return super().pop(*args)
+        out = super().pop(*args)
+        self._touch(args[:1])
+        return out
 
     def popitem(self):
-        self.changed = True
-        return super().popitem()
+        out = super().popitem()
+        self._touch((out[0],))
+        return out
 
     def clear(self):
+        keys = tuple(self)
         super().clear()
-        self.changed = True
+        self._touch(keys)
 
 
-def _encode(value):
-    """A hyperparameter as plain data: a schedule becomes a tagged dict."""
+class _GroupList(list):
+    """``optimizer.param_groups``: the groups can be edited in place; the list itself
+    cannot be replaced or resized (``add_param_group`` adds one)."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (list, (list(self),))
+
+
+def _refuse_group_list_change(self, *args, **kwargs):
+    raise TypeError("param_groups cannot be resized or its groups replaced: edit a group "
+                    "in place (optimizer.param_groups[0]['lr'] = 0.1), or call "
+                    "add_param_group()")
+
+
+for _name in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse",
+              "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+    setattr(_GroupList, _name, _refuse_group_list_change)
+
+
+class StateView:
+    """The state arrays of one parameter, read-only as a mapping: ``view["exp_avg"]`` is a
+    view of the optimizer's own array (write into it in place to change the state);
+    replacing or removing an entry is refused."""
+
+    __slots__ = ("_arrays",)
+
+    def __init__(self, arrays):
+        self._arrays = {k: a.view() for k, a in arrays.items()}
+
+    def __getitem__(self, key):
+        return self._arrays[key]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self):
+        return len(self._arrays)
+
+    def __contains__(self, key):
+        return key in self._arrays
+
+    def keys(self):
+        return self._arrays.keys()
+
+    def values(self):
+        return self._arrays.values()
+
+    def items(self):
+        return self._arrays.items()
+
+    def get(self, key, default=None):
+        return self._arrays.get(key, default)
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("an optimizer's state arrays cannot be replaced or removed: write "
+                        "into them in place (opt.state[0]['exp_avg'][...] = x), or use "
+                        "load_state_dict()")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __repr__(self):
+        return f"StateView({self._arrays!r})"
+
+
+class _StateList(tuple):
+    """``optimizer.state``: one :class:`StateView` per parameter, in parameter order."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        raise TypeError("optimizer.state cannot be changed: write into the state arrays in "
+                        "place (opt.state[0]['exp_avg'][...] = x), or use "
+                        "load_state_dict()")
+
+    __delitem__ = __setitem__
+
+
+# ---------------------------------------------------------------------------------------
+# What an optimizer holds between steps
+# ---------------------------------------------------------------------------------------
+
+class _Meta:
+    """One group: its parameters as the tables were built, the fixed hyperparameters and
+    state names, the checked hyperparameters of the coming update, the names that are
+    schedules, and the kernel's scalars."""
+
+    __slots__ = ("params", "fixed", "layout", "values", "next_values", "scheduled",
+                 "scalars", "dtypes")
+
+
+class _Core:
+    """Everything a step reads, replaced as a whole (one assignment) when the groups
+    change: ``engine``, ``meta`` (per group), ``params``, ``state`` (owned arrays),
+    ``views``, ``rows`` (global parameter indices per group), ``live`` (groups whose scalars
+    change every step), ``nesterov`` (groups with Nesterov momentum), ``form`` (what a
+    grads step records), ``plain`` (no clipping by norm, no skipping) and ``plan``."""
+
+    __slots__ = ("engine", "meta", "params", "state", "views", "rows", "live", "nesterov",
+                 "form", "plain", "plan")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def replace(self, **kw):
+        return _Core(**dict({k: getattr(self, k) for k in self.__slots__}, **kw))
+
+
+def encode_hyperparameter(value):
+    """A hyperparameter as plain (JSON) data: a schedule becomes ``{"schedule": ...}``
+    (its ``to_dict()``), a tuple a list."""
     if callable(value):
         to_dict = getattr(value, "to_dict", None)
         if to_dict is None:
@@ -86,7 +300,8 @@ def _encode(value):
     return value
 
 
-def _decode(value):
+def decode_hyperparameter(value):
+    """The inverse of :func:`encode_hyperparameter`."""
     if isinstance(value, dict) and set(value) == {"schedule"}:
         from . import schedules
         return schedules.Schedule.from_dict(value["schedule"])
@@ -95,83 +310,81 @@ def _decode(value):
     return value
 
 
+def _namer(where):
+    return lambda k: f"{where}['{k}']"
+
+
+def _same_arrays(a, b):
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _restore(cls, groups, options, state_dict):
+    """Unpickle an optimizer: make it again over the same groups, then load its state."""
+    opt = cls(groups, **options)
+    opt.load_state_dict(state_dict)
+    return opt
+
+
+# ---------------------------------------------------------------------------------------
+# The optimizer
+# ---------------------------------------------------------------------------------------
+
 class Optimizer:
-    """Base class: parameter groups, state arrays, steps and state dicts.
+    """Base class of the optimizers: parameter groups, owned state, steps, state dicts.
 
-    A subclass declares ``_checks`` (hyperparameter name -> check, which returns the
-    validated value), ``_flags`` (names fixed when the optimizer is made: they decide which
-    state arrays exist), and implements ``_state_names(group)`` and
-    ``_args(values, group_index)``, which returns the kernel arguments of one step from the
-    evaluated hyperparameters (see ``ch8fast.functional``).
-
-    Options of every optimizer, applied to the gradients in the update pass itself:
-
-    * ``clip_norm``: scale all gradients by ``clip_norm / norm`` when their global 2-norm
-      exceeds it (the norm is kept in ``last_grad_norm``);
-    * ``clip_value``: clamp every gradient element to [-clip_value, clip_value] (after
-      ``clip_norm``, before weight decay);
-    * ``skip_nonfinite``: a step whose gradients hold a NaN or an Inf changes nothing
-      (parameters, state, step count) and adds one to ``skipped_steps``. Without it a NaN
-      gradient propagates into the parameters and the state, as in the reference rules.
+    A subclass sets ``rule``, its :class:`ch8fast.rules.Rule`; the constructor signature,
+    the defaults, the checks, the state arrays, the kernel and its per-step scalars all
+    come from it.
     """
 
-    _checks = {}
-    _flags = ()
+    rule = None
 
-    def __init__(self, params, defaults, *, clip_norm=None, clip_value=None,
-                 skip_nonfinite=False):
-        groups = self._as_groups(params)
-        self.clip_norm = None if clip_norm is None else positive(clip_norm, "clip_norm")
-        self.clip_value = None if clip_value is None else positive(clip_value, "clip_value")
-        self.skip_nonfinite = _flag(skip_nonfinite, "skip_nonfinite")
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        rule = cls.__dict__.get("rule")
+        if rule is None:
+            return
+        P = inspect.Parameter
+        cls.__signature__ = inspect.Signature(
+            [P("params", P.POSITIONAL_OR_KEYWORD)] + rule.signature_parameters()
+            + [P("clip_norm", P.KEYWORD_ONLY, default=None),
+               P("clip_value", P.KEYWORD_ONLY, default=None),
+               P("skip_nonfinite", P.KEYWORD_ONLY, default=False)])
+        if "__doc__" not in cls.__dict__ or cls.__doc__ is None:
+            cls.__doc__ = rule.docstring(_OPTIONS_DOC)
+
+    def __init__(self, params, *args, **kwargs):
+        rule = self.rule
+        if rule is None:
+            raise TypeError("Optimizer is the base class: use ch8fast.SGD, ch8fast.Adam, ...")
+        try:
+            bound = self.__signature__.bind(params, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{type(self).__name__}(): {exc}") from None
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        given.pop("params")
+        options = {k: given.pop(k) for k in _OPTIONS}
+        self.clip_norm = (None if options["clip_norm"] is None
+                          else positive(options["clip_norm"], "clip_norm"))
+        self.clip_value = (None if options["clip_value"] is None
+                           else positive(options["clip_value"], "clip_value"))
+        self.skip_nonfinite = flag(options["skip_nonfinite"], "skip_nonfinite")
+        self.defaults = dict(rule.defaults(), **given)
         self.skipped_steps = 0          # steps skipped for non-finite gradients
         self.last_grad_norm = None      # global norm before clipping, when computed
-        self.defaults = dict(defaults)
-        self.param_groups = []
-        all_params, names = [], []
-        for gi, group in enumerate(groups):
-            full = dict(self.defaults)
-            for k, v in group.items():
-                if k != "params" and k not in self.defaults:
-                    raise TypeError(f"param_groups[{gi}]: unknown hyperparameter {k!r} for "
-                                    f"{type(self).__name__} (expected one of "
-                                    f"{sorted(self.defaults)})")
-                full[k] = v
-            for k in self._flags:
-                full[k] = _flag(full[k], self._where(gi, k, len(groups)))
-            plist = list(group["params"])
-            if not plist:
-                raise ValueError(f"param_groups[{gi}]: 'params' is empty")
-            for p in plist:
-                i = len(all_params)
-                check_param(p, f"params[{i}]")
-                all_params.append(p)
-                names.append(f"params[{i}]")
-            full["params"] = plist
-            self.param_groups.append(ParamGroup(full))
-        self._fixed = [{k: g[k] for k in self._flags} for g in self.param_groups]
-        self._names = frozenset(self.defaults)
-        self._cache = [None] * len(self.param_groups)
-        for gi, group in enumerate(self.param_groups):
-            self._check_structure(group, gi)
-            self._values(gi, 0)            # every hyperparameter valid at step 0
-        check_disjoint(all_params, names)
+        self._lock = threading.RLock()
+        self._busy = False              # a step is running (its closure may call back)
+        self._theta_depth = 0           # inside at_theta()
+        self._phi = None                # inside at_theta(): the arrays as between steps
+        self._scratch = None            # theta during a literal Nesterov step
+        self._edits = _Edits(self._group_changed)
+        self._core = None
+        self.param_groups = _GroupList()
+        groups = [self._complete(g, gi) for gi, g in enumerate(self._as_groups(params))]
+        self._rebuild(groups, [0] * len(groups), [0.0] * len(groups), 0)
 
-        # State arrays, zero-initialized, one set per parameter.
-        self.state = []
-        self._layout = []           # the state names of each group, fixed from here on
-        for group in self.param_groups:
-            snames = self._state_names(group)
-            self._layout.append(snames)
-            for p in group["params"]:
-                self.state.append({n: self._initial_state(n, p, group) for n in snames})
-        self._steps = [0] * len(self.param_groups)
-        self._interim = [0.0] * len(self.param_groups)   # alpha of the shifted form
-        self._nesterov_form = None                        # "shifted" or "literal"
-        self._scratch = None
-        self._build_tables()
-
-    # ---- construction helpers ---------------------------------------------------------
+    # ---- construction and rebuilding ----------------------------------------------------
 
     @staticmethod
     def _as_groups(params):
@@ -191,242 +404,521 @@ class Optimizer:
             for gi, g in enumerate(items):
                 if "params" not in g:
                     raise ValueError(f"param_groups[{gi}] has no 'params' entry")
-                if isinstance(g["params"], np.ndarray):
-                    g = dict(g, params=[g["params"]])
-                    items[gi] = g
             return items
         if any(isinstance(x, dict) for x in items):
             raise TypeError("params mixes arrays and dicts: pass all arrays or all groups")
         return [{"params": items}]
 
-    def _initial_state(self, name, p, group):
-        return np.zeros_like(p, order="C")
+    def _complete(self, group, gi):
+        """A new group as a plain dict: the defaults, then the group's own entries."""
+        unknown = sorted(k for k in group if k != "params" and k not in self.rule.hyper)
+        if unknown:
+            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter {unknown[0]!r} for "
+                            f"{type(self).__name__} (expected one of "
+                            f"{sorted(self.rule.hyper)})")
+        out = dict(self.defaults)
+        out.update(group)
+        out["params"] = _as_param_list(group["params"])
+        return out
 
-    def _check_structure(self, group, gi):
-        """Checks that involve several hyperparameters, when made and when loading."""
+    def _where(self, gi, n_groups):
+        if n_groups == 1:
+            return lambda name: name
+        return lambda name: f"param_groups[{gi}]['{name}']"
 
-    def _build_tables(self):
-        arrays = [p for g in self.param_groups for p in g["params"]]
-        arrays += [a for st in self.state for a in st.values()]
-        guard = K.Guard(arrays)
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._tables = []           # (group index, Table)
-        i0 = 0
-        for gi, group in enumerate(self.param_groups):
-            idx = range(i0, i0 + len(group["params"]))
+    def _check_group(self, gi, group, step, n_groups, first_index, old):
+        """Check one group at update number ``step`` (completed steps); returns its
+        :class:`_Meta`. ``old`` is its previous meta (None for a new group): the fixed
+        hyperparameters and state names then stay as they were."""
+        rule, where = self.rule, self._where(gi, n_groups)
+        keys = set(group) - {"params"}
+        if keys != set(rule.hyper):
+            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter(s) "
+                            f"{sorted(keys - set(rule.hyper))}, missing "
+                            f"{sorted(set(rule.hyper) - keys)}")
+        plist = list(group["params"])
+        if not plist:
+            raise ValueError(f"param_groups[{gi}]: 'params' is empty")
+        for k, p in enumerate(plist):
+            check_param(p, f"params[{first_index + k}]")
+        dtypes = tuple(dt for dt in FLOAT_DTYPES if any(p.dtype == dt for p in plist))
+        meta = _Meta()
+        meta.params = tuple(plist)
+        meta.dtypes = dtypes
+        if old is None:
+            meta.fixed = {k: rule.check(k, group[k], where(k)) for k in rule.fixed()}
+            meta.layout = rule.state(group)
+        else:
+            meta.fixed, meta.layout = old.fixed, old.layout
+            for k, v in old.fixed.items():
+                if rule.check(k, group[k], where(k)) != v:
+                    raise ValueError(f"{where(k)} was {v} when the optimizer was made and "
+                                     f"cannot change (it decides the state arrays); make "
+                                     f"a new optimizer")
+        meta.scheduled = tuple(k for k in rule.hyper
+                               if callable(group[k]) and k not in meta.fixed)
+        plain = {k: (group[k](step) if k in meta.scheduled else group[k])
+                 for k in rule.hyper}
+        meta.values = rule.check_all(plain, where, dtypes, meta.layout)
+        meta.next_values = dict(meta.values)      # those of the update after this one
+        for k in meta.scheduled:
+            meta.next_values[k] = self._scheduled(group, meta, k, step + 1, where)
+        meta.scalars = K.Scalars(rule.kernel(meta.layout))
+        rule.scalars(meta.scalars, meta.values, meta.next_values)
+        return meta
+
+    def _scheduled(self, group, meta, name, step, where):
+        h = self.rule.hyper[name]
+        value = h.check(group[name](step), where(name))
+        for dt in meta.dtypes:
+            h.check.fits(value, where(name), dt)
+        return value
+
+    def _rebuild(self, groups, steps, interim, form):
+        """Check ``groups`` (plain dicts or this optimizer's ParamGroups), make the state of
+        new parameters (a parameter already optimized keeps its state arrays), build the
+        tables, and install it all at once. On any error nothing changes."""
+        old = self._core
+        old_meta = {id(g): m for g, m in zip(self.param_groups, old.meta)} if old else {}
+        n = len(groups)
+        metas, params, rows = [], [], []
+        for gi, g in enumerate(groups):
+            m = self._check_group(gi, g, steps[gi], n, len(params), old_meta.get(id(g)))
+            rows.append(tuple(range(len(params), len(params) + len(m.params))))
+            metas.append(m)
+            params.extend(m.params)
+        seen = {}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(f"params[{i}] is params[{seen[id(p)]}] again (they share memory): a "
+                                 f"parameter can be in one param group only, once")
+            seen[id(p)] = i
+        kept = {}
+        if old is not None:
+            kept = {id(p): st for p, st in zip(old.params, old.state)}
+        state = []
+        for gi, m in enumerate(metas):
+            fixed = dict(m.values, **m.fixed)
+            for p in m.params:
+                have = kept.get(id(p), {})
+                st = {}
+                for name in m.layout:
+                    a = have.get(name)
+                    if a is None or a.shape != p.shape or a.dtype != p.dtype:
+                        fill = self.rule.initial.get(name)
+                        a = (np.zeros(p.shape, p.dtype) if fill is None
+                             else np.full(p.shape, fill(fixed), p.dtype))
+                    st[name] = a
+                state.append(st)
+        names = [f"params[{i}]" for i in range(len(params))]
+        arrays = list(params)
+        for i, st in enumerate(state):
+            arrays += st.values()
+            names += [f"state[{i}][{k!r}]" for k in st]
+        guard = K.Guard(arrays, names)        # also: no two of them share memory
+        tables, owners = [], []
+        for gi, m in enumerate(metas):
             for dt in FLOAT_DTYPES:
-                rows = [i for i in idx if self._params[i].dtype == dt]
-                if rows:
-                    cols = [[self.state[i][n] for i in rows] for n in self._layout[gi]]
-                    self._tables.append(
-                        (gi, K.Table([self._params[i] for i in rows], cols, rows, guard)))
-            i0 += len(group["params"])
-        self._table_list = [t for _, t in self._tables]
-        self._table_groups = np.array([gi for gi, _ in self._tables], dtype=np.intp)
-        self._clip_flags = K.FLAGS["clip"] if self.clip_value is not None else 0
-        self._nesterov = self._uses_nesterov()
+                sel = [i for i in rows[gi] if params[i].dtype == dt]
+                if sel:
+                    cols = [[state[i][k] for i in sel] for k in m.layout]
+                    tables.append(K.Table([params[i] for i in sel], cols, sel, guard))
+                    owners.append(gi)
+        engine = K.Engine(tables, owners, [m.scalars for m in metas], steps, interim, form)
+        pgroups = [g if isinstance(g, ParamGroup) and g._edits is self._edits
+                   else ParamGroup(g, self._edits) for g in groups]
+        core = self._make_core(engine, metas, params, state, rows)
+        # install (one assignment for everything a step reads)
+        self._core = core
+        list.__init__(self.param_groups, pgroups)
+        for g in pgroups:
+            g.changed = False
+        self._edits.dirty = False
+        if self._scratch is not None:
+            self._scratch = None
 
-    def _where(self, gi, name, n_groups=None):
-        n = len(self.param_groups) if n_groups is None else n_groups
-        return name if n == 1 else f"param_groups[{gi}]['{name}']"
+    def _make_core(self, engine, metas, params, state, rows):
+        nesterov = tuple(gi for gi, m in enumerate(metas) if m.fixed.get("nesterov"))
+        plain = self.clip_norm is None and not self.skip_nonfinite
+        plan = K.GradPlan(1.0, math.inf if self.clip_value is None else self.clip_value)
+        return _Core(engine=engine, meta=metas, params=params, state=state,
+                     views=_StateList(StateView(st) for st in state), rows=rows,
+                     live=tuple(gi for gi, m in enumerate(metas) if m.scheduled),
+                     nesterov=nesterov, form=_SHIFTED if nesterov else 0, plain=plain,
+                     plan=plan)
 
-    # ---- per-step hyperparameters -----------------------------------------------------
-
-    def _value(self, gi, name, step):
-        """Hyperparameter ``name`` of group ``gi`` for the update after ``step`` completed
-        steps: a schedule is called with ``step``. Checked."""
-        v = self.param_groups[gi][name]
-        if callable(v):
-            v = v(step)
-        return self._checks[name](v, self._where(gi, name))
-
-    def _values(self, gi, step):
-        """The checked hyperparameters of group ``gi`` for the update after ``step``
-        completed steps. Checks run again only when the group was changed (or for a
-        schedule, whose value is checked at every step)."""
-        group = self.param_groups[gi]
-        cached = self._cache[gi]
-        if cached is not None and type(group) is ParamGroup and not group.changed:
-            values, scheduled = cached
-            for k in scheduled:              # the cache's own dict, updated in place
-                values[k] = self._value(gi, k, step)
-            if scheduled:
-                self._check_dtype_values(gi, values)
-            return values
-        # A group that is not a ParamGroup (a dict put in param_groups by hand) is checked
-        # at every step.
-        if group.keys() != self._names | {"params"}:
-            unknown = sorted(set(group) - self._names - {"params"})
-            missing = sorted(self._names - set(group))
-            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter(s) {unknown}, "
-                            f"missing {missing}")
-        for k in self._flags:
-            if _flag(group[k], self._where(gi, k)) != self._fixed[gi][k]:
-                raise ValueError(f"{self._where(gi, k)} was {self._fixed[gi][k]} when the "
-                                 f"optimizer was made and cannot change (it decides the "
-                                 f"state arrays and what the parameter arrays hold); make "
-                                 f"a new optimizer")
-        values = {k: self._value(gi, k, step) for k in self._checks}
-        self._check_dtype_values(gi, values)
-        for k, v in list(group.items()):     # lists become tuples: they cannot change
-            if isinstance(v, list) and k != "params":    # behind the cache's back
-                group[k] = tuple(v)
-        scheduled = tuple(k for k in self._checks if callable(group[k]))
-        self._cache[gi] = (values, scheduled)
-        if type(group) is ParamGroup:
-            group.changed = False
-        return values
-
-    def _check_dtype_values(self, gi, values, where=None):
-        """Refuse an ``eps`` that rounds to 0 in the dtype of a parameter of the group
-        (below float32's smallest subnormal, 1.4e-45): 0/0 would give NaN."""
-        eps = values.get("eps")
-        if eps is None or np.float32(eps) > 0:
+    def _refresh(self):
+        """Check the groups changed since the last step; rebuild if any ``"params"``
+        changed."""
+        core, groups = self._core, self.param_groups
+        engine = core.engine
+        changed = [gi for gi, g in enumerate(groups) if g.changed]
+        for gi in changed:
+            if "params" not in groups[gi]:
+                raise TypeError(f"param_groups[{gi}]: missing the 'params' entry")
+        if any(not _same_arrays(groups[gi]["params"], core.meta[gi].params)
+               for gi in changed):
+            self._rebuild(list(groups), list(engine.steps), list(engine.interim),
+                          engine.form)
             return
-        if any(p.dtype == np.float32 for p in self.param_groups[gi]["params"]):
-            name = where or self._where(gi, "eps")
-            raise ValueError(f"{name} is {eps}, which rounds to 0 in float32 (the dtype "
-                             f"of this group's parameters); use eps >= 1.4e-45")
+        metas = list(core.meta)
+        first = [r[0] for r in core.rows]
+        for gi in changed:
+            metas[gi] = self._check_group(gi, groups[gi], engine.steps[gi], len(groups),
+                                          first[gi], core.meta[gi])
+        new_engine = K.Engine(list(engine.tables), self._owners(engine),
+                              [m.scalars for m in metas], list(engine.steps),
+                              list(engine.interim), engine.form)
+        self._core = self._make_core(new_engine, metas, core.params, core.state,
+                                     core.rows).replace(views=core.views)
+        for gi in changed:
+            groups[gi].changed = False
+        self._edits.dirty = False
+
+    @staticmethod
+    def _owners(engine):
+        return engine.groups
+
+    # ---- properties -----------------------------------------------------------------------
+
+    @property
+    def state(self):
+        """One read-only mapping per parameter (in parameter order), of views of the state
+        arrays: write into them in place; they cannot be replaced."""
+        return self._core.views
+
+    @state.setter
+    def state(self, value):
+        raise AttributeError("optimizer.state cannot be replaced: write into the state "
+                             "arrays in place, or use load_state_dict()")
+
+    @property
+    def params(self):
+        """The parameters, in order (the arrays the optimizer updates)."""
+        return list(self._core.params)
+
+    @property
+    def steps(self):
+        """The number of completed steps of each param group."""
+        return list(self._core.engine.steps)
+
+    # ---- the momentum hand-change hook ------------------------------------------------------
+
+    def _group_changed(self, group, keys):
+        """Called as a group is edited. Setting the momentum of a Nesterov group whose
+        arrays hold an interim point moves them at once to the new one, theta + alpha v,
+        so that the next gradient is taken at the right point."""
+        if "momentum" not in keys or self._core is None:
+            return
+        with self._lock:
+            core = self._core
+            engine = core.engine
+            if self._busy or engine.form != _SHIFTED:
+                return
+            for gi in core.nesterov:
+                if self.param_groups[gi] is group:
+                    break
+            else:
+                return
+            meta = core.meta[gi]
+            where = self._where(gi, len(core.meta))
+            try:
+                v = group["momentum"]
+                alpha = unit_interval(v(engine.steps[gi]) if callable(v) else v,
+                                      where("momentum"))
+                for dt in meta.dtypes:
+                    unit_interval.fits(alpha, where("momentum"), dt)
+            except (KeyError, TypeError, ValueError):
+                return                       # the next step refuses the value
+            delta = alpha - engine.interim[gi]
+            if delta:
+                for i in core.rows[gi]:
+                    target = self._phi.get(i, core.params[i]) if self._phi else core.params[i]
+                    target += core.state[i]["velocity"] * target.dtype.type(delta)
+            engine.interim[gi] = alpha
 
     # ---- stepping ---------------------------------------------------------------------
 
-    def step(self, grads=None, closure=None):
+    def step(self, grads=None, closure=None, *, grad_norm=None):
         """Update the parameters in place.
 
-        ``grads``: the gradients, aligned with the parameters (a single array when there is
-        one parameter). Or ``closure``: a callable that returns the gradients, or
-        ``(loss, grads)``, evaluated at what the parameter arrays hold when it is called.
-        Returns the loss from the closure, else None.
+        Args:
+            grads: the gradients, aligned with the parameters (a single array when there
+                is one parameter).
+            closure: instead of ``grads``, a callable that returns the gradients, or
+                ``(loss, grads)``, evaluated at what the parameter arrays hold when it is
+                called (for Nesterov groups: the interim point, the book's literal form).
+            grad_norm: the global norm of the gradients when it was computed elsewhere
+                (e.g. across processes): ``clip_norm`` and ``skip_nonfinite`` then use it
+                instead of the norm of ``grads``.
 
-        Everything is checked before any array is written. With ``skip_nonfinite``, a
-        step whose gradients hold a NaN or an Inf changes nothing and is counted in
-        ``skipped_steps``.
+        Returns the loss from the closure, else None. Everything is checked before any
+        array is written. With ``skip_nonfinite``, a step whose gradients hold a NaN or an
+        Inf changes nothing and is counted in ``skipped_steps``.
         """
-        if (grads is None) == (closure is None):
-            raise TypeError("step() takes either grads or closure=, exactly one of them")
-        steps = self._steps
-        args = [self._args(self._values(gi, steps[gi]), gi) for gi in range(len(steps))]
-        loss, plan = None, None
-        if closure is not None:
-            loss, grads, plan = self._call_closure(closure, args)
-        elif self._nesterov:
-            self._check_form("shifted")
-        grads = self._as_grad_list(grads)
-        clip = self.clip_value or 0.0
-        if plan is None and self.clip_norm is None and not self.skip_nonfinite:
-            # the common case: check and bind every gradient, then update, in one call
-            K.step_tables(self._table_list, self._table_groups, args, grads, 1.0,
-                          self._clip_flags, clip)
-        else:
-            for table in self._table_list:
-                table.bind(grads)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._busy or self._theta_depth:
+                self._refuse_reentry("step()")
+            self._busy = True
+            if self._edits.dirty:
+                self._refresh()
+            core = self._core
+            if core.live:
+                self._prepare(core)
+            if closure is not None:
+                if grads is not None:
+                    raise TypeError("step() takes either grads or closure=, exactly one of "
+                                    "them")
+                return self._closure_step(core, closure, grad_norm)
+            if grads is None:
+                raise TypeError("step() takes either grads or closure=, exactly one of "
+                                "them")
+            if core.nesterov and core.engine.form == _LITERAL:
+                self._check_form(_SHIFTED)
+            t = type(grads)
+            if not ((t is list or t is tuple) and len(grads) == len(core.params)):
+                grads = self._as_grads(grads, len(core.params))
+            if core.plain and grad_norm is None:
+                core.engine.step(grads, core.plan, core.form)
+                return None
+            core.engine.bind(grads)
+            plan = self._clip_plan(core, grads, grad_norm)
             if plan is None:
-                plan = self._clip_plan(grads)
-            gscale, clip_flag, skip = plan
-            if skip:
                 self.skipped_steps += 1
-                return loss
-            K.step_tables(self._table_list, self._table_groups, args, grads, gscale,
-                          clip_flag, clip, False)
-        if self._nesterov:
-            self._nesterov_form = "shifted" if closure is None else "literal"
-        steps = self._steps                  # (a closure may have loaded a state dict)
-        for gi, a in enumerate(args):
-            steps[gi] += 1
-            if a[-1] & _NESTEROV:
-                self._interim[gi] = a[5]
-        return loss
+            else:
+                core.engine.run(plan, core.form)
+            return None
+        finally:
+            self._busy = False
+            lock.release()
 
-    def _clip_plan(self, grads):
-        """(gradient scale, clip flag, skip) for the gradients just bound."""
-        gscale = 1.0
-        if self.clip_norm is not None or self.skip_nonfinite:
-            norm = _norm_from(sum(t.sumsq(1) for _, t in self._tables), grads)
-            self.last_grad_norm = norm
-            if self.skip_nonfinite and not math.isfinite(norm):
-                return 1.0, 0, True
-            if self.clip_norm is not None and norm > self.clip_norm:
-                gscale = self.clip_norm / norm
-        return gscale, self._clip_flags, False
+    def _refuse_reentry(self, what):
+        if self._theta_depth:
+            raise RuntimeError(f"{what} inside at_theta(): the arrays hold theta there, "
+                               f"not what a step updates; step after the block")
+        raise RuntimeError(f"{what} called while this optimizer is stepping (from its "
+                           f"closure, a schedule or a gradient's code)")
 
-    def _as_grad_list(self, grads):
-        n = len(self._params)
+    def _prepare(self, core):
+        """The scalars of the coming update of every group with scheduled
+        hyperparameters."""
+        steps = core.engine.steps
+        for gi in core.live:
+            self._prepare_scheduled(core, gi, core.meta[gi], steps[gi])
+
+    def _prepare_scheduled(self, core, gi, meta, k):
+        # in place: a step allocates nothing (a schedule that fails leaves values that the
+        # next step computes again)
+        group, where = self.param_groups[gi], self._where(gi, len(core.meta))
+        values, nxt = meta.values, meta.next_values
+        for name in meta.scheduled:
+            values[name] = self._scheduled(group, meta, name, k, where)
+            nxt[name] = self._scheduled(group, meta, name, k + 1, where)
+        self.rule.scalars(meta.scalars, values, nxt)
+
+    @staticmethod
+    def _as_grads(grads, n):
+        t = type(grads)
+        if t is list or t is tuple or isinstance(grads, (list, tuple)):
+            if len(grads) != n:
+                raise ValueError(f"grads: expected {n} arrays (one per parameter), got "
+                                 f"{len(grads)}")
+            return grads
         if isinstance(grads, np.ndarray):
             if n != 1:
                 raise ValueError(f"grads: got a single array for {n} parameters; pass a "
                                  f"sequence of {n} arrays")
             return (grads,)
-        if not isinstance(grads, (list, tuple)):
-            raise TypeError(f"grads must be a list or tuple of arrays, got "
-                            f"{type(grads).__name__}")
-        if len(grads) != n:
-            raise ValueError(f"grads: expected {n} arrays (one per parameter), "
-                             f"got {len(grads)}")
-        return grads
+        raise TypeError(f"grads must be a list or tuple of arrays, got {t.__name__}")
 
-    def _uses_nesterov(self):
-        return False
+    def _clip_plan(self, core, grads, grad_norm):
+        """The GradPlan for the gradients just bound, or None to skip the step."""
+        if grad_norm is None:
+            norm = norm_from_sumsq(core.engine.sumsq(), grads)
+        else:
+            norm = float(grad_norm)
+        self.last_grad_norm = norm
+        if self.skip_nonfinite and not math.isfinite(norm):
+            return None
+        if self.clip_norm is not None and norm > self.clip_norm:
+            return K.GradPlan(self.clip_norm / norm, core.plan.clamp)
+        return core.plan
+
+    def _closure_step(self, core, closure, grad_norm):
+        """A step whose gradients come from ``closure``. For Nesterov groups this is the
+        book's literal algorithm: their arrays move to the interim point theta + alpha v
+        for the closure, and the update, applied there by the shifted kernel with no next
+        interim point (phi' = phi - alpha v + v'), leaves theta' in them."""
+        engine = core.engine
+        if core.nesterov:
+            self._check_form(_LITERAL)
+        if self._scratch is None and core.nesterov:
+            self._scratch = {i: np.empty_like(core.params[i])
+                             for gi in core.nesterov for i in core.rows[gi]}
+        before = list(engine.steps)
+        moved = []
+        kept = [(s, s.alpha_prev, s.alpha_next)
+                for s in (core.meta[gi].scalars for gi in core.nesterov)]
+        try:
+            for gi in core.nesterov:
+                s = core.meta[gi].scalars
+                alpha = s.alpha
+                for i in core.rows[gi]:
+                    p, th = core.params[i], self._scratch[i]
+                    np.copyto(th, p)
+                    moved.append(i)
+                    np.multiply(core.state[i]["velocity"], alpha, out=p)
+                    np.add(th, p, out=p)             # theta + alpha v
+                s.alpha_prev, s.alpha_next = alpha, 0.0
+            out = closure()
+            loss, grads = None, out
+            if (isinstance(out, tuple) and len(out) == 2
+                    and not isinstance(out[0], (np.ndarray, list, tuple))):
+                loss, grads = out
+            grads = self._as_grads(grads, len(core.params))
+            engine.bind(grads)
+            plan = self._clip_plan(core, grads, grad_norm)
+            if plan is None:
+                self.skipped_steps += 1
+            else:
+                engine.run(plan, _LITERAL if core.nesterov else 0)
+            return loss
+        finally:
+            for s, prev, nxt in kept:         # the shifted form's scalars, as they were
+                s.alpha_prev, s.alpha_next = prev, nxt
+            if engine.steps == before:        # not applied: put theta back
+                for i in moved:
+                    np.copyto(core.params[i], self._scratch[i])
 
     def _check_form(self, form):
         """Refuse to switch between the two Nesterov forms once steps were taken."""
-        if self._nesterov_form not in (None, form) and any(self._steps):
+        engine = self._core.engine
+        if engine.form not in (0, form) and any(engine.steps):
+            taken = _FORMS[engine.form]
             raise ValueError(
-                f"this optimizer has taken Nesterov steps in the {self._nesterov_form} "
-                f"form (the arrays hold "
-                f"{'the interim point' if self._nesterov_form == 'shifted' else 'theta'}); "
-                f"use step({'grads' if self._nesterov_form == 'shifted' else 'closure='}) "
-                f"throughout, or make a new optimizer")
+                f"this optimizer has taken Nesterov steps in the {taken} form (the arrays "
+                f"hold {'the interim point' if taken == 'shifted' else 'theta'}); use "
+                f"step({'grads' if taken == 'shifted' else 'closure='}) throughout, or "
+                f"make a new optimizer")
 
-    def _call_closure(self, closure, args):
-        """(loss, grads, None) from the closure; a subclass may return a clip plan."""
-        out = closure()
-        if (isinstance(out, tuple) and len(out) == 2
-                and not isinstance(out[0], (np.ndarray, list, tuple))):
-            return out[0], out[1], None
-        return None, out, None
+    # ---- theta and the interim point ----------------------------------------------------
 
-    # ---- reading and saving -------------------------------------------------------------
+    def _shifted_rows(self):
+        """(group index, parameter index) of every array that holds an interim point."""
+        core = self._core
+        if core.engine.form != _SHIFTED or self._theta_depth:
+            return []
+        return [(gi, i) for gi in core.nesterov for i in core.rows[gi]]
+
+    def _theta_into(self, gi, i, out):
+        """theta = phi - alpha v for a shifted-form row, into ``out``."""
+        core = self._core
+        np.multiply(core.state[i]["velocity"], core.engine.interim[gi], out=out)
+        np.subtract(core.params[i], out, out=out)
+        return out
 
     def theta(self):
-        """Copies of the parameters theta, whichever point the arrays hold (see
-        ``at_theta``)."""
-        return [p.copy() for p in self._params]
+        """The parameters theta, as new arrays. In the shifted Nesterov form the arrays hold
+        phi = theta + alpha v, and this returns phi - alpha v (inside ``at_theta()`` the
+        arrays hold theta, and this returns copies of them)."""
+        with self._lock:
+            out = [p.copy() for p in self._core.params]
+            for gi, i in self._shifted_rows():
+                self._theta_into(gi, i, out[i])
+            return out
 
     @contextlib.contextmanager
     def at_theta(self):
-        """Inside the block the arrays hold theta; afterwards exactly what they held."""
-        yield self._params
+        """Within the block the parameter arrays hold theta (to evaluate or save the
+        model); afterwards they hold exactly the bits they held before. Nested blocks are
+        the outer one; no step can run inside (other threads wait for the block's end). A
+        checkpoint saved inside saves what the arrays hold between steps, so it resumes
+        exactly."""
+        with self._lock:
+            if self._busy:
+                self._refuse_reentry("at_theta()")
+            if self._theta_depth:
+                self._theta_depth += 1
+                try:
+                    yield self._core.params
+                finally:
+                    self._theta_depth -= 1
+                return
+            shifted = self._shifted_rows()
+            params = self._core.params
+            saved = {i: params[i].copy() for _, i in shifted}
+            tmp = {i: np.empty_like(params[i]) for _, i in shifted}
+            for gi, i in shifted:
+                np.copyto(params[i], self._theta_into(gi, i, tmp[i]))
+            self._phi = saved
+            self._theta_depth = 1
+            try:
+                yield params
+            finally:
+                for i, a in saved.items():
+                    np.copyto(params[i], a)
+                self._theta_depth = 0
+                self._phi = None
+
+    # ---- state dicts --------------------------------------------------------------------
 
     def state_dict(self):
         """Plain Python and NumPy data: hyperparameters (schedules as dicts), step counts,
-        copies of the state arrays."""
-        return self._state_dict(copy=True)
+        copies of the state arrays. Waits for a step running in another thread."""
+        with self._lock:
+            return self._state_dict(copy=True)
+
+    @contextlib.contextmanager
+    def snapshot(self, params=None):
+        """Hold the optimizer still: inside the block no step runs (other threads wait)
+        and this yields ``(state_dict, params)``, the state dict holding the state arrays
+        themselves (read them only) and ``params`` (default: the optimizer's parameters)
+        as they are between steps (inside ``at_theta()``: the arrays it put aside). For
+        writers such as ``save_checkpoint`` that must not copy the state."""
+        with self._lock:
+            if self._busy:
+                self._refuse_reentry("snapshot()")
+            core = self._core
+            between = list(core.params) if params is None else list(params)
+            if self._phi:
+                index = {id(p): i for i, p in enumerate(core.params)}
+                between = [self._phi.get(index.get(id(p), -1), p) for p in between]
+            yield self._state_dict(copy=False), between
 
     def _state_dict(self, copy):
-        """``state_dict()``, holding the state arrays themselves when ``copy`` is False
-        (for a checkpoint writer that only reads them)."""
-        groups, i0 = [], 0
+        core = self._core
+        engine = core.engine
+        groups = []
         for gi, g in enumerate(self.param_groups):
-            d = {k: _encode(v) for k, v in g.items() if k != "params"}
-            d["params"] = list(range(i0, i0 + len(g["params"])))
-            d["step"] = self._steps[gi]
-            d["interim_momentum"] = self._interim[gi]
-            i0 += len(g["params"])
+            d = {k: encode_hyperparameter(v) for k, v in g.items() if k != "params"}
+            d["params"] = list(core.rows[gi])
+            d["step"] = engine.steps[gi]
+            d["interim_momentum"] = engine.interim[gi]
             groups.append(d)
         return {
             "optimizer": type(self).__name__,
             "version": 1,
-            "nesterov_form": self._nesterov_form,
+            "nesterov_form": _FORMS[engine.form],
             "skipped_steps": self.skipped_steps,
             "param_groups": groups,
             "state": [{k: a.copy() if copy else a for k, a in st.items()}
-                      for st in self.state],
+                      for st in core.state],
         }
 
     def load_state_dict(self, state_dict):
         """Restore a ``state_dict()``. Everything is checked first; a mismatch raises and
-        changes nothing. State arrays are copied into the existing arrays."""
-        sd = state_dict
+        changes nothing. State arrays are copied into the optimizer's own arrays."""
+        with self._lock:
+            if self._busy or self._theta_depth:
+                self._refuse_reentry("load_state_dict()")
+            if self._edits.dirty:
+                self._refresh()
+            self._load(state_dict)
+
+    def _load(self, sd):
+        rule, core = self.rule, self._core
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
         for key in ("optimizer", "version", "param_groups", "state", "nesterov_form",
@@ -438,13 +930,9 @@ class Optimizer:
                              f"{type(self).__name__}")
         if sd["version"] != 1:
             raise ValueError(f"state_dict version {sd['version']} is not supported")
-        if sd["nesterov_form"] not in (None, "shifted", "literal"):
+        if sd["nesterov_form"] not in _FORM_CODES:
             raise ValueError(f"state_dict['nesterov_form'] is {sd['nesterov_form']!r}")
-        skipped = sd["skipped_steps"]
-        if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) \
-                or skipped < 0:
-            raise ValueError(f"state_dict['skipped_steps'] must be an integer >= 0, got "
-                             f"{skipped!r}")
+        skipped = count(sd["skipped_steps"], "state_dict['skipped_steps']")
         groups = sd["param_groups"]
         if not isinstance(groups, list):
             raise TypeError(f"state_dict['param_groups'] must be a list, got "
@@ -452,51 +940,44 @@ class Optimizer:
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer "
                              f"has {len(self.param_groups)}")
-        new_groups, steps, interim, i0 = [], [], [], 0
-        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+        new_values, steps, interim = [], [], []
+        for gi, (saved, meta) in enumerate(zip(groups, core.meta)):
             where = f"state_dict['param_groups'][{gi}]"
             if not isinstance(saved, dict):
                 raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
-            n = len(group["params"])
-            if saved.get("params") != list(range(i0, i0 + n)):
+            if saved.get("params") != list(core.rows[gi]):
                 raise ValueError(f"{where}['params'] is {saved.get('params')}, expected "
-                                 f"{list(range(i0, i0 + n))}")
-            i0 += n
-            expected = set(self.defaults) | {"params", "step", "interim_momentum"}
+                                 f"{list(core.rows[gi])}")
+            expected = set(rule.hyper) | {"params", "step", "interim_momentum"}
             if set(saved) != expected:
                 raise ValueError(f"{where} has entries {sorted(saved)}, expected "
                                  f"{sorted(expected)}")
-            values = {k: _decode(saved[k]) for k in self.defaults}
-            for k in self._flags:
-                if _flag(values[k], f"{where}['{k}']") != group[k]:
-                    raise ValueError(f"{where}['{k}'] is {values[k]}, but this optimizer "
-                                     f"was made with {k}={group[k]}")
-            trial = dict(values, params=group["params"])
-            self._check_structure(trial, gi)
-            missing = [n for n in self._state_names(trial) if n not in self._layout[gi]]
+            name = _namer(where)
+            values = {k: decode_hyperparameter(saved[k]) for k in rule.hyper}
+            for k, v in meta.fixed.items():
+                if rule.check(k, values[k], name(k)) != v:
+                    raise ValueError(f"{name(k)} is {values[k]}, but this optimizer was "
+                                     f"made with {k}={v}")
+            step = count(saved["step"], name("step"))
+            need = rule.state({**values, **meta.fixed})
+            missing = [n for n in need if n not in meta.layout]
             if missing:
-                raise ValueError(f"{where}: its hyperparameters need the state "
-                                 f"{missing} (e.g. momentum > 0 needs 'velocity'), which "
-                                 f"this group was made without; make the optimizer with "
-                                 f"the same momentum settings")
-            step = saved["step"]
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-                raise ValueError(f"{where}['step'] must be an integer >= 0, got {step!r}")
-            checked = {}
-            for k, check in self._checks.items():
-                v = values[k]
-                checked[k] = check(v(int(step)) if callable(v) else v,
-                                   f"{where}['{k}']")
-            self._check_dtype_values(gi, checked, f"{where}['eps']")
-            steps.append(int(step))
+                raise ValueError(f"{where}: its hyperparameters need the state {missing} "
+                                 f"(e.g. momentum > 0 needs 'velocity'), which this group "
+                                 f"was made without; make the optimizer with the same "
+                                 f"momentum settings")
+            plain = {k: (v(step) if callable(v) and k not in meta.fixed else v)
+                     for k, v in values.items()}
+            rule.check_all(plain, name, meta.dtypes, meta.layout)
+            steps.append(step)
             interim.append(unit_interval(saved["interim_momentum"],
-                                         f"{where}['interim_momentum']"))
-            new_groups.append(values)
+                                         name("interim_momentum")))
+            new_values.append(values)
         state = sd["state"]
-        if not isinstance(state, list) or len(state) != len(self.state):
-            raise ValueError(f"state_dict['state'] must be a list of {len(self.state)} "
+        if not isinstance(state, list) or len(state) != len(core.state):
+            raise ValueError(f"state_dict['state'] must be a list of {len(core.state)} "
                              f"dicts (one per parameter)")
-        for i, (saved, mine) in enumerate(zip(state, self.state)):
+        for i, (saved, mine) in enumerate(zip(state, core.state)):
             if not isinstance(saved, dict) or set(saved) != set(mine):
                 raise ValueError(f"state_dict['state'][{i}] must have the entries "
                                  f"{sorted(mine)}, got "
@@ -504,22 +985,56 @@ class Optimizer:
             for k, a in mine.items():
                 b = saved[k]
                 where = f"state_dict['state'][{i}][{k!r}]"
-                if not isinstance(b, np.ndarray):
-                    raise TypeError(f"{where} must be a numpy.ndarray, got "
+                if not isinstance(b, np.ndarray) or isinstance(b, np.ma.MaskedArray):
+                    raise TypeError(f"{where} must be a numpy.ndarray (not masked), got "
                                     f"{type(b).__name__}")
                 if b.dtype != a.dtype or b.shape != a.shape:
                     raise ValueError(f"{where} has shape {b.shape} and dtype {b.dtype}, "
                                      f"expected {a.shape} and {a.dtype}")
-        # Everything checked: apply.
-        for i, (saved, mine) in enumerate(zip(state, self.state)):
+        # Everything checked: apply, with the momentum hook quiet (the saved interim
+        # momentum is restored as it was).
+        for saved, mine in zip(state, core.state):
             for k, a in mine.items():
                 np.copyto(a, saved[k])
-        for group, values in zip(self.param_groups, new_groups):
-            group.update(values)
-        self._steps = steps
-        self._interim = interim
-        self._nesterov_form = sd["nesterov_form"]
-        self.skipped_steps = int(skipped)
+        hook = self._edits.hook
+        self._edits.hook = lambda group, keys: None
+        try:
+            for group, values in zip(self.param_groups, new_values):
+                group.update(values)
+        finally:
+            self._edits.hook = hook
+        core.engine.set_counters(steps, interim, _FORM_CODES[sd["nesterov_form"]])
+        self.skipped_steps = skipped
+        self._refresh()
+
+    # ---- groups, copies, printing -------------------------------------------------------
+
+    def add_param_group(self, param_group):
+        """Add a param group, as ``torch.optim.Optimizer.add_param_group``: a dict with
+        ``"params"`` (an array or a sequence of arrays) and any hyperparameters; the
+        others are taken from ``defaults``. Its parameters get new state; its step count
+        starts at 0. A parameter already optimized is refused."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("param_group has no 'params' entry")
+        with self._lock:
+            if self._busy or self._theta_depth:
+                self._refuse_reentry("add_param_group()")
+            if self._edits.dirty:
+                self._refresh()
+            engine = self._core.engine
+            groups = list(self.param_groups)
+            groups.append(self._complete(param_group, len(groups)))
+            self._rebuild(groups, list(engine.steps) + [0], list(engine.interim) + [0.0],
+                          engine.form)
+
+    def __reduce__(self):
+        with self._lock:
+            groups = [dict(g, params=list(g["params"])) for g in self.param_groups]
+            options = {"clip_norm": self.clip_norm, "clip_value": self.clip_value,
+                       "skip_nonfinite": self.skip_nonfinite}
+            return (_restore, (type(self), groups, options, self._state_dict(copy=True)))
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -532,350 +1047,29 @@ class Optimizer:
         return "\n".join(lines)
 
 
-class _NesterovMixin:
-    """The two forms of Nesterov momentum (spec section 3) for SGD and RMSProp.
-
-    ``step(grads)`` is the fused shifted form: between steps the arrays hold the interim
-    point phi = theta + alpha v, so a gradient computed at "the parameters" is the gradient
-    at the interim point. ``step(closure=fn)`` is the book's literal algorithm: the arrays
-    hold theta; the optimizer moves them to theta + alpha v, calls ``fn``, puts theta back,
-    and applies the update.
-    """
-
-    def _uses_nesterov(self):
-        return any(g["nesterov"] for g in self.param_groups)
-
-    @staticmethod
-    def _has_velocity(group):
-        m = group["momentum"]
-        return callable(m) or m != 0
-
-    def _check_structure(self, group, gi):
-        if group["nesterov"] and not self._has_velocity(group):
-            raise ValueError(f"{self._where(gi, 'nesterov')}: Nesterov momentum needs "
-                             f"momentum > 0")
-
-    def _momentum_next(self, h, gi):
-        """None for a group without velocity, else the momentum that places the next
-        interim point (the next step's, in the shifted Nesterov form)."""
-        if "velocity" not in self._layout[gi]:
-            if h["momentum"] != 0:
-                raise ValueError(f"{self._where(gi, 'momentum')}: this group was made "
-                                 f"without momentum, so it keeps no velocity; make the "
-                                 f"optimizer with momentum > 0 or a momentum schedule")
-            return None
-        if self.param_groups[gi]["nesterov"]:
-            return self._value(gi, "momentum", self._steps[gi] + 1)
-        return h["momentum"]
-
-    def _call_closure(self, closure, args):
-        if not self._uses_nesterov():
-            return Optimizer._call_closure(self, closure, args)
-        self._check_form("literal")
-        if self._scratch is None:
-            self._scratch = [np.empty_like(p) for p in self._params]
-        moved, i0 = [], 0
-        try:
-            for gi, g in enumerate(self.param_groups):
-                n = len(g["params"])
-                if g["nesterov"]:
-                    alpha = args[gi][4]
-                    for i in range(i0, i0 + n):
-                        p, th = self._params[i], self._scratch[i]
-                        np.copyto(th, p)
-                        moved.append(i)
-                        np.multiply(self.state[i]["velocity"], alpha, out=p)
-                        np.add(th, p, out=p)             # theta + alpha v
-                    # the update itself is plain momentum at theta
-                    args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["nesterov"],)
-                i0 += n
-            loss, grads, _ = Optimizer._call_closure(self, closure, args)
-            grads = self._as_grad_list(grads)
-            for _, table in self._tables:
-                table.bind(grads)
-            plan = self._clip_plan(grads)
-            l2 = [gi for gi, g in enumerate(self.param_groups)
-                  if g["nesterov"] and args[gi][-1] & K.FLAGS["l2"]]
-            if plan[2] or not l2:
-                return loss, grads, plan
-            # The L2 term belongs to the gradient at the interim point, which only this
-            # window holds: clip the gradients here, then add it.
-            gscale, clip_flag, _ = plan
-            grads = [g * gscale for g in grads]
-            if clip_flag:
-                grads = [np.clip(g, -self.clip_value, self.clip_value) for g in grads]
-            for gi in l2:
-                i0 = sum(len(g["params"]) for g in self.param_groups[:gi])
-                for i in range(i0, i0 + len(self.param_groups[gi]["params"])):
-                    grads[i] = grads[i] + args[gi][2] * self._params[i]
-                args[gi] = args[gi][:-1] + (args[gi][-1] & ~K.FLAGS["l2"],)
-            return loss, grads, (1.0, 0, False)
-        finally:
-            for i in moved:
-                np.copyto(self._params[i], self._scratch[i])
-
-    def _group_theta(self, gi, i, out):
-        """theta = phi - alpha v for a shifted-form group, into ``out``."""
-        v = self.state[i]["velocity"]
-        np.multiply(v, self._interim[gi], out=out)
-        np.subtract(self._params[i], out, out=out)
-        return out
-
-    def _shifted(self):
-        """(group index, parameter index) of every array that holds an interim point."""
-        if self._nesterov_form != "shifted":
-            return []
-        out, i0 = [], 0
-        for gi, g in enumerate(self.param_groups):
-            n = len(g["params"])
-            if g["nesterov"]:
-                out += [(gi, i) for i in range(i0, i0 + n)]
-            i0 += n
-        return out
-
-    def theta(self):
-        """The parameters theta, as new arrays. In the shifted Nesterov form the arrays hold
-        phi = theta + alpha v, and this returns phi - alpha v."""
-        out = [p.copy() for p in self._params]
-        for gi, i in self._shifted():
-            self._group_theta(gi, i, out[i])
-        return out
-
-    @contextlib.contextmanager
-    def at_theta(self):
-        """Within the block the parameter arrays hold theta (to evaluate or save the
-        model); afterwards they hold exactly the bits they held before."""
-        shifted = self._shifted()
-        saved = {i: self._params[i].copy() for _, i in shifted}
-        tmp = {i: np.empty_like(self._params[i]) for _, i in shifted}
-        for gi, i in shifted:
-            np.copyto(self._params[i], self._group_theta(gi, i, tmp[i]))
-        try:
-            yield self._params
-        finally:
-            for i, a in saved.items():
-                np.copyto(self._params[i], a)
-
-
 # ---------------------------------------------------------------------------------------
-# The optimizers
+# The optimizers: each is its rule's specification (ch8fast.rules)
 # ---------------------------------------------------------------------------------------
 
-class SGD(_NesterovMixin, Optimizer):
-    r"""Stochastic gradient descent, with optional momentum and Nesterov momentum.
-
-    .. math::
-
-        \theta \leftarrow \theta - \epsilon_k g                 \quad\text{(Algorithm 8.1)}
-
-        v \leftarrow \alpha v - \epsilon g, \qquad
-        \theta \leftarrow \theta + v                           \quad\text{(8.15, 8.16)}
-
-    With ``nesterov=True`` the gradient is taken at the interim point
-    :math:`\tilde\theta = \theta + \alpha v` (Algorithm 8.3, 8.21-8.22). ``step(grads)``
-    uses the fused shifted form: between steps the arrays hold
-    :math:`\phi = \theta + \alpha v` (equal to theta before the first step), and one pass
-    computes :math:`v' = \alpha v - \epsilon g,\ \phi' = \phi - \alpha v + (1 + \alpha') v'`
-    with :math:`\alpha'` the next step's momentum. Read theta with :meth:`theta` or
-    :meth:`at_theta`. ``step(closure=fn)`` runs the literal algorithm; the arrays then hold
-    theta between steps.
-
-    Args:
-        params: a sequence of float32/float64 C-contiguous arrays, updated in place, or of
-            dicts (param groups) with ``"params"`` and their own hyperparameters.
-        lr: the learning rate epsilon, a number >= 0 or a schedule ``step -> lr``.
-        momentum: alpha in [0, 1), or a schedule. 0 (the default) is plain SGD and keeps no
-            velocity; a schedule allocates one.
-        nesterov: use Nesterov momentum (needs momentum).
-        weight_decay: L2 penalty coefficient, added to the gradient as ``wd * theta``.
-
-    State per parameter: ``velocity`` (v; torch's ``momentum_buffer`` is -v / lr at a
-    constant lr).
-    """
-
-    _checks = {"lr": nonnegative, "momentum": unit_interval, "weight_decay": nonnegative}
-    _flags = ("nesterov",)
-
-    def __init__(self, params, lr=1e-2, momentum=0.0, nesterov=False, weight_decay=0.0,
-                 **options):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay), **options)
-
-    def _state_names(self, group):
-        return ("velocity",) if self._has_velocity(group) else ()
-
-    def _args(self, h, gi):
-        a_next = self._momentum_next(h, gi)
-        if a_next is None:
-            return F.sgd_args(h["lr"], h["weight_decay"])
-        return F.momentum_args(h["lr"], h["momentum"], h["weight_decay"],
-                               self.param_groups[gi]["nesterov"], a_next)
+class SGD(Optimizer):
+    rule = rules.SGD
 
 
 class AdaGrad(Optimizer):
-    r"""AdaGrad (Algorithm 8.4): per-parameter rates scaled by the accumulated squares.
-
-    .. math::
-
-        r \leftarrow r + g \odot g, \qquad
-        \theta \leftarrow \theta - \frac{\epsilon}{\delta + \sqrt{r}} \odot g
-
-    ``eps`` is the book's delta, *outside* the root (default 1e-7), as in
-    torch.optim.Adagrad (default 1e-10); optax.adagrad adds it inside the root and starts
-    the accumulator at 0.1. ``initial_accumulator_value`` sets r at the start.
-
-    State per parameter: ``sum`` (r).
-    """
-
-    _checks = {"lr": nonnegative, "eps": positive, "weight_decay": nonnegative,
-               "initial_accumulator_value": nonnegative}
-
-    def __init__(self, params, lr=1e-2, eps=1e-7, weight_decay=0.0,
-                 initial_accumulator_value=0.0, **options):
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value),
-                         **options)
-
-    def _state_names(self, group):
-        return ("sum",)
-
-    def _initial_state(self, name, p, group):
-        return np.full_like(p, group["initial_accumulator_value"], order="C")
-
-    def _args(self, h, gi):
-        return F.adagrad_args(h["lr"], h["eps"], h["weight_decay"])
+    rule = rules.ADAGRAD
 
 
-class RMSProp(_NesterovMixin, Optimizer):
-    r"""RMSProp (Algorithm 8.5), with optional momentum and Nesterov momentum (8.6).
-
-    .. math::
-
-        r \leftarrow \rho r + (1 - \rho) g \odot g, \qquad
-        \theta \leftarrow \theta - \frac{\epsilon}{\sqrt{\delta + r}} \odot g
-
-    With momentum: :math:`v \leftarrow \alpha v - \frac{\epsilon}{\sqrt{\delta + r}} \odot g,
-    \ \theta \leftarrow \theta + v`; with ``nesterov=True`` the gradient is taken at
-    :math:`\theta + \alpha v` (Algorithm 8.6), in the same two forms as :class:`SGD`.
-
-    ``eps`` is the book's delta, *inside* the root (default 1e-6); Algorithm 8.6 writes no
-    delta, and ch8fast keeps it there too so that r = 0 is safe. optax.rmsprop also adds
-    it inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha``
-    (default 0.99).
-
-    State per parameter: ``square_avg`` (r), and ``velocity`` (v) with momentum.
-    """
-
-    _checks = {"lr": nonnegative, "rho": unit_interval, "eps": positive,
-               "momentum": unit_interval, "weight_decay": nonnegative}
-    _flags = ("nesterov",)
-
-    def __init__(self, params, lr=1e-3, rho=0.9, eps=1e-6, momentum=0.0, nesterov=False,
-                 weight_decay=0.0, **options):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, momentum=momentum,
-                                      nesterov=nesterov, weight_decay=weight_decay),
-                         **options)
-
-    def _state_names(self, group):
-        return ("square_avg", "velocity") if self._has_velocity(group) else ("square_avg",)
-
-    def _args(self, h, gi):
-        a_next = self._momentum_next(h, gi)
-        if a_next is None:
-            return F.rmsprop_args(h["lr"], h["rho"], h["eps"], h["weight_decay"])
-        return F.rmsprop_args(h["lr"], h["rho"], h["eps"], h["weight_decay"],
-                              h["momentum"], self.param_groups[gi]["nesterov"], a_next)
+class RMSProp(Optimizer):
+    rule = rules.RMSPROP
 
 
 class Adam(Optimizer):
-    r"""Adam (Algorithm 8.7), with bias correction; AMSGrad and decoupled decay optional.
-
-    .. math::
-
-        t \leftarrow t + 1, \quad
-        s \leftarrow \rho_1 s + (1 - \rho_1) g, \quad
-        r \leftarrow \rho_2 r + (1 - \rho_2) g \odot g
-
-        \hat s = \frac{s}{1 - \rho_1^t}, \quad \hat r = \frac{r}{1 - \rho_2^t}, \quad
-        \theta \leftarrow \theta - \epsilon \frac{\hat s}{\sqrt{\hat r} + \delta}
-
-    ``betas`` are (rho1, rho2), ``eps`` is delta, outside the root (default 1e-8, as in
-    torch.optim.Adam, optax.adam; Keras uses 1e-7). ``weight_decay`` adds an L2 term to
-    the gradient; with ``decoupled_weight_decay=True`` (or :class:`AdamW`) theta is first
-    scaled by 1 - lr * weight_decay instead (Loshchilov & Hutter). ``amsgrad=True`` divides
-    by the running maximum of r (Reddi et al.).
-
-    The step count t is kept per param group; state per parameter: ``exp_avg`` (s),
-    ``exp_avg_sq`` (r), and ``max_exp_avg_sq`` with AMSGrad.
-    """
-
-    _checks = {"lr": nonnegative, "betas": betas_pair, "eps": positive,
-               "weight_decay": nonnegative}
-    _flags = ("amsgrad", "decoupled_weight_decay")
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, decoupled_weight_decay=False, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad,
-                                      decoupled_weight_decay=decoupled_weight_decay),
-                         **options)
-
-    def _state_names(self, group):
-        names = ("exp_avg", "exp_avg_sq")
-        return names + ("max_exp_avg_sq",) if group["amsgrad"] else names
-
-    def _args(self, h, gi):
-        group = self.param_groups[gi]
-        return F.adam_args(h["lr"], h["betas"][0], h["betas"][1], h["eps"],
-                           h["weight_decay"], self._steps[gi] + 1,
-                           group["decoupled_weight_decay"], group["amsgrad"])
+    rule = rules.ADAM
 
 
 class AdamW(Adam):
-    r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
-
-    .. math::
-
-        \theta \leftarrow \theta (1 - \epsilon \lambda), \text{ then the Adam step of
-        Algorithm 8.7}
-
-    Default ``weight_decay`` 1e-2, as in torch.optim.AdamW (optax.adamw: 1e-4).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, **options):
-        Optimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
-                                              weight_decay=weight_decay, amsgrad=amsgrad,
-                                              decoupled_weight_decay=True), **options)
+    rule = rules.ADAMW
 
 
 class AdaDelta(Optimizer):
-    r"""AdaDelta (Zeiler 2012; named in section 8.5.4).
-
-    .. math::
-
-        E[g^2] \leftarrow \rho E[g^2] + (1-\rho) g^2, \quad
-        \Delta\theta = -\frac{\sqrt{E[\Delta\theta^2] + \delta}}{\sqrt{E[g^2] + \delta}} g
-
-        E[\Delta\theta^2] \leftarrow \rho E[\Delta\theta^2] + (1-\rho)\Delta\theta^2, \quad
-        \theta \leftarrow \theta + \epsilon \Delta\theta
-
-    ``lr`` (epsilon) scales the step and defaults to 1, which is Zeiler's rule; the
-    accumulated update E[dtheta^2] is of the unscaled step, as in torch.optim.Adadelta.
-    Defaults rho = 0.95, eps = 1e-6 are Zeiler's (torch: rho 0.9).
-
-    State per parameter: ``square_avg`` (E[g^2]), ``acc_delta`` (E[dtheta^2]).
-    """
-
-    _checks = {"lr": nonnegative, "rho": unit_interval, "eps": positive,
-               "weight_decay": nonnegative}
-
-    def __init__(self, params, lr=1.0, rho=0.95, eps=1e-6, weight_decay=0.0, **options):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay),
-                         **options)
-
-    def _state_names(self, group):
-        return ("square_avg", "acc_delta")
-
-    def _args(self, h, gi):
-        return F.adadelta_args(h["lr"], h["rho"], h["eps"], h["weight_decay"])
+    rule = rules.ADADELTA

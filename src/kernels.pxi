@@ -7,7 +7,9 @@ Three layers, from the inside out:
    Each is a single pass that reads the gradient and the state once, and writes the
    parameter and the state once, in place. The math runs in the array's dtype; the per-step
    scalars arrive in a ``Hyper`` struct computed by Python in double precision and are
-   rounded once to the dtype.
+   rounded once to the dtype. Every rule sees the gradient through ``_grad`` (scale for
+   clipping by norm, then clamp for clipping by value): the one code path of the gradient
+   transformations, which the standalone clipping functions run too (``_transform``).
 
 2. One walker, ``_run``: a parameter group is a *table* with one row per tensor
    (the addresses of param, grad and state arrays) and cumulative element offsets. The
@@ -17,9 +19,14 @@ Three layers, from the inside out:
    arithmetic of every element does not depend on the split, so results are bitwise the
    same for any number of threads.
 
-3. ``Table``, a Python-visible class that owns a group's table. It checks gradients once per
-   step with the GIL held (type, dtype, shape, overlap with anything the step writes) and
-   binds their addresses, then runs a rule with the GIL released.
+3. The Python-visible types, all checking with the GIL held before any kernel runs:
+   ``Scalars`` (a rule's per-step scalars, set by name), ``GradPlan`` (the gradient
+   transformation of a step, by name), ``Table`` (the arrays of one group and dtype: it
+   keeps a reference to every array whose address it holds, and checks the gradients and
+   the parameters at every step), ``Engine`` (an optimizer's tables and step counters: one
+   call binds every gradient, checks every scalar against its dtype, runs every table and
+   counts the step, so that an interrupt sees the step whole or not at all) and ``apply``
+   (one rule on caller-owned arrays, for ``ch8fast.functional``).
 
 Nothing inside layers 1-2 allocates, checks, or touches a Python object.
 """
@@ -28,9 +35,10 @@ cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport intptr_t, uintptr_t
-from libc.math cimport sqrt, sqrtf, isfinite, fabs
+from libc.math cimport sqrt, sqrtf, isfinite, fabs, pow, INFINITY
 
 cimport numpy as cnp
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 import numpy as np
 
 cnp.import_array()
@@ -65,7 +73,8 @@ def cpu_supports(isa):
 # Rules and their per-step scalars
 # ---------------------------------------------------------------------------------------
 
-# Rule codes, with the number of table columns each uses (param, grad, then state).
+# Operation codes. The rules first, with the number of table columns each uses (param,
+# grad, then state); then the two operations that are not rules.
 cdef enum:
     SGD = 0               # p, g                                 (Alg 8.1)
     MOMENTUM = 1          # p, g, v       (8.15-8.16; shifted Nesterov with FLAG_NESTEROV)
@@ -74,11 +83,10 @@ cdef enum:
     RMSPROP_MOMENTUM = 4  # p, g, r, v    (Alg 8.6 with FLAG_NESTEROV; plain momentum without)
     ADAM = 5              # p, g, m, v[, vmax with FLAG_AMSGRAD] (Alg 8.7)
     ADADELTA = 6          # p, g, Eg2, Edx2                      (Zeiler 2012)
-    N_RULES = 10
+    N_RULES = 7
 
-    SCALE = 7             # x <- gscale * x, on column 0 (gradient clipping by norm)
-    CLAMP = 8             # x <- min(max(x, -clip), clip), on column 0
-    ROOFLINE = 9          # no update: the memory traffic of a rule with this many columns
+    TRANSFORM = 7         # x <- clamp(gscale * x), on column 0: the standalone clipping
+    TRAFFIC = 8           # no update: the memory traffic of a rule with h.flags columns
 
 cdef enum:
     FLAG_L2 = 1           # add weight_decay * p to the gradient first
@@ -91,18 +99,17 @@ cdef enum:
     SUM_LANES = 16        # each summed in 16 lanes by global index, blocks added in order
 
 RULES = {"sgd": SGD, "momentum": MOMENTUM, "adagrad": ADAGRAD, "rmsprop": RMSPROP,
-         "rmsprop_momentum": RMSPROP_MOMENTUM, "adam": ADAM, "adadelta": ADADELTA,
-         "scale": SCALE, "clamp": CLAMP, "roofline": ROOFLINE}
-RULE_COLUMNS = (2, 3, 3, 3, 4, 4, 4, 2, 2, 2)
-FLAGS = {"l2": FLAG_L2, "nesterov": FLAG_NESTEROV, "amsgrad": FLAG_AMSGRAD,
-         "clip": FLAG_CLIP}
+         "rmsprop_momentum": RMSPROP_MOMENTUM, "adam": ADAM, "adadelta": ADADELTA}
+_RULE_NAMES = {code: name for name, code in RULES.items()}
+cdef Py_ssize_t[N_RULES] RULE_COLUMNS = [2, 3, 3, 3, 4, 4, 4]
 
 cdef struct Hyper:
     double lr           # step size (for Adam: lr / (1 - beta1^t))
     double wd           # L2 coefficient, used with FLAG_L2
     double decay        # decoupled decay factor applied to p first (1 - lr * wd), else 1
     double alpha        # momentum of this step
-    double alpha_next   # momentum of the next step (shifted Nesterov)
+    double alpha_next   # momentum of the next step: places the next interim point
+    double alpha_prev   # momentum the arrays' interim point was placed with
     double rho          # decay of the squared-gradient average (RMSProp, AdaDelta)
     double beta1
     double beta2
@@ -165,18 +172,13 @@ cdef void _traffic(floating* p, const floating* g, floating* a, floating* b, flo
             c[i] = x
 
 
-cdef void _scale(floating* x, Py_ssize_t n, const Hyper* h) noexcept nogil:
-    cdef floating s = <floating>h.gscale
+cdef void _transform(floating* x, Py_ssize_t n, const Hyper* h) noexcept nogil:
+    # The gradient transformation of the rules, applied to an array in place.
+    cdef floating s = <floating>h.gscale, c = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
     cdef Py_ssize_t i
     for i in range(n):
-        x[i] = x[i] * s
-
-
-cdef void _clamp(floating* x, Py_ssize_t n, const Hyper* h) noexcept nogil:
-    cdef floating c = <floating>h.clip
-    cdef Py_ssize_t i
-    for i in range(n):
-        x[i] = _grad(x[i], <floating>1, c, True)
+        x[i] = _grad(x[i], s, c, clip)
 
 
 cdef void _sgd(floating* p, const floating* g, Py_ssize_t n, const Hyper* h) noexcept nogil:
@@ -197,10 +199,12 @@ cdef void _sgd(floating* p, const floating* g, Py_ssize_t n, const Hyper* h) noe
 cdef void _momentum(floating* p, const floating* g, floating* v, Py_ssize_t n,
                     const Hyper* h) noexcept nogil:
     # v <- alpha v - eps g (8.15);  theta <- theta + v (8.16).
-    # Shifted Nesterov (spec section 3): the array holds phi = theta + alpha v, and
-    # phi' = phi - alpha v + (1 + alpha') v', alpha' being the next step's momentum.
+    # Shifted Nesterov (spec section 3): the array holds phi = theta + alpha_prev v, and
+    # phi' = phi - alpha_prev v + (1 + alpha') v', alpha' being the next step's momentum
+    # (alpha_prev is this step's momentum, unless the user changed it by hand).
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
+    cdef floating a_prev = <floating>h.alpha_prev
     cdef bint l2 = h.flags & FLAG_L2, nesterov = h.flags & FLAG_NESTEROV
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
@@ -214,7 +218,7 @@ cdef void _momentum(floating* p, const floating* g, floating* v, Py_ssize_t n,
         vn = a * vi - lr * gi
         v[i] = vn
         if nesterov:
-            p[i] = p[i] - a * vi + a_next1 * vn
+            p[i] = p[i] - a_prev * vi + a_next1 * vn
         else:
             p[i] = p[i] + vn
 
@@ -263,6 +267,7 @@ cdef void _rmsprop_momentum(floating* p, const floating* g, floating* r, floatin
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
+    cdef floating a_prev = <floating>h.alpha_prev
     cdef bint l2 = h.flags & FLAG_L2, nesterov = h.flags & FLAG_NESTEROV
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
@@ -278,7 +283,7 @@ cdef void _rmsprop_momentum(floating* p, const floating* g, floating* r, floatin
         vn = a * vi - lr * (gi / _sqrt(eps + ri))
         v[i] = vn
         if nesterov:
-            p[i] = p[i] - a * vi + a_next1 * vn
+            p[i] = p[i] - a_prev * vi + a_next1 * vn
         else:
             p[i] = p[i] + vn
 
@@ -346,14 +351,11 @@ cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t 
     # ``tag`` only selects the dtype; ``row`` holds the tensor's column addresses.
     cdef floating* p = (<floating*>row[0]) + lo
     cdef const floating* g
-    if rule == SCALE:
-        _scale(p, n, h)
-        return
-    if rule == CLAMP:
-        _clamp(p, n, h)
+    if rule == TRANSFORM:
+        _transform(p, n, h)
         return
     g = (<const floating*>row[1]) + lo
-    if rule == ROOFLINE:       # h.flags holds the number of columns
+    if rule == TRAFFIC:        # h.flags holds the number of columns
         _traffic(p, g, (<floating*>row[2]) + lo if h.flags > 2 else NULL,
                  (<floating*>row[3]) + lo if h.flags > 3 else NULL,
                  (<floating*>row[4]) + lo if h.flags > 4 else NULL, n)
@@ -542,29 +544,259 @@ def get_parallel_min_bytes():
 
 
 # ---------------------------------------------------------------------------------------
-# Layer 3: tables, gradient binding and the Python entry point.
+# Layer 3: the Python-visible types. Everything is checked here, with the GIL held,
+# before any kernel runs.
 # ---------------------------------------------------------------------------------------
+
+from numpy.ma import MaskedArray
+
+cdef double FLOAT32_MAX = 3.4028234663852886e38
+
+cdef enum:
+    _WANT_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE
+
+
+cdef class Scalars:
+    """The per-step scalars of one rule, set by name (``s.lr = 0.1``), in double precision.
+
+    ``rule`` is the rule's name (``"adam"``, see ``RULES``); the kernel reads every field
+    of this object, by name, at every step. A field a rule does not use is ignored by it.
+    """
+    cdef int code
+    cdef public double lr          # step size (for Adam: lr / (1 - beta1^t))
+    cdef public double wd          # L2 coefficient, used when ``l2``
+    cdef public double decay       # decoupled decay factor applied to p first, else 1
+    cdef public double alpha       # momentum of this step
+    cdef public double alpha_next  # momentum that places the next interim point (Nesterov)
+    cdef public double alpha_prev  # momentum the current interim point was placed with
+    cdef public double rho         # decay of the squared-gradient average
+    cdef public double beta1
+    cdef public double beta2
+    cdef public double c2          # Adam: 1 / sqrt(1 - beta2^t)
+    cdef public double eps
+    cdef public bint l2            # add wd * p to the gradient
+    cdef public bint nesterov      # the shifted Nesterov form
+    cdef public bint amsgrad       # Adam: divide by the running maximum of v
+    cdef public bint bias_correction  # Adam: lr and c2 from the update number t
+
+    def __init__(self, str rule):
+        self.rule = rule
+        self.decay = 1.0
+        self.c2 = 1.0
+
+    @property
+    def rule(self):
+        return _RULE_NAMES[self.code]
+
+    @rule.setter
+    def rule(self, str name):
+        if name not in RULES:
+            raise ValueError(f"unknown rule {name!r}: expected one of {sorted(RULES)}")
+        self.code = RULES[name]
+
+    def fields(self):
+        """``{name: value}`` of every field."""
+        return {k: getattr(self, k) for k in _SCALAR_FIELDS}
+
+    def __repr__(self):
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.fields().items())
+        return f"Scalars({inner})"
+
+    cdef int fill(self, Hyper* h, GradPlan plan, long long t, bint f64, Py_ssize_t ncols,
+                  Py_ssize_t group) except -1:
+        """The kernel's Hyper for update number ``t`` (from 1), checked: the rule's
+        columns are there, and every scalar can be rounded to the dtype without
+        overflowing (and eps without vanishing). ``group`` (or -1) names the group in
+        messages."""
+        cdef double[11] vals
+        cdef int k
+        if ncols < RULE_COLUMNS[self.code] + (1 if (self.code == ADAM and self.amsgrad)
+                                              else 0):
+            raise ValueError(f"{_where(group)}rule {self.rule!r} needs more state arrays "
+                             f"than this table has ({ncols - 2})")
+        h.lr = self.lr; h.wd = self.wd; h.decay = self.decay; h.alpha = self.alpha
+        h.alpha_next = self.alpha_next; h.alpha_prev = self.alpha_prev; h.rho = self.rho
+        h.beta1 = self.beta1; h.beta2 = self.beta2; h.c2 = self.c2; h.eps = self.eps
+        if self.bias_correction:
+            # Algorithm 8.7's bias corrections folded into two scalars: the step size
+            # lr / (1 - beta1^t) and c2 = 1 / sqrt(1 - beta2^t), so that the kernel
+            # computes theta - step * s / (sqrt(r) * c2 + delta).
+            h.lr = self.lr / (1.0 - pow(self.beta1, <double>t))
+            h.c2 = 1.0 / sqrt(1.0 - pow(self.beta2, <double>t))
+        h.flags = ((FLAG_L2 if self.l2 else 0) | (FLAG_NESTEROV if self.nesterov else 0)
+                   | (FLAG_AMSGRAD if self.amsgrad else 0))
+        plan.fill(h)
+        if f64:
+            return 0
+        vals[0] = h.lr; vals[1] = h.wd; vals[2] = h.decay; vals[3] = h.alpha
+        vals[4] = h.alpha_next; vals[5] = h.alpha_prev; vals[6] = h.rho
+        vals[7] = h.beta1; vals[8] = h.beta2; vals[9] = h.c2; vals[10] = h.eps
+        for k in range(11):
+            if not fabs(vals[k]) <= FLOAT32_MAX:
+                raise ValueError(f"{_where(group)}the per-step scalar {_HYPER_FIELDS[k]} = "
+                                 f"{vals[k]!r} overflows float32, the dtype of these "
+                                 f"parameters (check lr, weight_decay and the other "
+                                 f"hyperparameters)")
+        if h.eps != 0.0 and <float>h.eps == 0.0:
+            raise ValueError(f"{_where(group)}eps = {h.eps!r} rounds to 0 in float32, the "
+                             f"dtype of these parameters")
+        return 0
+
+    def kernel_values(self, long long t=1, GradPlan plan=None):
+        """``{name: value}`` of what the kernel receives for update number ``t`` (float64
+        parameters): the fields after the bias corrections, and the plan."""
+        cdef Hyper h
+        self.fill(&h, _IDENTITY if plan is None else plan, t, True, 5, -1)
+        return {"lr": h.lr, "wd": h.wd, "decay": h.decay, "alpha": h.alpha,
+                "alpha_next": h.alpha_next, "alpha_prev": h.alpha_prev, "rho": h.rho,
+                "beta1": h.beta1, "beta2": h.beta2, "c2": h.c2, "eps": h.eps,
+                "gscale": h.gscale, "clip": h.clip, "flags": h.flags}
+
+
+cdef str _where(Py_ssize_t group):
+    return f"param_groups[{group}]: " if group >= 0 else ""
+
+
+_SCALAR_FIELDS = ("lr", "wd", "decay", "alpha", "alpha_next", "alpha_prev", "rho", "beta1",
+                  "beta2", "c2", "eps", "l2", "nesterov", "amsgrad", "bias_correction")
+_HYPER_FIELDS = ("lr", "wd", "decay", "alpha", "alpha_next", "alpha_prev", "rho", "beta1",
+                 "beta2", "c2", "eps")
+
+
+cdef class GradPlan:
+    """How the gradients of a step are transformed before the update, by name: each
+    element is multiplied by ``scale`` (clipping by norm; 1: unchanged), then clamped to
+    [-clamp, clamp] unless ``clamp`` is infinite."""
+    cdef public double scale
+    cdef public double clamp
+
+    def __init__(self, double scale=1.0, double clamp=float("inf")):
+        self.scale = scale
+        self.clamp = clamp
+
+    def __repr__(self):
+        return f"GradPlan(scale={self.scale!r}, clamp={self.clamp!r})"
+
+    cdef void fill(self, Hyper* h) noexcept:
+        h.gscale = self.scale
+        h.clip = self.clamp
+        if self.clamp < INFINITY:
+            h.flags = h.flags | FLAG_CLIP
+
+
+cdef GradPlan _IDENTITY = GradPlan()
+
+
+# ---- array checks: one place for the rules every array of an update must satisfy -------
+
+cdef inline bint _is_float(cnp.ndarray a) noexcept:
+    cdef int t = cnp.PyArray_TYPE(a)
+    return t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE
+
+
+cdef object _dtype_problem(object obj, str name):
+    """The TypeError for an object that is not a native-order float32/float64 ndarray, or
+    None."""
+    if not cnp.PyArray_Check(obj):
+        return TypeError(f"{name}: expected a numpy.ndarray, got {type(obj).__name__}")
+    if type(obj) is not np.ndarray and isinstance(obj, MaskedArray):
+        return TypeError(f"{name}: masked arrays are not supported (the update would ignore "
+                         f"the mask); pass the array of values you mean, e.g. "
+                         f"np.ma.filled(a, 0)")
+    if not _is_float(<cnp.ndarray>obj):
+        return TypeError(f"{name}: dtype must be float32 or float64, got "
+                         f"{(<object>obj).dtype}")
+    if not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj):
+        return TypeError(f"{name}: dtype {(<object>obj).dtype.str} is not in the machine's "
+                         f"byte order; convert it with a.astype(a.dtype.newbyteorder('='))")
+    return None
+
+
+def check_param(obj, str name):
+    """An array the update writes (a parameter or a state array): a native-order
+    float32/float64 ndarray (no masked array), C-contiguous, aligned and writeable. It is
+    updated in place, so it is never copied or converted."""
+    err = _dtype_problem(obj, name)
+    if err is not None:
+        raise err
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{name}: must be C-contiguous (it is updated in place, so it "
+                         f"cannot be copied); pass np.ascontiguousarray(...) and keep that "
+                         f"array as the parameter")
+    if not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name}: array is read-only")
+    if not cnp.PyArray_ISALIGNED(a):
+        raise ValueError(f"{name}: array is not aligned")
+    return obj
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int k, nd = cnp.PyArray_NDIM(a)
+    if cnp.PyArray_NDIM(b) != nd:
+        return False
+    for k in range(nd):
+        if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(b)[k]:
+            return False
+    return True
+
+
+cdef cnp.ndarray _check_grad(object obj, cnp.ndarray param, str name, str pname):
+    """A gradient of ``param``: its dtype and shape, any layout. A gradient that is not
+    C-contiguous or not aligned is read through an aligned contiguous copy (a gradient is
+    only read, so the copy loses nothing); returns the array the kernel reads."""
+    err = _dtype_problem(obj, name)
+    if err is not None:
+        raise err
+    cdef cnp.ndarray g = <cnp.ndarray>obj
+    if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(param):
+        raise TypeError(f"{name}: dtype {(<object>g).dtype} does not match {pname}'s dtype "
+                        f"{(<object>param).dtype}")
+    if not _same_shape(g, param):
+        raise ValueError(f"{name}: shape {(<object>g).shape} does not match {pname}'s shape "
+                         f"{(<object>param).shape}")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(g) and cnp.PyArray_ISALIGNED(g)):
+        g = np.array(g, order="C", copy=True)
+    return g
+
+
+cdef bint _overlap(uintptr_t lo0, uintptr_t hi0, uintptr_t lo1, uintptr_t hi1) noexcept:
+    return lo0 < hi0 and lo1 < hi1 and lo0 < hi1 and lo1 < hi0
+
+
+cdef inline uintptr_t _lo(cnp.ndarray a) noexcept:
+    return <uintptr_t>cnp.PyArray_DATA(a)
+
+
+cdef inline uintptr_t _hi(cnp.ndarray a) noexcept:
+    return <uintptr_t>cnp.PyArray_DATA(a) + <uintptr_t>cnp.PyArray_NBYTES(a)
+
 
 cdef class Guard:
     """Sorted address intervals of every array an optimizer writes (params and state).
 
     A gradient that overlaps one of them is refused: the update would read a value it has
-    already overwritten.
+    already overwritten. The arrays themselves must be disjoint (``disjoint``).
     """
     cdef uintptr_t[::1] starts
     cdef uintptr_t[::1] stops
     cdef Py_ssize_t n
 
-    def __init__(self, arrays):
-        spans = sorted((a.__array_interface__["data"][0], a.nbytes) for a in arrays
-                       if a.nbytes > 0)
+    def __init__(self, arrays, names=None):
+        spans = sorted((a.__array_interface__["data"][0], a.nbytes, i)
+                       for i, a in enumerate(arrays) if a.nbytes > 0)
+        for (s0, nb0, i0), (s1, _, i1) in zip(spans, spans[1:]):
+            if s1 < s0 + nb0:
+                n0, n1 = (names[i0], names[i1]) if names is not None else (i0, i1)
+                raise ValueError(f"{n0} and {n1} share memory; every parameter and state "
+                                 f"array must be a separate buffer")
         self.n = len(spans)
-        self.starts = np.array([s for s, _ in spans] or [0], dtype=np.uintp)
-        self.stops = np.array([s + nb for s, nb in spans] or [0], dtype=np.uintp)
+        self.starts = np.array([s for s, _, _ in spans] or [0], dtype=np.uintp)
+        self.stops = np.array([s + nb for s, nb, _ in spans] or [0], dtype=np.uintp)
 
     cdef bint overlaps(self, uintptr_t lo, uintptr_t hi) noexcept:
-        # Does [lo, hi) meet any interval? The intervals are disjoint (checked by the
-        # optimizer), so only the last one starting before ``hi`` can meet it.
+        # Does [lo, hi) meet any interval? The intervals are disjoint, so only the last
+        # one starting before ``hi`` can meet it.
         cdef Py_ssize_t a = 0, b = self.n, mid
         if lo >= hi or self.n == 0:
             return False
@@ -580,19 +812,20 @@ cdef class Guard:
 cdef class Table:
     """The arrays of one parameter group of one dtype, laid out for the kernels.
 
-    ``columns`` is a list of ``ncols - 1`` lists of arrays: the parameters first, then each
-    state array; column 1 of the table (the gradients) is bound at every step. ``index``
-    gives each row's position in the optimizer's list of gradients.
+    ``params`` are the group's parameters of this dtype, ``states`` a list of columns (one
+    list of arrays per state name, aligned with ``params``), ``index`` each row's position
+    in the optimizer's list of gradients. The table keeps a reference to every array whose
+    address it holds; column 1 (the gradients) is bound at every step, after checking the
+    gradients and that each parameter is still the array the table was built on.
     """
     cdef intptr_t[:, ::1] table
     cdef Py_ssize_t[::1] offsets
     cdef Py_ssize_t[::1] index
-    cdef Py_ssize_t nrows, ncols
+    cdef readonly Py_ssize_t nrows, ncols
     cdef bint f64
-    cdef int typenum
-    cdef tuple shapes
-    cdef Py_ssize_t[::1] ndims       # each row's number of dimensions
-    cdef Py_ssize_t[::1] dims        # all rows' dimensions, concatenated
+    cdef list params          # the parameter arrays (references held)
+    cdef list states          # the state columns (references held)
+    cdef list names           # "grads[i]" and "params[i]" of each row, for messages
     cdef Guard guard
     cdef uintptr_t[::1] checked  # each row's last gradient address found clear of the guard
     cdef list keep            # contiguous copies of non-contiguous gradients, this step
@@ -602,88 +835,87 @@ cdef class Table:
         cdef Py_ssize_t r, c
         self.nrows = len(params)
         self.ncols = 2 + len(states)
-        self.f64 = params[0].dtype == np.float64
-        self.typenum = params[0].dtype.num
-        self.shapes = tuple(p.shape for p in params)
-        self.ndims = np.array([p.ndim for p in params], dtype=np.intp)
-        self.dims = np.array([d for p in params for d in p.shape] or [0], dtype=np.intp)
+        self.f64 = self.nrows > 0 and params[0].dtype == np.float64
+        self.params = list(params)
+        self.states = [list(col) for col in states]
         self.guard = guard
         self.checked = np.zeros(max(1, self.nrows), dtype=np.uintp)
         self.keep = []
         self.index = np.asarray(index, dtype=np.intp).copy()
-        self.table = np.zeros((self.nrows, self.ncols), dtype=np.intp)
+        self.names = [(f"grads[{i}]", f"params[{i}]") for i in self.index]
+        self.table = np.zeros((max(1, self.nrows), self.ncols), dtype=np.intp)
         self.offsets = np.zeros(self.nrows + 1, dtype=np.intp)
         for r in range(self.nrows):
+            if params[r].dtype != params[0].dtype:
+                raise ValueError("a table holds parameters of one dtype")
             self.offsets[r + 1] = self.offsets[r] + params[r].size
-        n_blocks = (self.offsets[self.nrows] + SUM_BLOCK - 1) // SUM_BLOCK
-        self.blocks = np.zeros(max(1, n_blocks))
-        for r in range(self.nrows):
             self.table[r, 0] = params[r].__array_interface__["data"][0]
             for c in range(len(states)):
-                self.table[r, 2 + c] = states[c][r].__array_interface__["data"][0]
+                a = states[c][r]
+                if a.dtype != params[r].dtype or a.size != params[r].size:
+                    raise ValueError("a state array must match its parameter")
+                self.table[r, 2 + c] = a.__array_interface__["data"][0]
+        n_blocks = (self.offsets[self.nrows] + SUM_BLOCK - 1) // SUM_BLOCK
+        self.blocks = np.zeros(max(1, n_blocks))
 
     @property
     def size(self):
         return self.offsets[self.nrows]
 
-    def bind(self, grads):
-        """Check this table's gradients in ``grads`` and take their addresses.
+    @property
+    def dtype(self):
+        return np.dtype(np.float64 if self.f64 else np.float32)
 
-        Raises TypeError/ValueError naming ``grads[i]``; writes only to the table.
-        """
-        cdef Py_ssize_t r, i, k, d0 = 0, nd
-        cdef cnp.ndarray g
-        cdef cnp.npy_intp* gd
+    cdef int _check_param(self, Py_ssize_t r) except -1:
+        # The parameter must still be the array the table holds the address of: a
+        # reallocation (resize), a smaller size, a new dtype or read-only flag would make
+        # the kernel write where the user no longer looks, or where nothing is.
+        cdef cnp.ndarray p = <cnp.ndarray>self.params[r]
+        cdef int want = cnp.NPY_DOUBLE if self.f64 else cnp.NPY_FLOAT
+        if ((cnp.PyArray_FLAGS(p) & _WANT_FLAGS) != _WANT_FLAGS
+                or <intptr_t>cnp.PyArray_DATA(p) != self.table[r, 0]
+                or cnp.PyArray_SIZE(p) != self.offsets[r + 1] - self.offsets[r]
+                or cnp.PyArray_TYPE(p) != want or not cnp.PyArray_ISNOTSWAPPED(p)):
+            check_param(p, self.names[r][1])
+            raise ValueError(f"{self.names[r][1]}: the array's data moved, or its size or "
+                             f"dtype changed, since the optimizer was made (resize with "
+                             f"refcheck=False?); make a new optimizer for it")
+        return 0
+
+    def bind(self, grads):
+        """Check this table's gradients in ``grads`` (and its parameters) and take their
+        addresses. Raises TypeError/ValueError naming ``grads[i]``; writes only to the
+        table."""
+        self._bind(grads)
+
+    cdef int _bind(self, object grads) except -1:
+        cdef Py_ssize_t r
+        cdef cnp.ndarray g, p
         cdef uintptr_t lo
-        cdef bint same
         if self.keep:
             self.keep.clear()
         for r in range(self.nrows):
-            i = self.index[r]
-            obj = grads[i]
-            nd = self.ndims[r]
-            if not cnp.PyArray_Check(obj):
-                raise TypeError(f"grads[{i}]: expected a numpy.ndarray, got "
-                                f"{type(obj).__name__}")
-            g = <cnp.ndarray>obj
-            if cnp.PyArray_TYPE(g) != self.typenum:
-                raise TypeError(f"grads[{i}]: dtype {(<object>g).dtype} does not match its "
-                                f"parameter's dtype {np.dtype(self._dtype())}")
-            same = cnp.PyArray_NDIM(g) == nd
-            if same:
-                gd = cnp.PyArray_DIMS(g)
-                for k in range(nd):
-                    if gd[k] != self.dims[d0 + k]:
-                        same = False
-                        break
-            if not same:
-                raise ValueError(f"grads[{i}]: shape {(<object>g).shape} does not match its "
-                                 f"parameter's shape {self.shapes[r]}")
-            d0 += nd
+            self._check_param(r)
+            p = <cnp.ndarray>self.params[r]
+            g = _check_grad(grads[self.index[r]], p, self.names[r][0], "its parameter")
+            if g is not grads[self.index[r]]:
+                self.keep.append(g)
             lo = <uintptr_t>cnp.PyArray_DATA(g)
-            # The guarded arrays never move and the shape fixes the byte count, so a
+            # The guarded arrays never move (checked above for the parameters; the state
+            # arrays are the optimizer's own) and the shape fixes the byte count, so a
             # gradient at the address checked last time is still clear of them.
             if lo != self.checked[r]:
                 if self.guard.overlaps(lo, lo + <uintptr_t>cnp.PyArray_NBYTES(g)):
-                    raise ValueError(f"grads[{i}] shares memory with a parameter or an "
-                                     f"optimizer state array; pass a separate gradient "
+                    raise ValueError(f"{self.names[r][0]} shares memory with a parameter or "
+                                     f"an optimizer state array; pass a separate gradient "
                                      f"array")
                 self.checked[r] = lo
-            if not cnp.PyArray_IS_C_CONTIGUOUS(g):
-                g = np.ascontiguousarray(g)
-                self.keep.append(g)
-            self.table[r, 1] = <intptr_t>cnp.PyArray_DATA(g)
+            self.table[r, 1] = <intptr_t>lo
+        return 0
 
-    def _dtype(self):
-        return np.float64 if self.f64 else np.float32
-
-    def sumsq(self, int col=1):
-        """Sum of squares of column ``col`` (1: the gradients last bound; 0: the
-        parameters), in double precision, the same bits for any thread count."""
+    cdef double _sumsq(self, int col) noexcept:
         cdef int nt = _threads()
         cdef double out
-        if not 0 <= col < self.ncols:
-            raise ValueError(f"col must be in [0, {self.ncols}), got {col}")
         if self.offsets[self.nrows] == 0:
             return 0.0
         with nogil:
@@ -691,57 +923,205 @@ cdef class Table:
                          self.nrows, &self.blocks[0], nt)
         return out
 
-    def run(self, int rule, double lr, double wd=0.0, double decay=1.0, double alpha=0.0,
-            double alpha_next=0.0, double rho=0.0, double beta1=0.0, double beta2=0.0,
-            double c2=1.0, double eps=0.0, int flags=0, double gscale=1.0,
-            double clip=0.0):
-        """Apply ``rule`` to every row, with the gradients last bound: each gradient
-        element is multiplied by ``gscale``, then clamped to [-clip, clip] if
-        ``flags`` has FLAG_CLIP. Gradient copies made by ``bind`` are kept until the
-        next ``bind``."""
-        cdef Hyper h
+    def sumsq(self, int col=1):
+        """Sum of squares of column ``col`` (1: the gradients last bound; 0: the
+        parameters), in double precision, the same bits for any thread count."""
+        if not 0 <= col < self.ncols:
+            raise ValueError(f"col must be in [0, {self.ncols}), got {col}")
+        return self._sumsq(col)
+
+    cdef void _go(self, int op, const Hyper* h) noexcept:
+        # A small update runs with the GIL held: releasing it would cost more than the
+        # update (and threads would not start below the cutoff anyway).
         cdef int nt = _threads()
-        h.lr = lr; h.wd = wd; h.decay = decay; h.alpha = alpha; h.alpha_next = alpha_next
-        h.rho = rho; h.beta1 = beta1; h.beta2 = beta2; h.c2 = c2; h.eps = eps
-        h.gscale = gscale; h.clip = clip
-        h.flags = flags
-        if self.ncols < RULE_COLUMNS[rule] + (1 if flags & FLAG_AMSGRAD else 0):
-            raise ValueError("table has too few state columns for this rule")
-        with nogil:
-            _run(rule, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
-                 self.nrows, &h, nt)
-
-
-def step_tables(list tables, Py_ssize_t[::1] groups, list args, grads, double gscale=1.0,
-                int clip_flags=0, double clip=0.0, bint bind=True):
-    """One optimizer step over many tables: bind every table's gradients first (so that a
-    bad gradient raises before anything is written), then run each table with the kernel
-    arguments of its group, ``args[groups[i]]`` (the argument tuple of ``Table.run``
-    without ``gscale`` and ``clip``), OR-ing ``clip_flags`` into its flags."""
-    cdef Py_ssize_t i
-    cdef Table t
-    cdef tuple a
-    cdef Hyper h
-    cdef int rule, nt = _threads()
-    for i in range(len(tables)):
-        a = <tuple>args[groups[i]]
-        rule = a[0]
-        if not 0 <= rule < N_RULES or rule == ROOFLINE or (<Table>tables[i]).ncols < (
-                RULE_COLUMNS[rule] + (1 if (<int>a[11]) & FLAG_AMSGRAD else 0)):
-            raise ValueError(f"rule {rule} needs more state columns than table {i} has")
-    if bind:
-        for i in range(len(tables)):
-            (<Table>tables[i]).bind(grads)
-    for i in range(len(tables)):
-        t = <Table>tables[i]
-        a = <tuple>args[groups[i]]
-        h.lr = a[1]; h.wd = a[2]; h.decay = a[3]; h.alpha = a[4]; h.alpha_next = a[5]
-        h.rho = a[6]; h.beta1 = a[7]; h.beta2 = a[8]; h.c2 = a[9]; h.eps = a[10]
-        h.flags = <int>a[11] | clip_flags
-        h.gscale = gscale
-        h.clip = clip
-        rule = a[0]
-        if t.nrows:
+        cdef bint release = self.offsets[self.nrows] * (8 if self.f64 else 4) * (
+            2 * self.ncols - 1) >= _parallel_min_bytes // 4
+        if self.nrows == 0:
+            return
+        if release:
             with nogil:
-                _run(rule, t.f64, &t.table[0, 0], t.ncols, &t.offsets[0], t.nrows,
-                     &h, nt)
+                _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                     self.nrows, h, nt)
+        else:
+            _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                 self.nrows, h, nt)
+
+    def transform(self, GradPlan plan not None):
+        """Apply ``plan`` (scale, then clamp) in place to column 0."""
+        cdef Hyper h
+        h.flags = 0
+        plan.fill(&h)
+        self._go(TRANSFORM, &h)
+
+    def traffic(self):
+        """The bandwidth yardstick: read every column once and write every column but the
+        gradient once (the traffic of a rule with these columns), with the update's
+        threads and chunking. Needs the gradients bound."""
+        cdef Hyper h
+        if self.ncols > 5:
+            raise ValueError("traffic() handles at most 5 columns")
+        h.flags = <int>self.ncols
+        self._go(TRAFFIC, &h)
+
+
+cdef class Engine:
+    """An optimizer's tables, the ``Scalars`` of each of its groups, and its step counters.
+
+    ``tables[i]`` belongs to group ``groups[i]``. ``steps[g]`` counts the completed steps
+    of group ``g``, ``interim[g]`` is the momentum its arrays' interim point was placed
+    with (shifted Nesterov form; 0 otherwise) and ``form`` the Nesterov form of the steps
+    taken (0: none yet, 1: shifted, 2: literal). ``run`` updates them in the same C call
+    that runs the kernels, so that an interrupt (KeyboardInterrupt) sees a step either
+    whole and counted, or not applied.
+    """
+    cdef readonly list tables
+    cdef readonly list scalars
+    cdef Py_ssize_t[::1] group_of
+    cdef readonly list steps
+    cdef readonly list interim
+    cdef public int form
+
+    def __init__(self, list tables, groups, list scalars, list steps, list interim,
+                 int form=0):
+        cdef Py_ssize_t g
+        self.tables = list(tables)
+        self.group_of = np.asarray(groups, dtype=np.intp).copy()
+        self.scalars = list(scalars)
+        if not (len(steps) == len(interim) == len(scalars)
+                and len(self.group_of) == len(self.tables)):
+            raise ValueError("one Scalars, step count and interim momentum per group")
+        for g in self.group_of:
+            if not 0 <= g < len(scalars):
+                raise ValueError("group index out of range")
+        self.steps = [int(s) for s in steps]
+        self.interim = [float(a) for a in interim]
+        self.form = form
+
+    @property
+    def groups(self):
+        """The group of each table."""
+        return list(self.group_of)
+
+    def bind(self, grads):
+        """Check and bind every table's gradients; nothing is written but the tables."""
+        for t in self.tables:
+            (<Table>t)._bind(grads)
+
+    def sumsq(self):
+        """The sum of squares of all gradients last bound (tables added in order)."""
+        cdef double out = 0.0
+        for t in self.tables:
+            out += (<Table>t)._sumsq(1)
+        return out
+
+    def set_counters(self, steps, interim, int form):
+        """Replace the step counters (when loading a state dict)."""
+        if len(steps) != len(self.steps) or len(interim) != len(self.interim):
+            raise ValueError("one step count and interim momentum per group")
+        self.steps = [int(s) for s in steps]
+        self.interim = [float(a) for a in interim]
+        self.form = form
+
+    def run(self, GradPlan plan not None, int form):
+        """Check every table's scalars against its dtype, then update every table with the
+        gradients last bound, transformed by ``plan``, and count the step of every group.
+        In the shifted Nesterov form (``form`` 1) each Nesterov group's ``alpha_prev`` is
+        its ``interim`` momentum, the one its arrays' interim point was placed with.
+
+        A scalar that overflows the table's dtype raises ValueError before anything is
+        written."""
+        cdef Py_ssize_t i, g
+        cdef Table t
+        cdef Scalars s
+        if form == 1:
+            for g in range(len(self.scalars)):
+                s = <Scalars>self.scalars[g]
+                if s.nesterov:
+                    s.alpha_prev = self.interim[g]
+        cdef Hyper[8] local
+        cdef Hyper* hs = local
+        if len(self.tables) > 8:
+            hs = <Hyper*>PyMem_Malloc(len(self.tables) * sizeof(Hyper))
+            if hs == NULL:
+                raise MemoryError()
+        try:
+            for i in range(len(self.tables)):     # every check before any write
+                t = <Table>self.tables[i]
+                g = self.group_of[i]
+                (<Scalars>self.scalars[g]).fill(&hs[i], plan, <long long>self.steps[g] + 1,
+                                                 t.f64, t.ncols,
+                                                 g if len(self.scalars) > 1 else -1)
+            for i in range(len(self.tables)):
+                t = <Table>self.tables[i]
+                t._go((<Scalars>self.scalars[self.group_of[i]]).code, &hs[i])
+        finally:
+            if hs != local:
+                PyMem_Free(hs)
+        # Count the step: no Python code runs between the kernels and here.
+        for g in range(len(self.steps)):
+            self.steps[g] = self.steps[g] + 1
+            s = <Scalars>self.scalars[g]
+            if s.nesterov:
+                self.interim[g] = s.alpha_next
+        if form:
+            self.form = form
+
+    def step(self, grads, GradPlan plan not None, int form):
+        """``bind(grads)``, then ``run(plan, form)``: one call for the common step."""
+        for t in self.tables:
+            (<Table>t)._bind(grads)
+        self.run(plan, form)
+
+
+def apply(Scalars s not None, param, grad, tuple states, tuple names,
+          GradPlan plan=None, long long step=1):
+    """One update of rule ``s.rule`` on caller-owned arrays: ``param`` and the ``states``
+    (named ``names`` in messages) are written in place, ``grad`` is read. Everything is
+    checked first: the arrays (as ``check_param``; states of the parameter's dtype and
+    shape), that nothing the update writes overlaps anything else, and the scalars
+    against the dtype. ``step`` is the number of this update, counting from 1."""
+    cdef Py_ssize_t k, j, n = len(states)
+    cdef cnp.ndarray p, a, g
+    cdef intptr_t row[5]
+    cdef Py_ssize_t offsets[2]
+    cdef Hyper h
+    cdef bint f64
+    if n > 3 or len(names) != n:
+        raise ValueError("apply takes at most 3 state arrays, one name each")
+    check_param(param, "param")
+    p = <cnp.ndarray>param
+    for k in range(n):
+        check_param(states[k], names[k])
+        a = <cnp.ndarray>states[k]
+        if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p):
+            raise TypeError(f"{names[k]}: dtype {states[k].dtype} does not match param's "
+                            f"dtype {param.dtype}")
+        if not _same_shape(a, p):
+            raise ValueError(f"{names[k]}: shape {states[k].shape} does not match param's "
+                             f"shape {param.shape}")
+    written = (param,) + states
+    wnames = ("param",) + names
+    for k in range(n + 1):
+        for j in range(k + 1, n + 1):
+            if _overlap(_lo(written[k]), _hi(written[k]), _lo(written[j]), _hi(written[j])):
+                raise ValueError(f"{wnames[k]} and {wnames[j]} share memory; every "
+                                 f"parameter and state array must be a separate buffer")
+    g = _check_grad(grad, p, "grad", "param")
+    for k in range(n + 1):
+        if _overlap(_lo(g), _hi(g), _lo(written[k]), _hi(written[k])):
+            raise ValueError(f"grad shares memory with {wnames[k]}; pass a separate "
+                             f"gradient array")
+    f64 = cnp.PyArray_TYPE(p) == cnp.NPY_DOUBLE
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    s.fill(&h, _IDENTITY if plan is None else plan, step, f64, n + 2, -1)
+    row[0] = <intptr_t>cnp.PyArray_DATA(p)
+    row[1] = <intptr_t>cnp.PyArray_DATA(g)
+    for k in range(n):
+        row[2 + k] = <intptr_t>cnp.PyArray_DATA(<cnp.ndarray>states[k])
+    offsets[0] = 0
+    offsets[1] = cnp.PyArray_SIZE(p)
+    if offsets[1] == 0:
+        return
+    with nogil:
+        _run(s.code, f64, row, n + 2, offsets, 1, &h, _threads())

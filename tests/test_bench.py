@@ -31,7 +31,7 @@ def test_numpy_peers_match_ch8fast(rule, inplace, dtype):
         ours.step(grads)
         peer.step(grads)
     rtol = 1e-3 if dtype == np.float32 else 1e-9
-    for a, b, p in zip(peer.params, ours._params, p0):
+    for a, b, p in zip(peer.params, ours.params, p0):
         assert a.dtype == b.dtype == dtype
         moved = b.astype(np.float64) - p
         assert np.all(np.abs(moved) > 0)

@@ -199,7 +199,7 @@ MISMATCHES = [
     ("bad_hyper", {}, lambda h, a: _setitem(h, ["state_dict", "param_groups", 0, "lr"], -1.0),
      r"\['lr'\] must be a finite number >= 0"),
     ("bad_step", {}, lambda h, a: _setitem(h, ["state_dict", "param_groups", 0, "step"], -3),
-     r"\['step'\] must be an integer >= 0"),
+     r"\['step'\] must be an integer in \[0, 2\*\*62\]"),
     ("unlisted_array", {}, lambda h, a: _setitem(a, ["evil"], np.zeros(3)),
      r"\['evil'\] are not listed"),
     ("missing_array", {}, lambda h, a: a.pop("state.1.exp_avg"),

@@ -1,0 +1,458 @@
+r"""The update rules: one specification each, the only place a rule is described.
+
+A :class:`Rule` holds everything about one optimizer's update rule: its name, the book's
+equation numbers and ``.. math::`` block, its hyperparameters (default, check, meaning),
+which of them are fixed when the optimizer is made (they decide the state arrays), the
+names of its state arrays and their initial values, the kernel it runs, and the function
+that turns checked hyperparameters into the kernel's scalars, which it sets by name on a
+:class:`ch8fast.rules.Scalars` (the one quantity that changes with the step count by
+itself, Adam's bias correction, the kernel folds in from the optimizer's step counter:
+``bias_correction``). The optimizer classes
+(:mod:`ch8fast.optim`), the functional layer (:mod:`ch8fast.functional`), the benchmark
+and the tests all read these specifications; none restates a default or a check.
+
+>>> from ch8fast import rules
+>>> rules.ADAM.defaults()["betas"]
+(0.9, 0.999)
+>>> s = rules.ADAM.scalars_for({"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8,
+...                             "weight_decay": 0.0, "amsgrad": False,
+...                             "decoupled_weight_decay": False})
+>>> round(s.kernel_values(t=1)["lr"], 6)   # lr / (1 - beta1^1): the bias correction
+0.01
+"""
+
+import inspect
+from dataclasses import dataclass, field
+
+from ._isa import K
+from ._validation import (Exactly, betas_pair, flag, nonnegative, positive,
+                          unit_interval)
+
+__all__ = ["Hyper", "Rule", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP", "ADAM",
+           "ADAMW", "ADADELTA", "ALL"]
+
+Scalars = K.Scalars
+GradPlan = K.GradPlan
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter: its default, its check (``check(value, name) -> value``, with
+    ``check.fits(value, name, dtype)``), a line of documentation, and whether it is fixed
+    when the optimizer is made (it then decides the state arrays or their initial values,
+    cannot be scheduled and cannot change later)."""
+
+    default: object
+    check: object
+    doc: str
+    fixed: bool = False
+    in_signature: bool = True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The specification of one update rule (see the module docstring).
+
+    Attributes:
+        name: the optimizer class name, e.g. ``"Adam"``.
+        summary: one line.
+        math: the ``.. math::`` block, with the book's equation numbers.
+        notes: how other libraries differ, and other remarks (reStructuredText).
+        hyper: name -> :class:`Hyper`, in constructor order.
+        state: ``state(h) -> tuple of state names`` from the group's hyperparameters as
+            given when the optimizer is made (a schedule still a callable).
+        state_doc: what each state array holds.
+        initial: state name -> ``f(h) -> fill value`` (default 0).
+        kernel: ``kernel(state names) -> kernel rule name`` (see ``RULES`` of the kernel
+            module).
+        scalars: ``scalars(s, h, h_next)``: set the fields of the :class:`Scalars` ``s``
+            from the checked hyperparameters ``h`` of this update (and ``h_next``, those
+            of the following update, which places the next Nesterov interim point).
+        structure: ``structure(h, state names, where)``: checks that involve several
+            hyperparameters; ``where(name)`` names one in a message.
+    """
+
+    name: str
+    summary: str
+    math: str
+    hyper: dict
+    state: object
+    state_doc: str
+    kernel: object
+    scalars: object
+    initial: dict = field(default_factory=dict)
+    structure: object = None
+    notes: str = ""
+
+    # ---- reading the specification ------------------------------------------------------
+
+    def defaults(self):
+        """``{name: default}`` of every hyperparameter."""
+        return {k: h.default for k, h in self.hyper.items()}
+
+    def fixed(self):
+        """The names of the hyperparameters fixed when the optimizer is made."""
+        return tuple(k for k, h in self.hyper.items() if h.fixed)
+
+    def signature_parameters(self):
+        """The hyperparameters as :class:`inspect.Parameter` s (positional or keyword, in
+        order, with their defaults), for the optimizer's signature."""
+        return [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                  default=h.default)
+                for k, h in self.hyper.items() if h.in_signature]
+
+    def check(self, name, value, where):
+        """``value`` of hyperparameter ``name``, checked (a schedule must be called
+        first)."""
+        return self.hyper[name].check(value, where)
+
+    def check_all(self, values, where, dtypes=(), state=None):
+        """Check every hyperparameter of ``values`` (a complete dict of plain values), that
+        each survives rounding to ``dtypes``, then the checks that involve several, against
+        the state names ``state`` (default: those these values make). Returns the checked
+        dict. ``where(name)`` names a hyperparameter in messages."""
+        out = {k: h.check(values[k], where(k)) for k, h in self.hyper.items()}
+        self.check_dtypes(out, where, dtypes)
+        if self.structure is not None:
+            self.structure(out, self.state(out) if state is None else state, where)
+        return out
+
+    def check_dtypes(self, values, where, dtypes):
+        for dt in dtypes:
+            for k, h in self.hyper.items():
+                h.check.fits(values[k], where(k), dt)
+
+    def scalars_for(self, h, h_next=None):
+        """A new :class:`Scalars` for checked hyperparameters ``h``, for the state layout
+        these hyperparameters make."""
+        s = Scalars(self.kernel(self.state(h)))
+        self.scalars(s, h, h if h_next is None else h_next)
+        return s
+
+    # ---- documentation ------------------------------------------------------------------
+
+    def docstring(self, options_doc=""):
+        """The optimizer class's docstring: summary, the math, notes, the arguments and the
+        state."""
+        args = "\n".join(f"    {k}: {h.doc}" for k, h in self.hyper.items()
+                         if h.in_signature)
+        parts = [self.summary, self.math.strip("\n"), self.notes.strip("\n"),
+                 "Args:\n    params: a sequence of float32/float64 C-contiguous arrays, "
+                 "updated in place,\n        or of dicts (param groups) with "
+                 "``\"params\"`` and their own hyperparameters.\n" + args
+                 + ("\n" + options_doc if options_doc else ""),
+                 self.state_doc.strip("\n")]
+        return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _has_velocity(h):
+    """A momentum schedule, or a momentum other than 0, keeps a velocity."""
+    m = h["momentum"]
+    return callable(m) or m != 0
+
+
+def _nesterov_needs_momentum(h, state, where):
+    if h["nesterov"] and "velocity" not in state:
+        raise ValueError(f"{where('nesterov')}: Nesterov momentum needs momentum > 0")
+    if "velocity" not in state and h["momentum"] != 0:
+        raise ValueError(f"{where('momentum')}: this group was made without momentum, so "
+                         f"it keeps no velocity; make the optimizer with momentum > 0 or a "
+                         f"momentum schedule")
+
+
+_LR = "the learning rate epsilon, a number >= 0 or a schedule ``step -> lr``."
+_WD = "L2 penalty coefficient: ``weight_decay * theta`` is added to the gradient."
+_MOMENTUM = ("alpha in [0, 1), or a schedule. 0 keeps no velocity (a schedule, even one "
+             "starting at 0, allocates one).")
+_NESTEROV = "use Nesterov momentum (needs momentum); fixed when the optimizer is made."
+
+
+# ---------------------------------------------------------------------------------------
+# SGD, momentum, Nesterov momentum (8.3.1-8.3.3)
+# ---------------------------------------------------------------------------------------
+
+def _sgd_scalars(s, h, h_next):
+    s.lr = h["lr"]
+    s.wd = h["weight_decay"]
+    s.l2 = s.wd != 0.0
+    s.alpha = h["momentum"]
+    s.nesterov = h["nesterov"]
+    # the shifted Nesterov form places the next interim point with the next momentum
+    s.alpha_next = h_next["momentum"] if s.nesterov else s.alpha
+    s.alpha_prev = s.alpha
+
+
+SGD = Rule(
+    name="SGD",
+    summary="Stochastic gradient descent, with optional momentum and Nesterov momentum.",
+    math=r"""
+.. math::
+
+    \theta \leftarrow \theta - \epsilon_k g                 \quad\text{(Algorithm 8.1)}
+
+    v \leftarrow \alpha v - \epsilon g, \qquad
+    \theta \leftarrow \theta + v                           \quad\text{(8.15, 8.16)}
+""",
+    notes=r"""
+With ``nesterov=True`` the gradient is taken at the interim point
+:math:`\tilde\theta = \theta + \alpha v` (Algorithm 8.3, 8.21-8.22). ``step(grads)`` uses
+the fused shifted form: between steps the arrays hold :math:`\phi = \theta + \alpha v`
+(equal to theta before the first step), and one pass computes
+:math:`v' = \alpha v - \epsilon g,\ \phi' = \phi - \alpha v + (1 + \alpha') v'` with
+:math:`\alpha'` the next step's momentum. Read theta with ``theta()`` or ``at_theta()``.
+``step(closure=fn)`` runs the literal algorithm; the arrays then hold theta between
+steps. Setting ``momentum`` by hand between steps moves the arrays at once to the new
+interim point :math:`\theta + \alpha_{new} v`, so that the next gradient is taken there.
+
+torch.optim.SGD keeps ``momentum_buffer`` = -v / lr at a constant lr, and its Nesterov
+parameters are ch8fast's raw arrays (phi), not ``theta()``.
+""",
+    hyper={
+        "lr": Hyper(1e-2, nonnegative, _LR),
+        "momentum": Hyper(0.0, unit_interval, _MOMENTUM),
+        "nesterov": Hyper(False, flag, _NESTEROV, fixed=True),
+        "weight_decay": Hyper(0.0, nonnegative, _WD),
+    },
+    state=lambda h: ("velocity",) if _has_velocity(h) else (),
+    state_doc="State per parameter: ``velocity`` (v), with momentum.",
+    kernel=lambda state: "momentum" if "velocity" in state else "sgd",
+    scalars=_sgd_scalars,
+    structure=_nesterov_needs_momentum,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# AdaGrad (Algorithm 8.4)
+# ---------------------------------------------------------------------------------------
+
+def _adagrad_scalars(s, h, h_next):
+    s.lr = h["lr"]
+    s.eps = h["eps"]
+    s.wd = h["weight_decay"]
+    s.l2 = s.wd != 0.0
+
+
+ADAGRAD = Rule(
+    name="AdaGrad",
+    summary="AdaGrad (Algorithm 8.4): per-parameter rates scaled by the accumulated squares.",
+    math=r"""
+.. math::
+
+    r \leftarrow r + g \odot g, \qquad
+    \theta \leftarrow \theta - \frac{\epsilon}{\delta + \sqrt{r}} \odot g
+""",
+    notes=r"""
+``eps`` is the book's delta, *outside* the root (default 1e-7), as in torch.optim.Adagrad
+(default 1e-10); optax.adagrad adds it inside the root and starts the accumulator at 0.1.
+torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d)``.
+""",
+    hyper={
+        "lr": Hyper(1e-2, nonnegative, _LR),
+        "eps": Hyper(1e-7, positive, "delta, added to sqrt(r); > 0."),
+        "weight_decay": Hyper(0.0, nonnegative, _WD),
+        "initial_accumulator_value": Hyper(0.0, nonnegative,
+                                           "r at the start; fixed when the optimizer is "
+                                           "made.", fixed=True),
+    },
+    state=lambda h: ("sum",),
+    state_doc="State per parameter: ``sum`` (r).",
+    initial={"sum": lambda h: h["initial_accumulator_value"]},
+    kernel=lambda state: "adagrad",
+    scalars=_adagrad_scalars,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# RMSProp (Algorithm 8.5), with momentum and Nesterov momentum (Algorithm 8.6)
+# ---------------------------------------------------------------------------------------
+
+def _rmsprop_scalars(s, h, h_next):
+    _sgd_scalars(s, h, h_next)
+    s.rho = h["rho"]
+    s.eps = h["eps"]
+
+
+RMSPROP = Rule(
+    name="RMSProp",
+    summary="RMSProp (Algorithm 8.5), with optional momentum and Nesterov momentum "
+            "(Algorithm 8.6).",
+    math=r"""
+.. math::
+
+    r \leftarrow \rho r + (1 - \rho) g \odot g, \qquad
+    \theta \leftarrow \theta - \frac{\epsilon}{\sqrt{\delta + r}} \odot g
+""",
+    notes=r"""
+With momentum: :math:`v \leftarrow \alpha v - \frac{\epsilon}{\sqrt{\delta + r}} \odot g,
+\ \theta \leftarrow \theta + v`; with ``nesterov=True`` the gradient is taken at
+:math:`\theta + \alpha v` (Algorithm 8.6), in the same two forms as :class:`ch8fast.SGD`.
+
+``eps`` is the book's delta, *inside* the root (default 1e-6); Algorithm 8.6 writes no
+delta, and ch8fast keeps it there too so that r = 0 is safe. optax.rmsprop also adds it
+inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha``
+(default 0.99).
+""",
+    hyper={
+        "lr": Hyper(1e-3, nonnegative, _LR),
+        "rho": Hyper(0.9, unit_interval, "the decay rate of the average of squares, in "
+                                         "[0, 1)."),
+        "eps": Hyper(1e-6, positive, "delta, inside the square root; > 0."),
+        "momentum": Hyper(0.0, unit_interval, _MOMENTUM),
+        "nesterov": Hyper(False, flag, _NESTEROV, fixed=True),
+        "weight_decay": Hyper(0.0, nonnegative, _WD),
+    },
+    state=lambda h: ("square_avg", "velocity") if _has_velocity(h) else ("square_avg",),
+    state_doc="State per parameter: ``square_avg`` (r), and ``velocity`` (v) with "
+              "momentum.",
+    kernel=lambda state: "rmsprop_momentum" if "velocity" in state else "rmsprop",
+    scalars=_rmsprop_scalars,
+    structure=_nesterov_needs_momentum,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Adam (Algorithm 8.7), AdamW
+# ---------------------------------------------------------------------------------------
+
+def _adam_scalars(s, h, h_next):
+    s.lr = h["lr"]
+    s.beta1, s.beta2 = h["betas"]
+    # The kernel folds in the bias corrections of update t (from the step counter): the
+    # step size lr / (1 - beta1^t) and c2 = 1 / sqrt(1 - beta2^t), so that
+    # theta <- theta - step_size * s / (sqrt(r) * c2 + delta).
+    s.bias_correction = True
+    s.eps = h["eps"]
+    s.wd = h["weight_decay"]
+    s.amsgrad = h["amsgrad"]
+    if h["decoupled_weight_decay"]:
+        s.decay = 1.0 - h["lr"] * s.wd        # theta <- theta (1 - lr wd) first
+        s.l2 = False
+    else:
+        s.decay = 1.0
+        s.l2 = s.wd != 0.0
+
+
+_ADAM_HYPER = {
+    "lr": Hyper(1e-3, nonnegative, _LR),
+    "betas": Hyper((0.9, 0.999), betas_pair, "(rho1, rho2), the decay rates of the two "
+                                             "moments, each in [0, 1)."),
+    "eps": Hyper(1e-8, positive, "delta, added to sqrt(r_hat); > 0."),
+    "weight_decay": Hyper(0.0, nonnegative,
+                          "L2 coefficient added to the gradient, or with "
+                          "``decoupled_weight_decay`` the decoupled decay rate."),
+    "amsgrad": Hyper(False, flag, "divide by the running maximum of r (Reddi et al.); "
+                                  "fixed when the optimizer is made.", fixed=True),
+    "decoupled_weight_decay": Hyper(False, flag,
+                                    "scale theta by 1 - lr * weight_decay before the step "
+                                    "instead of adding an L2 term (AdamW); fixed when the "
+                                    "optimizer is made.", fixed=True),
+}
+
+_ADAM_STATE_DOC = ("The step count t is kept per param group; state per parameter: "
+                   "``exp_avg`` (s), ``exp_avg_sq`` (r), and ``max_exp_avg_sq`` with "
+                   "AMSGrad.")
+
+
+def _adam_state(h):
+    names = ("exp_avg", "exp_avg_sq")
+    return names + ("max_exp_avg_sq",) if h["amsgrad"] else names
+
+
+ADAM = Rule(
+    name="Adam",
+    summary="Adam (Algorithm 8.7), with bias correction; AMSGrad and decoupled decay "
+            "optional.",
+    math=r"""
+.. math::
+
+    t \leftarrow t + 1, \quad
+    s \leftarrow \rho_1 s + (1 - \rho_1) g, \quad
+    r \leftarrow \rho_2 r + (1 - \rho_2) g \odot g
+
+    \hat s = \frac{s}{1 - \rho_1^t}, \quad \hat r = \frac{r}{1 - \rho_2^t}, \quad
+    \theta \leftarrow \theta - \epsilon \frac{\hat s}{\sqrt{\hat r} + \delta}
+""",
+    notes=r"""
+``eps`` is delta, outside the root (default 1e-8, as in torch.optim.Adam and optax.adam;
+Keras uses 1e-7; scikit-learn adds it before the bias correction). ``weight_decay`` adds
+an L2 term to the gradient; with ``decoupled_weight_decay=True`` (or :class:`ch8fast.AdamW`)
+theta is first scaled by 1 - lr * weight_decay instead (Loshchilov & Hutter); when
+lr * weight_decay > 1 that factor is negative and flips theta's sign every step, as in
+torch.optim.AdamW. ``amsgrad=True`` divides by the running maximum of r (Reddi et al.).
+""",
+    hyper=_ADAM_HYPER,
+    state=_adam_state,
+    state_doc=_ADAM_STATE_DOC,
+    kernel=lambda state: "adam",
+    scalars=_adam_scalars,
+)
+
+ADAMW = Rule(
+    name="AdamW",
+    summary="Adam with decoupled weight decay (Loshchilov & Hutter, 2019).",
+    math=r"""
+.. math::
+
+    \theta \leftarrow \theta (1 - \epsilon \lambda), \text{ then the Adam step of
+    Algorithm 8.7}
+""",
+    notes=r"""
+Default ``weight_decay`` 1e-2, as in torch.optim.AdamW (optax.adamw: 1e-4). When
+lr * weight_decay > 1 the factor 1 - lr * weight_decay is negative and flips theta's sign
+every step (torch does the same).
+""",
+    hyper=dict(_ADAM_HYPER,
+               weight_decay=Hyper(1e-2, nonnegative, "the decoupled decay rate lambda."),
+               decoupled_weight_decay=Hyper(True, Exactly(True, "AdamW decays decoupled"),
+                                            "always True for AdamW.", fixed=True,
+                                            in_signature=False)),
+    state=_adam_state,
+    state_doc=_ADAM_STATE_DOC,
+    kernel=lambda state: "adam",
+    scalars=_adam_scalars,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# AdaDelta (Zeiler 2012; named in 8.5.4)
+# ---------------------------------------------------------------------------------------
+
+def _adadelta_scalars(s, h, h_next):
+    s.lr = h["lr"]
+    s.rho = h["rho"]
+    s.eps = h["eps"]
+    s.wd = h["weight_decay"]
+    s.l2 = s.wd != 0.0
+
+
+ADADELTA = Rule(
+    name="AdaDelta",
+    summary="AdaDelta (Zeiler 2012; named in section 8.5.4).",
+    math=r"""
+.. math::
+
+    E[g^2] \leftarrow \rho E[g^2] + (1-\rho) g^2, \quad
+    \Delta\theta = -\frac{\sqrt{E[\Delta\theta^2] + \delta}}{\sqrt{E[g^2] + \delta}} g
+
+    E[\Delta\theta^2] \leftarrow \rho E[\Delta\theta^2] + (1-\rho)\Delta\theta^2, \quad
+    \theta \leftarrow \theta + \epsilon \Delta\theta
+""",
+    notes=r"""
+``lr`` (epsilon) scales the step and defaults to 1, which is Zeiler's rule; the
+accumulated update E[dtheta^2] is of the unscaled step, as in torch.optim.Adadelta.
+Defaults rho = 0.95, eps = 1e-6 are Zeiler's (torch: rho 0.9).
+""",
+    hyper={
+        "lr": Hyper(1.0, nonnegative, _LR),
+        "rho": Hyper(0.95, unit_interval, "the decay rate of both averages, in [0, 1)."),
+        "eps": Hyper(1e-6, positive, "delta, inside both square roots; > 0."),
+        "weight_decay": Hyper(0.0, nonnegative, _WD),
+    },
+    state=lambda h: ("square_avg", "acc_delta"),
+    state_doc="State per parameter: ``square_avg`` (E[g^2]), ``acc_delta`` "
+              "(E[dtheta^2]).",
+    kernel=lambda state: "adadelta",
+    scalars=_adadelta_scalars,
+)
+
+ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA)
