@@ -26,6 +26,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32 = np.dtype(np.float32)
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+_F32_ROUNDS_TO_0 = _F32_TINY / 2          # and below: rounds to 0 (ties to even)
 
 check_param = K.check_param
 
@@ -55,34 +56,34 @@ class Real:
         return f"in {left}{self.lo:g}, {self.hi:g}{right}"
 
     def __call__(self, value, name):
-        if type(value) is float:                    # the common case, first
-            v = value
-        else:
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a real number, got {_kind(value)}")
-            try:
-                v = float(value)
-            except OverflowError:
-                raise ValueError(f"{name} must be {self.what}, got an integer too large "
-                                 f"for a float ({len(str(abs(int(value))))} digits)") \
-                    from None
-        if v != v:
-            raise ValueError(f"{name} must not be NaN")
+        v = value if type(value) is float else self._as_float(value, name)
         lo, hi = self.lo, self.hi
-        if (v < lo or (self.lo_open and v == lo) or v > hi or (self.hi_open and v == hi)
-                or v in (math.inf, -math.inf)):
+        if not ((v > lo if self.lo_open else v >= lo) and (v < hi if self.hi_open else v <= hi)
+                and -math.inf < v < math.inf):
+            if v != v:
+                raise ValueError(f"{name} must not be NaN")
             raise ValueError(f"{name} must be {self.what}, got {v}")
         return v
+
+    def _as_float(self, value, name):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {_kind(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must be {self.what}, got an integer too large for a "
+                             f"float ({len(str(abs(int(value))))} digits)") from None
 
     def fits(self, value, name, dtype):
         """Refuse a checked ``value`` that the kernels, rounding it to ``dtype``, would turn
         into an infinity, or (for an interval open at 0) into 0."""
         if dtype != _F32 or value == 0.0:
             return
-        if abs(value) > _F32_MAX:
+        a = abs(value)
+        if a > _F32_MAX:
             raise ValueError(f"{name} is {value}, which overflows float32 (the dtype of "
                              f"these parameters); use |{name}| <= {_F32_MAX:.4g}")
-        if self.lo_open and self.lo == 0.0 and np.float32(value) == 0.0:
+        if a <= _F32_ROUNDS_TO_0 and self.lo_open and self.lo == 0.0:
             raise ValueError(f"{name} is {value}, which rounds to 0 in float32 (the dtype "
                              f"of these parameters); use {name} >= {_F32_TINY:.2g}")
 

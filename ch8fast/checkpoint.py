@@ -68,6 +68,32 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
 
 
+_JSON_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _plain(obj, where="extra"):
+    """``obj`` as the JSON data a reader gets back, with dict keys as strings (as
+    ``json`` writes them); two keys that become the same string are refused, since one
+    would silently replace the other."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, (np.integer, np.floating, np.bool_)):
+                k = _json_default(k)
+            if not isinstance(k, _JSON_KEY_TYPES):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; JSON keys "
+                                f"are strings (or numbers, booleans, None)")
+            key = k if isinstance(k, str) else json.dumps(k)
+            if key in out:
+                raise ValueError(f"{where}: keys {key!r} and {k!r} both become the JSON key "
+                                 f"{key!r}")
+            out[key] = _plain(v, f"{where}[{key!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
 def _canonical(header):
     return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False, default=_json_default).encode("utf-8")
@@ -107,9 +133,9 @@ def _header(sd, params, extra):
         "has_params": params is not None,
         "state_dict": {k: v for k, v in sd.items() if k != "state"},
         "arrays": entries,
-        "extra": extra,
     }
     try:
+        header["extra"] = _plain(extra)
         text = _canonical(header)
     except (TypeError, ValueError) as e:
         raise type(e)(f"save_checkpoint: the header (extra metadata or hyperparameters) "
@@ -151,8 +177,13 @@ def _pid_alive(pid):
 
 
 def _temp_prefix(base):
-    """``.<base>.tmp-<host>-``: a temporary file names its machine, then its process."""
-    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    """``.<base>.tmp-<host>-``: a temporary file names its machine, then its process. A
+    long name is shortened (its start and a hash), and so is the host name, so that the
+    temporary name fits in 255 bytes whenever ``base`` does."""
+    if len(base.encode()) > 100:
+        digest = hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        base = base.encode()[:40].decode("utf-8", "ignore") + "~" + digest
+    host = (re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host")[:32]
     return f".{base}{_TMP_MARK}{host}-"
 
 
@@ -187,7 +218,7 @@ def atomic_write(path, write):
     fsynced. A crash at any moment leaves the old file or the new one; an exception
     removes the temporary file and leaves the old file as it was. The new file keeps the
     old one's permissions (else the umask's)."""
-    path = os.fspath(path)
+    path = _path(path)
     folder, base = os.path.split(os.path.abspath(path))
     _remove_stale_temps(folder, base)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_temp_prefix(base)}{os.getpid()}-")
@@ -210,6 +241,15 @@ def atomic_write(path, write):
             pass
         raise
     _fsync_dir(folder)
+
+
+def _path(path):
+    """A path given as str, bytes or os.PathLike, as str."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"path must be a str, bytes or os.PathLike, got "
+                        f"{type(path).__name__}") from None
 
 
 def _check_params(params, what):
@@ -247,9 +287,18 @@ def save_checkpoint(path, optimizer, params=None, extra=None):
     """
     _check_optimizer(optimizer, "save_checkpoint")
     params = _check_params(params, "save_checkpoint")
-    path = os.fspath(path)
-    own = getattr(optimizer, "_state_dict", None)
-    sd = own(copy=False) if own is not None else optimizer.state_dict()
+    path = _path(path)
+    snapshot = getattr(optimizer, "snapshot", None)
+    if snapshot is None:                       # another object with a state dict
+        _write(path, optimizer.state_dict(), params, extra)
+        return
+    # The optimizer is held still while the file is written (a step in another thread
+    # waits), with the arrays as they are between steps (inside at_theta() too).
+    with snapshot(params) as (sd, between):
+        _write(path, sd, between, extra)
+
+
+def _write(path, sd, params, extra):
     if params is not None and len(params) != len(sd["state"]):
         raise ValueError(f"save_checkpoint: got {len(params)} params, the optimizer has "
                          f"{len(sd['state'])}")
@@ -277,7 +326,7 @@ def read_checkpoint(path):
     Raises ValueError (naming the entry) for a file that is not a complete, unmodified
     checkpoint of a supported version; FileNotFoundError if there is none.
     """
-    path = os.fspath(path)
+    path = _path(path)
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -372,7 +421,7 @@ def load_checkpoint(path, optimizer, params=None):
     """
     _check_optimizer(optimizer, "load_checkpoint")
     params = _check_params(params, "load_checkpoint")
-    path = os.fspath(path)
+    path = _path(path)
     header, arrays = read_checkpoint(path)
 
     kind = type(optimizer).__name__

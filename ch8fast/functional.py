@@ -13,6 +13,8 @@ per-step scalars) and runs the same fused kernel as the optimizer classes, throu
 array([-0.1, -0.1, -0.1])
 """
 
+import numpy as np
+
 from . import rules
 from ._isa import K
 from ._validation import step_count, unit_interval
@@ -35,20 +37,22 @@ def update(rule, param, grad, states, *, step=1, momentum_next=None, **hyper):
         **hyper: hyperparameters; the rule's defaults fill the others. Checked exactly as
             the optimizer classes check them (a flag must be a bool, ...).
     """
-    h = {}
-    for k, spec in rule.hyper.items():
-        v = hyper.pop(k, spec.default)
-        h[k] = spec.check(v, k)
+    h = _checked_defaults(rule)
     if hyper:
-        raise TypeError(f"{rule.name.lower()}(): unknown hyperparameter "
-                        f"{sorted(hyper)[0]!r} (expected one of {sorted(rule.hyper)})")
-    dt = getattr(param, "dtype", None)
-    if dt is not None:
-        rule.check_dtypes(h, _same, (dt,))
+        h = dict(h)
+        f32 = getattr(param, "dtype", None) == _F32
+        for k, v in hyper.items():
+            spec = rule.hyper.get(k)
+            if spec is None:
+                raise TypeError(f"{rule.name.lower()}(): unknown hyperparameter {k!r} "
+                                f"(expected one of {sorted(rule.hyper)})")
+            h[k] = spec.check(v, k)
+            if f32:
+                spec.check.fits(h[k], k, _F32)
     layout = rule.state(h)
     if rule.structure is not None:
         rule.structure(h, layout, _same)
-    if set(states) != set(layout):
+    if len(states) != len(layout) or any(k not in states for k in layout):
         raise ValueError(f"{rule.name.lower()}(): these hyperparameters keep the state "
                          f"{list(layout)}, got {sorted(states)}")
     nxt = h
@@ -56,8 +60,20 @@ def update(rule, param, grad, states, *, step=1, momentum_next=None, **hyper):
         nxt = dict(h, momentum=unit_interval(momentum_next, "momentum_next"))
     s = K.Scalars(rule.kernel(layout))
     rule.scalars(s, h, nxt)
-    K.apply(s, param, grad, tuple(states[k] for k in layout), layout,
-            step=step_count(step, "step"))
+    K.apply(s, param, grad, tuple([states[k] for k in layout]), layout,
+            step=step if type(step) is int and step >= 1 else step_count(step, "step"))
+
+
+_F32 = np.dtype(np.float32)
+_DEFAULTS = {}
+
+
+def _checked_defaults(rule):
+    """The rule's defaults, checked once (they fit float32)."""
+    h = _DEFAULTS.get(rule.name)
+    if h is None:
+        h = _DEFAULTS[rule.name] = rule.check_all(rule.defaults(), _same, (_F32,))
+    return h
 
 
 def _same(name):

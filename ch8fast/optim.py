@@ -81,6 +81,22 @@ class ParamList(list):
     def __reduce__(self):
         return (list, (list(self),))
 
+    # arrays compare element-wise: find them by identity
+    def index(self, value, start=0, stop=None):
+        for i in range(len(self))[start:stop]:
+            if self[i] is value:
+                return i
+        raise ValueError("array is not in this params list")
+
+    def __contains__(self, value):
+        return any(x is value for x in self)
+
+    def count(self, value):
+        return sum(x is value for x in self)
+
+    def remove(self, value):
+        del self[self.index(value)]
+
 
 def _mutator(name):
     base = getattr(list, name)
@@ -93,7 +109,7 @@ def _mutator(name):
     return method
 
 
-for _name in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse",
+for _name in ("append", "extend", "insert", "pop", "clear", "sort", "reverse",
               "__setitem__", "__delitem__", "__iadd__", "__imul__"):
     setattr(ParamList, _name, _mutator(_name))
 
@@ -199,16 +215,17 @@ for _name in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "r
 
 class StateView:
     """The state arrays of one parameter, read-only as a mapping: ``view["exp_avg"]`` is a
-    view of the optimizer's own array (write into it in place to change the state);
-    replacing or removing an entry is refused."""
+    new view of the optimizer's own array at each access (write into it in place to change
+    the state; reshaping it changes only that view); replacing or removing an entry is
+    refused."""
 
     __slots__ = ("_arrays",)
 
     def __init__(self, arrays):
-        self._arrays = {k: a.view() for k, a in arrays.items()}
+        self._arrays = arrays
 
     def __getitem__(self, key):
-        return self._arrays[key]
+        return self._arrays[key].view()
 
     def __iter__(self):
         return iter(self._arrays)
@@ -223,13 +240,13 @@ class StateView:
         return self._arrays.keys()
 
     def values(self):
-        return self._arrays.values()
+        return [a.view() for a in self._arrays.values()]
 
     def items(self):
-        return self._arrays.items()
+        return [(k, a.view()) for k, a in self._arrays.items()]
 
     def get(self, key, default=None):
-        return self._arrays.get(key, default)
+        return self[key] if key in self._arrays else default
 
     def _refuse(self, *args, **kwargs):
         raise TypeError("an optimizer's state arrays cannot be replaced or removed: write "
@@ -239,7 +256,7 @@ class StateView:
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
 
     def __repr__(self):
-        return f"StateView({self._arrays!r})"
+        return f"StateView({dict(self.items())!r})"
 
 
 class _StateList(tuple):
@@ -874,15 +891,16 @@ class Optimizer:
     def snapshot(self, params=None):
         """Hold the optimizer still: inside the block no step runs (other threads wait)
         and this yields ``(state_dict, params)``, the state dict holding the state arrays
-        themselves (read them only) and ``params`` (default: the optimizer's parameters)
-        as they are between steps (inside ``at_theta()``: the arrays it put aside). For
-        writers such as ``save_checkpoint`` that must not copy the state."""
+        themselves (read them only) and the arrays ``params`` (None if None) as they are
+        between steps: inside ``at_theta()``, the optimizer's own parameters are replaced
+        by the arrays it put aside. For writers such as ``save_checkpoint`` that must not
+        copy the state."""
         with self._lock:
             if self._busy:
                 self._refuse_reentry("snapshot()")
             core = self._core
-            between = list(core.params) if params is None else list(params)
-            if self._phi:
+            between = None if params is None else list(params)
+            if self._phi and between is not None:
                 index = {id(p): i for i, p in enumerate(core.params)}
                 between = [self._phi.get(index.get(id(p), -1), p) for p in between]
             yield self._state_dict(copy=False), between

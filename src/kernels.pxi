@@ -699,7 +699,7 @@ cdef object _dtype_problem(object obj, str name):
     None."""
     if not cnp.PyArray_Check(obj):
         return TypeError(f"{name}: expected a numpy.ndarray, got {type(obj).__name__}")
-    if type(obj) is not np.ndarray and isinstance(obj, MaskedArray):
+    if type(obj) is not cnp.ndarray and isinstance(obj, MaskedArray):
         return TypeError(f"{name}: masked arrays are not supported (the update would ignore "
                          f"the mask); pass the array of values you mean, e.g. "
                          f"np.ma.filled(a, 0)")
@@ -716,19 +716,26 @@ def check_param(obj, str name):
     """An array the update writes (a parameter or a state array): a native-order
     float32/float64 ndarray (no masked array), C-contiguous, aligned and writeable. It is
     updated in place, so it is never copied or converted."""
-    err = _dtype_problem(obj, name)
-    if err is not None:
-        raise err
+    _check_written(obj, name)
+    return obj
+
+
+cdef int _check_written(object obj, str name) except -1:
+    if not (type(obj) is cnp.ndarray and _is_float(<cnp.ndarray>obj)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)):
+        err = _dtype_problem(obj, name)
+        if err is not None:
+            raise err
     cdef cnp.ndarray a = <cnp.ndarray>obj
+    if (cnp.PyArray_FLAGS(a) & _WANT_FLAGS) == _WANT_FLAGS:
+        return 0
     if not cnp.PyArray_IS_C_CONTIGUOUS(a):
         raise ValueError(f"{name}: must be C-contiguous (it is updated in place, so it "
                          f"cannot be copied); pass np.ascontiguousarray(...) and keep that "
                          f"array as the parameter")
     if not cnp.PyArray_ISWRITEABLE(a):
         raise ValueError(f"{name}: array is read-only")
-    if not cnp.PyArray_ISALIGNED(a):
-        raise ValueError(f"{name}: array is not aligned")
-    return obj
+    raise ValueError(f"{name}: array is not aligned")
 
 
 cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
@@ -745,9 +752,10 @@ cdef cnp.ndarray _check_grad(object obj, cnp.ndarray param, str name, str pname)
     """A gradient of ``param``: its dtype and shape, any layout. A gradient that is not
     C-contiguous or not aligned is read through an aligned contiguous copy (a gradient is
     only read, so the copy loses nothing); returns the array the kernel reads."""
-    err = _dtype_problem(obj, name)
-    if err is not None:
-        raise err
+    if not (type(obj) is cnp.ndarray and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)):
+        err = _dtype_problem(obj, name)
+        if err is not None:
+            raise err
     cdef cnp.ndarray g = <cnp.ndarray>obj
     if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(param):
         raise TypeError(f"{name}: dtype {(<object>g).dtype} does not match {pname}'s dtype "
@@ -1086,12 +1094,15 @@ def apply(Scalars s not None, param, grad, tuple states, tuple names,
     cdef Py_ssize_t offsets[2]
     cdef Hyper h
     cdef bint f64
+    cdef uintptr_t[5] lo, hi
     if n > 3 or len(names) != n:
         raise ValueError("apply takes at most 3 state arrays, one name each")
-    check_param(param, "param")
+    _check_written(param, "param")
     p = <cnp.ndarray>param
+    lo[0] = _lo(p)
+    hi[0] = _hi(p)
     for k in range(n):
-        check_param(states[k], names[k])
+        _check_written(states[k], names[k])
         a = <cnp.ndarray>states[k]
         if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p):
             raise TypeError(f"{names[k]}: dtype {states[k].dtype} does not match param's "
@@ -1099,18 +1110,20 @@ def apply(Scalars s not None, param, grad, tuple states, tuple names,
         if not _same_shape(a, p):
             raise ValueError(f"{names[k]}: shape {states[k].shape} does not match param's "
                              f"shape {param.shape}")
-    written = (param,) + states
-    wnames = ("param",) + names
+        lo[k + 1] = _lo(a)
+        hi[k + 1] = _hi(a)
     for k in range(n + 1):
         for j in range(k + 1, n + 1):
-            if _overlap(_lo(written[k]), _hi(written[k]), _lo(written[j]), _hi(written[j])):
-                raise ValueError(f"{wnames[k]} and {wnames[j]} share memory; every "
-                                 f"parameter and state array must be a separate buffer")
+            if _overlap(lo[k], hi[k], lo[j], hi[j]):
+                wn = ("param",) + names
+                raise ValueError(f"{wn[k]} and {wn[j]} share memory; every parameter and "
+                                 f"state array must be a separate buffer")
     g = _check_grad(grad, p, "grad", "param")
     for k in range(n + 1):
-        if _overlap(_lo(g), _hi(g), _lo(written[k]), _hi(written[k])):
-            raise ValueError(f"grad shares memory with {wnames[k]}; pass a separate "
-                             f"gradient array")
+        if _overlap(_lo(g), _hi(g), lo[k], hi[k]):
+            wn = ("param",) + names
+            raise ValueError(f"grad shares memory with {wn[k]}; pass a separate gradient "
+                             f"array")
     f64 = cnp.PyArray_TYPE(p) == cnp.NPY_DOUBLE
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
