@@ -1,10 +1,13 @@
 """The first benchmark: one Adam step on float32 parameters, ch8fast against careful
-in-place NumPy, at 1e3 elements (call overhead) and 16e6 elements (memory bandwidth).
+in-place NumPy, at 1e3 elements (call overhead) and 16e6 elements (memory bandwidth); and
+the cost of the same step through ``ch8fast.functional`` (a framework keeping its own
+state), as a ratio to the class step.
 
     python bench/bench_update.py [--threads N] [--repeats R]
 
-Both are timed in the same run, round-robin (see ch8fast.bench.measure); the ratio is the
-median over rounds of NumPy's time over ch8fast's, > 1 when ch8fast is faster.
+All are timed in the same run, round-robin (see ch8fast.bench.measure); the ratios are
+medians over rounds: NumPy's time over ch8fast's (> 1 when ch8fast is faster) and the
+functional call's over the class step's.
 """
 import argparse
 
@@ -19,14 +22,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(bench.header(bench.machine_info([args.threads])))
     print(f"{'elements':>10}  {'ch8fast step':>13}  {'in-place NumPy':>15}  "
-          f"{'NumPy / ch8fast':>16}  {'roofline fraction':>17}")
+          f"{'NumPy / ch8fast':>16}  {'roofline fraction':>17}  {'functional':>11}  "
+          f"{'functional / step':>17}")
     for n in (1000, 16_000_000):
         row = bench.run_case("adam", "float32", 1, n, args.threads,
-                             which=("ch8fast", "numpy", "roofline"),
+                             which=("ch8fast", "numpy", "roofline", "functional"),
                              repeats=args.repeats)
         print(f"{n:>10}  {bench._fmt_time(row['time']['ch8fast']):>13}  "
               f"{bench._fmt_time(row['time']['numpy']):>15}  "
-              f"{row['speedup']['numpy']:>16.2f}  {row['roofline_fraction']:>17.2f}")
+              f"{row['speedup']['numpy']:>16.2f}  {row['roofline_fraction']:>17.2f}  "
+              f"{bench._fmt_time(row['time']['functional']):>11}  "
+              f"{row['speedup']['functional']:>17.2f}")
 
 
 if __name__ == "__main__":

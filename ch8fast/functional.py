@@ -37,35 +37,64 @@ def update(rule, param, grad, states, *, step=1, momentum_next=None, **hyper):
         **hyper: hyperparameters; the rule's defaults fill the others. Checked exactly as
             the optimizer classes check them (a flag must be a bool, ...).
     """
-    h = _checked_defaults(rule)
-    if hyper:
-        h = dict(h)
-        f32 = getattr(param, "dtype", None) == _F32
-        for k, v in hyper.items():
-            spec = rule.hyper.get(k)
-            if spec is None:
-                raise TypeError(f"{rule.name.lower()}(): unknown hyperparameter {k!r} "
-                                f"(expected one of {sorted(rule.hyper)})")
-            h[k] = spec.check(v, k)
-            if f32:
-                spec.check.fits(h[k], k, _F32)
+    if not isinstance(states, dict):
+        raise TypeError(f"states must be a dict name -> array, got {type(states).__name__}")
+    _update(rule, param, grad, states, step, momentum_next, hyper)
+
+
+def _update(rule, param, grad, states, step, momentum_next, hyper):
+    """``update``, with the hyperparameters as a dict: the one code path of every function
+    here."""
+    try:
+        key = (rule.name, param.dtype.num, momentum_next, *hyper.items(),
+               *map(type, hyper.values()))
+        prepared = _PREPARED.get(key)
+    except (TypeError, AttributeError):     # unhashable, or not an array: no memo
+        key, prepared = None, None
+    if prepared is None:
+        prepared = _prepare(rule, getattr(param, "dtype", None), hyper, momentum_next)
+        if key is not None:
+            if len(_PREPARED) >= 256:
+                _PREPARED.clear()
+            _PREPARED[key] = prepared
+    s, layout = prepared
+    try:
+        K.apply(s, param, grad, states, layout,
+                step=step if type(step) is int and step >= 1 else step_count(step, "step"))
+    except ValueError as exc:
+        if str(exc).startswith("these hyperparameters keep"):
+            raise ValueError(f"{rule.name.lower()}(): {exc}") from None
+        raise
+
+
+def _prepare(rule, dtype, hyper, momentum_next):
+    """(Scalars, state names) for these hyperparameters, checked as the classes check
+    them. The same hyperparameters (equal values of the same types) give the same
+    result, which ``update`` remembers, so a loop that calls it with the same
+    hyperparameters checks them once."""
+    h = dict(_checked_defaults(rule))
+    for k, v in hyper.items():
+        spec = rule.hyper.get(k)
+        if spec is None:
+            raise TypeError(f"{rule.name.lower()}(): unknown hyperparameter {k!r} "
+                            f"(expected one of {sorted(rule.hyper)})")
+        h[k] = spec.check(v, k)
+        if dtype == _F32:
+            spec.check.fits(h[k], k, _F32)
     layout = rule.state(h)
     if rule.structure is not None:
         rule.structure(h, layout, _same)
-    if len(states) != len(layout) or any(k not in states for k in layout):
-        raise ValueError(f"{rule.name.lower()}(): these hyperparameters keep the state "
-                         f"{list(layout)}, got {sorted(states)}")
     nxt = h
     if momentum_next is not None:
         nxt = dict(h, momentum=unit_interval(momentum_next, "momentum_next"))
     s = K.Scalars(rule.kernel(layout))
     rule.scalars(s, h, nxt)
-    K.apply(s, param, grad, tuple([states[k] for k in layout]), layout,
-            step=step if type(step) is int and step >= 1 else step_count(step, "step"))
+    return s, layout
 
 
 _F32 = np.dtype(np.float32)
 _DEFAULTS = {}
+_PREPARED = {}
 
 
 def _checked_defaults(rule):
@@ -83,7 +112,7 @@ def _same(name):
 def sgd(param, grad, **hyper):
     """theta <- theta - lr * g (Algorithm 8.1), in place. Hyperparameters: those of
     :class:`ch8fast.SGD` without momentum."""
-    update(rules.SGD, param, grad, {}, **hyper)
+    _update(rules.SGD, param, grad, {}, 1, None, hyper)
 
 
 def momentum(param, grad, velocity, *, momentum, momentum_next=None, **hyper):
@@ -93,17 +122,17 @@ def momentum(param, grad, velocity, *, momentum, momentum_next=None, **hyper):
     shifted Nesterov form (see ``ch8fast.SGD``). Other hyperparameters: those of
     :class:`ch8fast.SGD`.
     """
-    if unit_interval(momentum, "momentum") == 0.0:
+    if momentum == 0 and unit_interval(momentum, "momentum") == 0.0:
         raise ValueError("momentum must be > 0 here (a velocity is kept); use sgd() for "
                          "plain SGD")
-    update(rules.SGD, param, grad, {"velocity": velocity}, momentum=momentum,
-           momentum_next=momentum_next, **hyper)
+    hyper["momentum"] = momentum
+    _update(rules.SGD, param, grad, {"velocity": velocity}, 1, momentum_next, hyper)
 
 
 def adagrad(param, grad, sum_sq, **hyper):
     """r <- r + g*g; theta <- theta - lr g / (eps + sqrt(r)) (Algorithm 8.4), in place.
     Hyperparameters: those of :class:`ch8fast.AdaGrad`."""
-    update(rules.ADAGRAD, param, grad, {"sum": sum_sq}, **hyper)
+    _update(rules.ADAGRAD, param, grad, {"sum": sum_sq}, 1, None, hyper)
 
 
 def rmsprop(param, grad, square_avg, velocity=None, *, momentum_next=None, **hyper):
@@ -116,7 +145,7 @@ def rmsprop(param, grad, square_avg, velocity=None, *, momentum_next=None, **hyp
     states = {"square_avg": square_avg}
     if velocity is not None:
         states["velocity"] = velocity
-    update(rules.RMSPROP, param, grad, states, momentum_next=momentum_next, **hyper)
+    _update(rules.RMSPROP, param, grad, states, 1, momentum_next, hyper)
 
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, **hyper):
@@ -130,11 +159,11 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, **hyper
     if max_exp_avg_sq is not None:
         states["max_exp_avg_sq"] = max_exp_avg_sq
         hyper.setdefault("amsgrad", True)
-    update(rules.ADAM, param, grad, states, step=step, **hyper)
+    _update(rules.ADAM, param, grad, states, step, None, hyper)
 
 
 def adadelta(param, grad, square_avg, acc_delta, **hyper):
     """One AdaDelta step (Zeiler 2012), in place. Hyperparameters: those of
     :class:`ch8fast.AdaDelta`."""
-    update(rules.ADADELTA, param, grad, {"square_avg": square_avg,
-                                         "acc_delta": acc_delta}, **hyper)
+    _update(rules.ADADELTA, param, grad, {"square_avg": square_avg,
+                                          "acc_delta": acc_delta}, 1, None, hyper)

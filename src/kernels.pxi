@@ -1081,22 +1081,33 @@ cdef class Engine:
         self.run(plan, form)
 
 
-def apply(Scalars s not None, param, grad, tuple states, tuple names,
+def apply(Scalars s not None, param, grad, dict state, tuple names,
           GradPlan plan=None, long long step=1):
-    """One update of rule ``s.rule`` on caller-owned arrays: ``param`` and the ``states``
-    (named ``names`` in messages) are written in place, ``grad`` is read. Everything is
-    checked first: the arrays (as ``check_param``; states of the parameter's dtype and
-    shape), that nothing the update writes overlaps anything else, and the scalars
-    against the dtype. ``step`` is the number of this update, counting from 1."""
-    cdef Py_ssize_t k, j, n = len(states)
+    """One update of rule ``s.rule`` on caller-owned arrays: ``param`` and the arrays of
+    ``state`` (a dict that must hold exactly the state ``names`` of the rule) are written
+    in place, ``grad`` is read. Everything is checked first: the arrays (as
+    ``check_param``; states of the parameter's dtype and shape), that nothing the update
+    writes overlaps anything else, and the scalars against the dtype. ``step`` is the
+    number of this update, counting from 1."""
+    cdef Py_ssize_t k, j, n = len(names)
+    cdef list states = [None] * n
     cdef cnp.ndarray p, a, g
     cdef intptr_t row[5]
     cdef Py_ssize_t offsets[2]
     cdef Hyper h
     cdef bint f64
     cdef uintptr_t[5] lo, hi
-    if n > 3 or len(names) != n:
-        raise ValueError("apply takes at most 3 state arrays, one name each")
+    if n > 3:
+        raise ValueError("apply takes at most 3 state arrays")
+    if len(state) != n:
+        raise ValueError(f"these hyperparameters keep the state {list(names)}, got "
+                         f"{sorted(state)}")
+    for k in range(n):
+        a_obj = state.get(names[k])
+        if a_obj is None:
+            raise ValueError(f"these hyperparameters keep the state {list(names)}, got "
+                             f"{sorted(state)}")
+        states[k] = a_obj
     _check_written(param, "param")
     p = <cnp.ndarray>param
     lo[0] = _lo(p)
