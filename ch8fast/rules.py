@@ -171,10 +171,16 @@ _NESTEROV = "use Nesterov momentum (needs momentum); fixed when the optimizer is
 # SGD, momentum, Nesterov momentum (8.3.1-8.3.3)
 # ---------------------------------------------------------------------------------------
 
-def _sgd_scalars(s, h, h_next):
+def _lr_and_l2(s, h):
+    """The step size and the L2 term (weight_decay * theta added to the gradient), which
+    every rule but AdamW's decoupled decay has."""
     s.lr = h["lr"]
     s.wd = h["weight_decay"]
     s.l2 = s.wd != 0.0
+
+
+def _sgd_scalars(s, h, h_next):
+    _lr_and_l2(s, h)
     s.alpha = h["momentum"]
     s.nesterov = h["nesterov"]
     # the shifted Nesterov form places the next interim point with the next momentum
@@ -226,10 +232,8 @@ parameters are ch8fast's raw arrays (phi), not ``theta()``.
 # ---------------------------------------------------------------------------------------
 
 def _adagrad_scalars(s, h, h_next):
-    s.lr = h["lr"]
+    _lr_and_l2(s, h)
     s.eps = h["eps"]
-    s.wd = h["weight_decay"]
-    s.l2 = s.wd != 0.0
 
 
 ADAGRAD = Rule(
@@ -315,21 +319,19 @@ inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha`
 # ---------------------------------------------------------------------------------------
 
 def _adam_scalars(s, h, h_next):
-    s.lr = h["lr"]
+    _lr_and_l2(s, h)
     s.beta1, s.beta2 = h["betas"]
     # The kernel folds in the bias corrections of update t (from the step counter): the
     # step size lr / (1 - beta1^t) and c2 = 1 / sqrt(1 - beta2^t), so that
     # theta <- theta - step_size * s / (sqrt(r) * c2 + delta).
     s.bias_correction = True
     s.eps = h["eps"]
-    s.wd = h["weight_decay"]
     s.amsgrad = h["amsgrad"]
     if h["decoupled_weight_decay"]:
         s.decay = 1.0 - h["lr"] * s.wd        # theta <- theta (1 - lr wd) first
         s.l2 = False
     else:
         s.decay = 1.0
-        s.l2 = s.wd != 0.0
 
 
 _ADAM_HYPER = {
@@ -418,11 +420,9 @@ every step (torch does the same).
 # ---------------------------------------------------------------------------------------
 
 def _adadelta_scalars(s, h, h_next):
-    s.lr = h["lr"]
+    _lr_and_l2(s, h)
     s.rho = h["rho"]
     s.eps = h["eps"]
-    s.wd = h["weight_decay"]
-    s.l2 = s.wd != 0.0
 
 
 ADADELTA = Rule(

@@ -3,8 +3,9 @@ import pytest
 
 import ch8fast
 
-# Each optimizer configuration: (id, ch8fast class, reference class name, hyperparameters).
-# Hyperparameters are given in full, so the reference needs no defaults of its own.
+# Each optimizer configuration: (id, ch8fast class, reference class name, hyperparameters
+# that differ from the rule's defaults). The reference gets them completed with the
+# defaults of the rule's specification (``reference_hyper``), so it has none of its own.
 CONFIGS = [
     ("sgd", ch8fast.SGD, "SGD", dict(lr=0.05)),
     ("sgd_wd", ch8fast.SGD, "SGD", dict(lr=0.05, weight_decay=0.01)),
@@ -31,11 +32,9 @@ CONFIGS = [
 
 
 def reference_hyper(cls, hyper):
-    """The reference's view of a configuration (AdamW is Adam with decoupled decay)."""
-    h = dict(hyper)
-    if cls is ch8fast.AdamW:
-        h["decoupled_weight_decay"] = True
-    return h
+    """The reference's view of a configuration: every hyperparameter, the defaults from the
+    class's rule specification (AdamW's include decoupled_weight_decay=True)."""
+    return dict(cls.rule.defaults(), **hyper)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
