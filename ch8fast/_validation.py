@@ -18,7 +18,8 @@ import numpy as np
 
 from ._isa import K
 
-__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "check_param",
+__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Choice", "Exactly",
+           "check_param",
            "nonnegative", "positive", "unit_interval", "betas_pair", "flag", "step_count",
            "count"]
 
@@ -132,6 +133,24 @@ class Flag:
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {value!r}")
         return bool(value)
+
+    def fits(self, value, name, dtype):
+        pass
+
+
+class Choice:
+    """One of a few strings; returns it."""
+
+    def __init__(self, options):
+        self.options = tuple(options)
+
+    def __call__(self, value, name):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be one of {list(self.options)}, got "
+                            f"{_kind(value)}")
+        if value not in self.options:
+            raise ValueError(f"{name} must be one of {list(self.options)}, got {value!r}")
+        return value
 
     def fits(self, value, name, dtype):
         pass

@@ -7,14 +7,15 @@ The file is an uncompressed ``.npz`` (``numpy.savez``). Its arrays are
 * ``param.<i>``: parameter ``i``, when parameters were saved;
 * ``__header__``: a 1-D ``uint8`` array holding a UTF-8 JSON object (see ``_header``).
 
-The header names the format (``"format": "ch8fast-checkpoint"``, ``"format_version": 1``),
+The header names the format (``"format": "ch8fast-checkpoint"``, ``"format_version": 2``),
 the optimizer class (``"optimizer"``), the number of parameters (``"n_params"``), whether
 they were saved (``"has_params"``), ``"state_dict"``: every entry of the optimizer's
-``state_dict()`` except the arrays of ``"state"`` (class, version, ``nesterov_form``,
-``param_groups`` with hyperparameters, schedules as ``{"schedule": {...}}`` and step
-counters, ...), every array with its shape and dtype (``"arrays"``, in checksum order), the
-user's ``extra`` metadata, and ``"checksum": {"algorithm": "sha256", "hexdigest": ...}``:
-the SHA-256 of
+``state_dict()`` except the arrays of ``"state"`` (class, version, ``storage``,
+``nesterov_form``, ``param_groups`` with hyperparameters, schedules as
+``{"schedule": {...}}`` and step counters, ...), every array with its shape and dtype
+(``"arrays"``, in checksum order; a bfloat16 array has dtype ``"bfloat16"`` and is stored as
+its raw bits, ``<u2``, so that NumPy alone reads it), the user's ``extra`` metadata, and
+``"checksum": {"algorithm": "sha256", "hexdigest": ...}``: the SHA-256 of
 
 1. the header without its ``"checksum"`` entry, serialized as
    ``json.dumps(h, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
@@ -25,8 +26,12 @@ the SHA-256 of
 Writes are atomic: the file is written to a temporary file in the same folder, flushed and
 fsynced, moved over the old file with ``os.replace``, and the folder is fsynced. A process
 killed at any moment leaves the old checkpoint or the new one, never a torn file; what it
-may leave is a temporary file ``.<name>.tmp-<pid>-<random>``, which loading never reads and
-the next save to the same path removes once the process that wrote it is gone.
+may leave is a temporary file ``.<name>.tmp-<host>-<pid>-<random>`` (a long name
+shortened), which loading never reads and the next save to the same path removes once the
+process that wrote it is gone.
+
+Version 2 added the ``storage`` entry of state dicts (16-bit parameters, compressed state)
+and bfloat16 arrays; version-1 files still load.
 
 Loading never runs code from the file (``numpy.load(..., allow_pickle=False)``), verifies
 everything (format, version, checksum, every array against the header, the optimizer
@@ -44,11 +49,15 @@ import zipfile
 
 import numpy as np
 
+from .storage import is_bfloat16
+
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "CHECKPOINT_FORMAT",
            "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "ch8fast-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_READS = (1, 2)            # version 1: no "storage" in the state dict, no bfloat16 arrays
+_BF16 = "bfloat16"         # the header's dtype of a bfloat16 array, stored as its bits (<u2)
 _HEADER = "__header__"
 _TMP_MARK = ".tmp-"
 
@@ -110,7 +119,18 @@ def _checksum(header_wo_checksum, arrays):
 
 
 def _dtype_str(a):
-    return a.dtype.str                      # e.g. "<f4": byte order, kind, size
+    """The header's dtype of an array: ``a.dtype.str`` (e.g. "<f4": byte order, kind,
+    size), or "bfloat16" (ml_dtypes), which the file stores as its raw bits, uint16."""
+    return _BF16 if is_bfloat16(a.dtype) else a.dtype.str
+
+
+def _dtype_name(text):
+    return text if text == _BF16 else np.dtype(text).name
+
+
+def _stored(a):
+    """The array as the file stores it (a bfloat16 array as its uint16 bits)."""
+    return a.view(np.uint16) if is_bfloat16(a.dtype) else a
 
 
 def _header(sd, params, extra):
@@ -123,7 +143,7 @@ def _header(sd, params, extra):
     if params is not None:
         for i, p in enumerate(params):
             key = f"param.{i}"
-            arrays[key] = p
+            arrays[key] = _stored(p)
             entries.append({"name": key, "shape": list(p.shape), "dtype": _dtype_str(p)})
     header = {
         "format": CHECKPOINT_FORMAT,
@@ -362,9 +382,9 @@ def read_checkpoint(path):
     _expect(header.get("format") == CHECKPOINT_FORMAT, path,
             f"header['format'] is {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     version = header.get("format_version")
-    _expect(version == CHECKPOINT_VERSION and type(version) is int, path,
-            f"header['format_version'] is {version!r}; this ch8fast reads version "
-            f"{CHECKPOINT_VERSION}")
+    _expect(version in _READS and type(version) is int, path,
+            f"header['format_version'] is {version!r}; this ch8fast reads versions "
+            f"{list(_READS)}")
     for key, typ in (("optimizer", str), ("n_params", int), ("has_params", bool),
                      ("state_dict", dict), ("arrays", list), ("checksum", dict)):
         _expect(key in header, path, f"header has no {key!r} entry")
@@ -387,7 +407,8 @@ def read_checkpoint(path):
         _expect(e["name"] in arrays, path,
                 f"array {e['name']!r} is listed in the header but missing from the file")
         a = arrays[e["name"]]
-        _expect(a.dtype.str == e["dtype"], path,
+        stored = "<u2" if e["dtype"] == _BF16 and version >= 2 else e["dtype"]
+        _expect(a.dtype.str == stored, path,
                 f"array {e['name']!r} has dtype {a.dtype.str}, the header says {e['dtype']}")
         _expect(list(a.shape) == e["shape"], path,
                 f"array {e['name']!r} has shape {tuple(a.shape)}, the header says "
@@ -461,11 +482,13 @@ def load_checkpoint(path, optimizer, params=None):
                 "params=None), but params were given")
         _expect(len(params) == n, path,
                 f"it holds {n} parameters, {len(params)} params were given")
+        dtypes = {e["name"]: e["dtype"] for e in header["arrays"]}
         for i, p in enumerate(params):
             b = arrays[f"param.{i}"]
-            _expect(b.shape == p.shape and b.dtype == p.dtype, path,
-                    f"array 'param.{i}' has shape {b.shape} and dtype {b.dtype}, params[{i}] "
-                    f"is {p.shape} {p.dtype}")
+            _expect(b.shape == p.shape and dtypes[f"param.{i}"] == _dtype_str(p), path,
+                    f"array 'param.{i}' has shape {b.shape} and dtype "
+                    f"{_dtype_name(dtypes[f'param.{i}'])}, params[{i}] is {p.shape} "
+                    f"{p.dtype}")
             if not p.flags.writeable:
                 raise ValueError(f"load_checkpoint: params[{i}] is read-only")
     sd = dict(header["state_dict"], state=state)
@@ -475,5 +498,5 @@ def load_checkpoint(path, optimizer, params=None):
         raise _bad(path, str(e)) from None
     if params is not None:
         for i, p in enumerate(params):
-            np.copyto(p, arrays[f"param.{i}"], casting="no")
+            np.copyto(_stored(p), arrays[f"param.{i}"], casting="no")
     return header["extra"]

@@ -25,9 +25,9 @@ import threading
 
 import numpy as np
 
-from . import rules
+from . import rules, storage
 from ._isa import K
-from ._validation import (FLOAT_DTYPES, check_param, count, flag, positive,
+from ._validation import (Choice, Integer, check_param, count, flag, positive,
                           unit_interval)
 from .clip import norm_from_sumsq
 
@@ -38,14 +38,25 @@ _SHIFTED, _LITERAL = 1, 2            # the Engine's codes of the two Nesterov fo
 _FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
 _FORM_CODES = {v: k for k, v in _FORMS.items()}
 
-_OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite")
+_OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
+            "seed")
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_seed = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
+_state_format = Choice(storage.STATE_FORMATS)
+_param_mode = Choice(storage.PARAM_MODES)
 _OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` when their global 2-norm
         exceeds it (keyword only; the norm is kept in ``last_grad_norm``).
     clip_value: clamp every gradient element to [-clip_value, clip_value] (after
         ``clip_norm``, before weight decay; keyword only).
     skip_nonfinite: a step whose gradients hold a NaN or an Inf changes nothing
         (parameters, state, step count) and adds one to ``skipped_steps`` (keyword
-        only). Without it a NaN gradient propagates, as in the reference rules."""
+        only). Without it a NaN gradient propagates, as in the reference rules.
+    state_format: how the state is stored for float32 and 16-bit parameters:
+        ``"float32"`` (default), ``"bfloat16"`` or ``"q8"`` (8 bits and a scale per
+        block of 256; see :mod:`ch8fast.storage`). Keyword only.
+    param_mode: how float16/bfloat16 parameters are kept: ``"master"`` (a float32
+        master copy; the default), ``"stochastic"`` or ``"kahan"``. Keyword only.
+    seed: the seed of stochastic rounding (keyword only; default 0)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,10 +301,11 @@ class _Core:
     change: ``engine``, ``meta`` (per group), ``params``, ``state`` (owned arrays),
     ``views``, ``rows`` (global parameter indices per group), ``live`` (groups whose scalars
     change every step), ``nesterov`` (groups with Nesterov momentum), ``form`` (what a
-    grads step records), ``plain`` (no clipping by norm, no skipping) and ``plan``."""
+    grads step records), ``plain`` (no clipping by norm, no skipping), ``plan``, and
+    ``how`` (per parameter: how it is kept and each state entry's storage)."""
 
     __slots__ = ("engine", "meta", "params", "state", "views", "rows", "live", "nesterov",
-                 "form", "plain", "plan")
+                 "form", "plain", "plan", "how")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -325,6 +337,15 @@ def decode_hyperparameter(value):
     if isinstance(value, list):
         return tuple(value)
     return value
+
+
+def _dtypes_in(arrays):
+    """The distinct dtypes of ``arrays``, in order of first appearance."""
+    out = []
+    for a in arrays:
+        if a.dtype not in out:
+            out.append(a.dtype)
+    return out
 
 
 def _namer(where):
@@ -366,7 +387,10 @@ class Optimizer:
             [P("params", P.POSITIONAL_OR_KEYWORD)] + rule.signature_parameters()
             + [P("clip_norm", P.KEYWORD_ONLY, default=None),
                P("clip_value", P.KEYWORD_ONLY, default=None),
-               P("skip_nonfinite", P.KEYWORD_ONLY, default=False)])
+               P("skip_nonfinite", P.KEYWORD_ONLY, default=False),
+               P("state_format", P.KEYWORD_ONLY, default=None),
+               P("param_mode", P.KEYWORD_ONLY, default=None),
+               P("seed", P.KEYWORD_ONLY, default=0)])
         if "__doc__" not in cls.__dict__ or cls.__doc__ is None:
             cls.__doc__ = rule.docstring(_OPTIONS_DOC)
 
@@ -387,6 +411,16 @@ class Optimizer:
         self.clip_value = (None if options["clip_value"] is None
                            else positive(options["clip_value"], "clip_value"))
         self.skip_nonfinite = flag(options["skip_nonfinite"], "skip_nonfinite")
+        self._state_format = (None if options["state_format"] is None
+                              else _state_format(options["state_format"], "state_format"))
+        if self._state_format not in (None,) + rule.state_formats:
+            raise ValueError(f"state_format={self._state_format!r} is not available for "
+                             f"{type(self).__name__}: {rule.state_format_note}; use "
+                             f"state_format={rule.state_formats[-1]!r} or "
+                             f"{rule.state_formats[0]!r}")
+        self._param_mode = (None if options["param_mode"] is None
+                            else _param_mode(options["param_mode"], "param_mode"))
+        self.seed = _seed(options["seed"], "seed")
         self.defaults = dict(rule.defaults(), **given)
         self.skipped_steps = 0          # steps skipped for non-finite gradients
         self.last_grad_norm = None      # global norm before clipping, when computed
@@ -395,6 +429,7 @@ class Optimizer:
         self._theta_depth = 0           # inside at_theta()
         self._phi = None                # inside at_theta(): the arrays as between steps
         self._scratch = None            # theta during a literal Nesterov step
+        self._pending = set()           # groups whose momentum was set inside at_theta()
         self._edits = _Edits(self._group_changed)
         self._core = None
         self.param_groups = _GroupList()
@@ -457,8 +492,10 @@ class Optimizer:
         if not plist:
             raise ValueError(f"param_groups[{gi}]: 'params' is empty")
         for k, p in enumerate(plist):
-            check_param(p, f"params[{first_index + k}]")
-        dtypes = tuple(dt for dt in FLOAT_DTYPES if any(p.dtype == dt for p in plist))
+            check_param(p, f"params[{first_index + k}]", True)
+        # the dtypes the kernels compute in (float32 for 16-bit parameters)
+        dtypes = tuple(dt for dt in (_F32, _F64)
+                       if any((p.dtype == _F64) == (dt == _F64) for p in plist))
         meta = _Meta()
         meta.params = tuple(plist)
         meta.dtypes = dtypes
@@ -513,20 +550,18 @@ class Optimizer:
         kept = {}
         if old is not None:
             kept = {id(p): st for p, st in zip(old.params, old.state)}
-        state = []
+        self._check_storage(params)
+        state, layouts = [], []
+        index = 0
         for gi, m in enumerate(metas):
             fixed = dict(m.values, **m.fixed)
-            for p in m.params:
-                have = kept.get(id(p), {})
-                st = {}
-                for name in m.layout:
-                    a = have.get(name)
-                    if a is None or a.shape != p.shape or a.dtype != p.dtype:
-                        fill = self.rule.initial.get(name)
-                        a = (np.zeros(p.shape, p.dtype) if fill is None
-                             else np.full(p.shape, fill(fixed), p.dtype))
-                    st[name] = a
+            first = index
+            for k, p in enumerate(m.params):
+                st, stor = self._new_state(p, m.layout, fixed, kept.get(id(p), {}))
                 state.append(st)
+                layouts.append((stor, index - first))
+                index += p.size
+            index = 0
         names = [f"params[{i}]" for i in range(len(params))]
         arrays = list(params)
         for i, st in enumerate(state):
@@ -535,16 +570,30 @@ class Optimizer:
         guard = K.Guard(arrays, names)        # also: no two of them share memory
         tables, owners = [], []
         for gi, m in enumerate(metas):
-            for dt in FLOAT_DTYPES:
+            for dt in _dtypes_in(params[i] for i in rows[gi]):
                 sel = [i for i in rows[gi] if params[i].dtype == dt]
-                if sel:
-                    cols = [[state[i][k] for i in sel] for k in m.layout]
-                    tables.append(K.Table([params[i] for i in sel], cols, sel, guard))
-                    owners.append(gi)
-        engine = K.Engine(tables, owners, [m.scalars for m in metas], steps, interim, form)
+                cols = [[state[i][k] for i in sel] for k in m.layout]
+                stor = layouts[sel[0]][0]
+                aux = [None] * (2 + len(m.layout))
+                if "master" in state[sel[0]] or "compensation" in state[sel[0]]:
+                    key = "master" if "master" in state[sel[0]] else "compensation"
+                    aux[0] = [state[i][key] for i in sel]
+                for c, name in enumerate(m.layout):
+                    if stor[c].startswith("q8"):
+                        aux[2 + c] = [state[i][name + ".absmax"] for i in sel]
+                keep = self._keep(dt)
+                tables.append(K.Table([params[i] for i in sel], cols, sel, guard,
+                                      storage=stor, keep=keep, aux=aux,
+                                      base=[layouts[i][1] for i in sel]))
+                owners.append(gi)
+        engine = K.Engine(tables, owners, [m.scalars for m in metas], steps, interim, form,
+                          self.seed)
         pgroups = [g if isinstance(g, ParamGroup) and g._edits is self._edits
                    else ParamGroup(g, self._edits) for g in groups]
-        core = self._make_core(engine, metas, params, state, rows)
+        how = [(self._keep(p.dtype), dict(zip(metas[gi].layout, layouts[i][0])))
+               for gi in range(len(metas)) for i, p in
+               ((i, params[i]) for i in rows[gi])]
+        core = self._make_core(engine, metas, params, state, rows, how)
         # install (one assignment for everything a step reads)
         self._core = core
         list.__init__(self.param_groups, pgroups)
@@ -554,7 +603,55 @@ class Optimizer:
         if self._scratch is not None:
             self._scratch = None
 
-    def _make_core(self, engine, metas, params, state, rows):
+    def _check_storage(self, params):
+        sixteen = [i for i, p in enumerate(params) if storage.is_16bit(p.dtype)]
+        if self._param_mode is not None and not sixteen:
+            raise ValueError(f"param_mode={self._param_mode!r} is for float16/bfloat16 "
+                             f"parameters; these are {_dtypes_in(params)[0]}")
+        f64 = [i for i, p in enumerate(params) if p.dtype == _F64]
+        if f64 and self._state_format is not None:
+            raise ValueError(f"state_format={self._state_format!r}: params[{f64[0]}] is "
+                             f"float64, whose state stays float64; leave state_format unset "
+                             f"or make the parameters float32")
+
+    def _keep(self, dtype):
+        """How parameters of ``dtype`` are kept (the kernels' name)."""
+        if not storage.is_16bit(dtype):
+            return "none"
+        return self._param_mode or "master"
+
+    def _new_state(self, p, layout, fixed, have):
+        """The state entries of parameter ``p`` (reusing the arrays of ``have`` that fit)
+        and the storage of each layout name."""
+        compute = _F64 if p.dtype == _F64 else _F32
+        fmt = None if p.dtype == _F64 else self._state_format
+        stor = [storage.state_storage(fmt, self.rule.kinds[name]) for name in layout]
+        st = {}
+        for name, how in zip(layout, stor):
+            a = have.get(name)
+            scales = have.get(name + ".absmax")
+            want = compute if how == "float32" else (np.uint8 if how.startswith("q8")
+                                                    else np.uint16)
+            if (a is None or a.shape != p.shape or a.dtype != want
+                    or how.startswith("q8") != (scales is not None)):
+                fill = self.rule.initial.get(name)
+                a, scales = storage.new_state(how, p.shape, 0.0 if fill is None
+                                              else fill(fixed), compute)
+            st[name] = a
+            if scales is not None:
+                st[name + ".absmax"] = scales
+        keep = self._keep(p.dtype)
+        if keep == "master":
+            m = have.get("master")
+            st["master"] = (m if m is not None and m.shape == p.shape
+                            else storage.to_float32(p))
+        elif keep == "kahan":
+            c = have.get("compensation")
+            st["compensation"] = (c if c is not None and c.shape == p.shape
+                                  else np.zeros(p.shape, np.uint16))
+        return st, stor
+
+    def _make_core(self, engine, metas, params, state, rows, how):
         nesterov = tuple(gi for gi, m in enumerate(metas) if m.fixed.get("nesterov"))
         plain = self.clip_norm is None and not self.skip_nonfinite
         plan = K.GradPlan(1.0, math.inf if self.clip_value is None else self.clip_value)
@@ -562,7 +659,7 @@ class Optimizer:
                      views=_StateList(StateView(st) for st in state), rows=rows,
                      live=tuple(gi for gi, m in enumerate(metas) if m.scheduled),
                      nesterov=nesterov, form=_SHIFTED if nesterov else 0, plain=plain,
-                     plan=plan)
+                     plan=plan, how=how)
 
     def _refresh(self):
         """Check the groups changed since the last step; rebuild if any ``"params"``
@@ -585,9 +682,9 @@ class Optimizer:
                                           first[gi], core.meta[gi])
         new_engine = K.Engine(list(engine.tables), self._owners(engine),
                               [m.scalars for m in metas], list(engine.steps),
-                              list(engine.interim), engine.form)
+                              list(engine.interim), engine.form, engine.seed)
         self._core = self._make_core(new_engine, metas, core.params, core.state,
-                                     core.rows).replace(views=core.views)
+                                     core.rows, core.how).replace(views=core.views)
         for gi in changed:
             groups[gi].changed = False
         self._edits.dirty = False
@@ -637,22 +734,72 @@ class Optimizer:
                     break
             else:
                 return
-            meta = core.meta[gi]
-            where = self._where(gi, len(core.meta))
-            try:
-                v = group["momentum"]
-                alpha = unit_interval(v(engine.steps[gi]) if callable(v) else v,
-                                      where("momentum"))
-                for dt in meta.dtypes:
-                    unit_interval.fits(alpha, where("momentum"), dt)
-            except (KeyError, TypeError, ValueError):
-                return                       # the next step refuses the value
-            delta = alpha - engine.interim[gi]
-            if delta:
-                for i in core.rows[gi]:
-                    target = self._phi.get(i, core.params[i]) if self._phi else core.params[i]
-                    target += core.state[i]["velocity"] * target.dtype.type(delta)
-            engine.interim[gi] = alpha
+            if self._theta_depth:            # the arrays hold theta: move at the end
+                self._pending.add(gi)
+                return
+            self._replace_interim(gi)
+
+    def _replace_interim(self, gi):
+        """Move group ``gi``'s arrays to the interim point of its momentum now."""
+        core = self._core
+        engine, meta = core.engine, core.meta[gi]
+        group, where = self.param_groups[gi], self._where(gi, len(core.meta))
+        try:
+            v = group["momentum"]
+            alpha = unit_interval(v(engine.steps[gi]) if callable(v) else v,
+                                  where("momentum"))
+            for dt in meta.dtypes:
+                unit_interval.fits(alpha, where("momentum"), dt)
+        except (KeyError, TypeError, ValueError):
+            return                           # the next step refuses the value
+        delta = alpha - engine.interim[gi]
+        if delta:
+            for i in core.rows[gi]:
+                phi = self._phi_values(i)
+                self._set_phi(i, phi + self._state_values(i, "velocity") * phi.dtype.type(delta))
+        engine.interim[gi] = alpha
+
+    # ---- what the arrays hold, whatever their storage ------------------------------------
+
+    def _state_values(self, i, name):
+        """State ``name`` of parameter ``i`` as computed numbers: the array itself if it is
+        stored so, else a decoded float32 copy."""
+        core = self._core
+        how = core.how[i][1][name]
+        st = core.state[i]
+        if how == "float32":
+            return st[name]
+        return storage.decode(how, st[name], st.get(name + ".absmax"))
+
+    def _phi_values(self, i):
+        """What parameter ``i`` is, precisely, between steps (float32 for a 16-bit one:
+        its master copy, or the array plus its compensation)."""
+        core = self._core
+        keep, p, st = core.how[i][0], core.params[i], core.state[i]
+        if keep == "none":
+            return p
+        if keep == "master":
+            return st["master"]
+        phi = storage.to_float32(p)
+        if keep == "kahan":
+            phi = phi + storage.decode("bfloat16", st["compensation"])
+        return phi
+
+    def _set_phi(self, i, values):
+        """Make parameter ``i`` hold ``values`` (float32 for a 16-bit one), keeping its
+        master copy or compensation consistent."""
+        core = self._core
+        keep, p, st = core.how[i][0], core.params[i], core.state[i]
+        if keep == "none":
+            np.copyto(p, values)
+            return
+        if keep == "master":
+            np.copyto(st["master"], values)
+        storage.round_to(p, values)
+        if keep == "kahan":
+            st["compensation"][...] = K.encode_block_state(
+                "bfloat16", np.ascontiguousarray(values - storage.to_float32(p), np.float32)
+                .reshape(-1))[0].reshape(p.shape)
 
     # ---- stepping ---------------------------------------------------------------------
 
@@ -771,6 +918,13 @@ class Optimizer:
         engine = core.engine
         if core.nesterov:
             self._check_form(_LITERAL)
+            for gi in core.nesterov:
+                for i in core.rows[gi]:
+                    if core.how[i][0] != "none":
+                        raise ValueError(
+                            f"params[{i}] is {core.params[i].dtype}: the literal Nesterov "
+                            f"form (step(closure=...)) needs float32/float64 parameters; "
+                            f"use step(grads), the shifted form, with 16-bit parameters")
         if self._scratch is None and core.nesterov:
             self._scratch = {i: np.empty_like(core.params[i])
                              for gi in core.nesterov for i in core.rows[gi]}
@@ -786,7 +940,7 @@ class Optimizer:
                     p, th = core.params[i], self._scratch[i]
                     np.copyto(th, p)
                     moved.append(i)
-                    np.multiply(core.state[i]["velocity"], alpha, out=p)
+                    np.multiply(self._state_values(i, "velocity"), alpha, out=p)
                     np.add(th, p, out=p)             # theta + alpha v
                 s.alpha_prev, s.alpha_next = alpha, 0.0
             out = closure()
@@ -830,10 +984,13 @@ class Optimizer:
         return [(gi, i) for gi in core.nesterov for i in core.rows[gi]]
 
     def _theta_into(self, gi, i, out):
-        """theta = phi - alpha v for a shifted-form row, into ``out``."""
+        """theta = phi - alpha v for a shifted-form row, into ``out`` (rounded to nearest
+        for a 16-bit parameter)."""
         core = self._core
-        np.multiply(core.state[i]["velocity"], core.engine.interim[gi], out=out)
-        np.subtract(core.params[i], out, out=out)
+        phi = self._phi_values(i)
+        theta = phi - self._state_values(i, "velocity") * phi.dtype.type(
+            core.engine.interim[gi])
+        storage.round_to(out, theta)
         return out
 
     def theta(self):
@@ -852,7 +1009,8 @@ class Optimizer:
         model); afterwards they hold exactly the bits they held before. Nested blocks are
         the outer one; no step can run inside (other threads wait for the block's end). A
         checkpoint saved inside saves what the arrays hold between steps, so it resumes
-        exactly."""
+        exactly. A momentum set inside takes effect (the arrays move to its interim point)
+        when the block ends."""
         with self._lock:
             if self._busy:
                 self._refuse_reentry("at_theta()")
@@ -866,9 +1024,8 @@ class Optimizer:
             shifted = self._shifted_rows()
             params = self._core.params
             saved = {i: params[i].copy() for _, i in shifted}
-            tmp = {i: np.empty_like(params[i]) for _, i in shifted}
             for gi, i in shifted:
-                np.copyto(params[i], self._theta_into(gi, i, tmp[i]))
+                self._theta_into(gi, i, params[i])
             self._phi = saved
             self._theta_depth = 1
             try:
@@ -878,6 +1035,9 @@ class Optimizer:
                     np.copyto(params[i], a)
                 self._theta_depth = 0
                 self._phi = None
+                pending, self._pending = self._pending, set()
+                for gi in sorted(pending):
+                    self._replace_interim(gi)
 
     # ---- state dicts --------------------------------------------------------------------
 
@@ -917,7 +1077,8 @@ class Optimizer:
             groups.append(d)
         return {
             "optimizer": type(self).__name__,
-            "version": 1,
+            "version": 2,
+            "storage": self._storage_record(),
             "nesterov_form": _FORMS[engine.form],
             "skipped_steps": self.skipped_steps,
             "param_groups": groups,
@@ -935,6 +1096,10 @@ class Optimizer:
                 self._refresh()
             self._load(state_dict)
 
+    def _storage_record(self):
+        return {"state_format": self._state_format, "param_mode": self._param_mode,
+                "seed": self.seed}
+
     def _load(self, sd):
         rule, core = self.rule, self._core
         if not isinstance(sd, dict):
@@ -946,8 +1111,20 @@ class Optimizer:
         if sd["optimizer"] != type(self).__name__:
             raise ValueError(f"state_dict is for {sd['optimizer']}, not "
                              f"{type(self).__name__}")
-        if sd["version"] != 1:
+        if sd["version"] not in (1, 2):
             raise ValueError(f"state_dict version {sd['version']} is not supported")
+        saved_storage = (sd.get("storage") if sd["version"] == 2 else
+                         {"state_format": None, "param_mode": None, "seed": 0})
+        if not isinstance(saved_storage, dict) or set(saved_storage) != {
+                "state_format", "param_mode", "seed"}:
+            raise ValueError(f"state_dict['storage'] must be a dict of state_format, "
+                             f"param_mode and seed, got {saved_storage!r}")
+        mine = self._storage_record()
+        for k in ("state_format", "param_mode"):
+            if saved_storage[k] != mine[k]:
+                raise ValueError(f"state_dict was saved with {k}={saved_storage[k]!r}, this "
+                                 f"optimizer has {k}={mine[k]!r}")
+        seed = _seed(saved_storage["seed"], "state_dict['storage']['seed']")
         if sd["nesterov_form"] not in _FORM_CODES:
             raise ValueError(f"state_dict['nesterov_form'] is {sd['nesterov_form']!r}")
         skipped = count(sd["skipped_steps"], "state_dict['skipped_steps']")
@@ -1023,7 +1200,29 @@ class Optimizer:
             self._edits.hook = hook
         core.engine.set_counters(steps, interim, _FORM_CODES[sd["nesterov_form"]])
         self.skipped_steps = skipped
+        if seed != self.seed:                 # the saved seed: resuming is exact
+            self.seed = seed
+            self._edits.dirty = True
+            self._rebuild_engine_seed()
         self._refresh()
+
+    def _rebuild_engine_seed(self):
+        core = self._core
+        e = core.engine
+        self._core = core.replace(engine=K.Engine(list(e.tables), e.groups, list(e.scalars),
+                                                  list(e.steps), list(e.interim), e.form,
+                                                  self.seed))
+
+    def decoded_state(self, i):
+        """The state of parameter ``i`` as float32/float64 numbers, copies (decoded from
+        bfloat16 or 8-bit storage), with ``"master"`` for a master copy and ``"theta"``
+        for the parameter's value between steps in float32 (16-bit parameters)."""
+        with self._lock:
+            core = self._core
+            out = {name: np.array(self._state_values(i, name)) for name in core.how[i][1]}
+            if core.how[i][0] != "none":
+                out["theta"] = np.array(self._phi_values(i), np.float32)
+            return out
 
     # ---- groups, copies, printing -------------------------------------------------------
 
@@ -1051,7 +1250,9 @@ class Optimizer:
         with self._lock:
             groups = [dict(g, params=list(g["params"])) for g in self.param_groups]
             options = {"clip_norm": self.clip_norm, "clip_value": self.clip_value,
-                       "skip_nonfinite": self.skip_nonfinite}
+                       "skip_nonfinite": self.skip_nonfinite,
+                       "state_format": self._state_format, "param_mode": self._param_mode,
+                       "seed": self.seed}
             return (_restore, (type(self), groups, options, self._state_dict(copy=True)))
 
     def __repr__(self):

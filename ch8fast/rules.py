@@ -65,6 +65,11 @@ class Rule:
         initial: state name -> ``f(h) -> fill value`` (default 0).
         kernel: ``kernel(state names) -> kernel rule name`` (see ``RULES`` of the kernel
             module).
+        kinds: state name -> "signed" (a moment or a velocity) or "square" (an
+            accumulator of squares): how compressed storage rounds it
+            (:mod:`ch8fast.storage`).
+        state_formats: the state formats this rule supports (:data:`STATE_FORMATS`), and
+            ``state_format_note`` why it lacks the others.
         scalars: ``scalars(s, h, h_next)``: set the fields of the :class:`Scalars` ``s``
             from the checked hyperparameters ``h`` of this update (and ``h_next``, those
             of the following update, which places the next Nesterov interim point).
@@ -80,9 +85,12 @@ class Rule:
     state_doc: str
     kernel: object
     scalars: object
+    kinds: dict = field(default_factory=dict)
     initial: dict = field(default_factory=dict)
     structure: object = None
     notes: str = ""
+    state_formats: tuple = ("float32", "bfloat16", "q8")
+    state_format_note: str = ""
 
     # ---- reading the specification ------------------------------------------------------
 
@@ -221,6 +229,7 @@ parameters are ch8fast's raw arrays (phi), not ``theta()``.
     },
     state=lambda h: ("velocity",) if _has_velocity(h) else (),
     state_doc="State per parameter: ``velocity`` (v), with momentum.",
+    kinds={"velocity": "signed"},
     kernel=lambda state: "momentum" if "velocity" in state else "sgd",
     scalars=_sgd_scalars,
     structure=_nesterov_needs_momentum,
@@ -260,6 +269,7 @@ torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d
     },
     state=lambda h: ("sum",),
     state_doc="State per parameter: ``sum`` (r).",
+    kinds={"sum": "square"},
     initial={"sum": lambda h: h["initial_accumulator_value"]},
     kernel=lambda state: "adagrad",
     scalars=_adagrad_scalars,
@@ -308,6 +318,7 @@ inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha`
     state=lambda h: ("square_avg", "velocity") if _has_velocity(h) else ("square_avg",),
     state_doc="State per parameter: ``square_avg`` (r), and ``velocity`` (v) with "
               "momentum.",
+    kinds={"square_avg": "square", "velocity": "signed"},
     kernel=lambda state: "rmsprop_momentum" if "velocity" in state else "rmsprop",
     scalars=_rmsprop_scalars,
     structure=_nesterov_needs_momentum,
@@ -355,6 +366,9 @@ _ADAM_STATE_DOC = ("The step count t is kept per param group; state per paramete
                    "AMSGrad.")
 
 
+_ADAM_KINDS = {"exp_avg": "signed", "exp_avg_sq": "square", "max_exp_avg_sq": "square"}
+
+
 def _adam_state(h):
     names = ("exp_avg", "exp_avg_sq")
     return names + ("max_exp_avg_sq",) if h["amsgrad"] else names
@@ -385,6 +399,7 @@ torch.optim.AdamW. ``amsgrad=True`` divides by the running maximum of r (Reddi e
     hyper=_ADAM_HYPER,
     state=_adam_state,
     state_doc=_ADAM_STATE_DOC,
+    kinds=_ADAM_KINDS,
     kernel=lambda state: "adam",
     scalars=_adam_scalars,
 )
@@ -410,6 +425,7 @@ every step (torch does the same).
                                             in_signature=False)),
     state=_adam_state,
     state_doc=_ADAM_STATE_DOC,
+    kinds=_ADAM_KINDS,
     kernel=lambda state: "adam",
     scalars=_adam_scalars,
 )
@@ -451,6 +467,11 @@ Defaults rho = 0.95, eps = 1e-6 are Zeiler's (torch: rho 0.9).
     state=lambda h: ("square_avg", "acc_delta"),
     state_doc="State per parameter: ``square_avg`` (E[g^2]), ``acc_delta`` "
               "(E[dtheta^2]).",
+    kinds={"square_avg": "square", "acc_delta": "square"},
+    state_formats=("float32", "bfloat16"),
+    state_format_note=("its step is the ratio of two accumulated averages, "
+                       "sqrt(E[dtheta^2] + delta) / sqrt(E[g^2] + delta), so the errors of "
+                       "two 8-bit codes multiply into every step instead of averaging out"),
     kernel=lambda state: "adadelta",
     scalars=_adadelta_scalars,
 )

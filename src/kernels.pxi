@@ -35,10 +35,12 @@ cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport intptr_t, uintptr_t
-from libc.math cimport sqrt, sqrtf, isfinite, fabs, pow, INFINITY
+from libc.math cimport sqrt, sqrtf, isfinite, fabs, pow, INFINITY, NAN
 
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+import sys
+
 import numpy as np
 
 cnp.import_array()
@@ -346,9 +348,30 @@ cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed,
 # Layer 2: dispatch on rule and dtype, and the table walker.
 # ---------------------------------------------------------------------------------------
 
-cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t lo,
-                       Py_ssize_t n, const Hyper* h) noexcept nogil:
-    # ``tag`` only selects the dtype; ``row`` holds the tensor's column addresses.
+cdef inline void _span_ptrs(int rule, floating* p, const floating* g, floating* s0,
+                            floating* s1, floating* s2, Py_ssize_t n,
+                            const Hyper* h) noexcept nogil:
+    # One rule over n elements: the parameter p, the gradient g, the state arrays s0.. (as
+    # many as the rule keeps).
+    if rule == SGD:
+        _sgd(p, g, n, h)
+    elif rule == MOMENTUM:
+        _momentum(p, g, s0, n, h)
+    elif rule == ADAGRAD:
+        _adagrad(p, g, s0, n, h)
+    elif rule == RMSPROP:
+        _rmsprop(p, g, s0, n, h)
+    elif rule == RMSPROP_MOMENTUM:
+        _rmsprop_momentum(p, g, s0, s1, n, h)
+    elif rule == ADAM:
+        _adam(p, g, s0, s1, s2 if h.flags & FLAG_AMSGRAD else NULL, n, h)
+    elif rule == ADADELTA:
+        _adadelta(p, g, s0, s1, n, h)
+
+
+cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t ncols,
+                       Py_ssize_t lo, Py_ssize_t n, const Hyper* h) noexcept nogil:
+    # ``tag`` only selects the dtype; ``row`` holds the tensor's ``ncols`` column addresses.
     cdef floating* p = (<floating*>row[0]) + lo
     cdef const floating* g
     if rule == TRANSFORM:
@@ -359,21 +382,10 @@ cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t 
         _traffic(p, g, (<floating*>row[2]) + lo if h.flags > 2 else NULL,
                  (<floating*>row[3]) + lo if h.flags > 3 else NULL,
                  (<floating*>row[4]) + lo if h.flags > 4 else NULL, n)
-    elif rule == SGD:
-        _sgd(p, g, n, h)
-    elif rule == MOMENTUM:
-        _momentum(p, g, (<floating*>row[2]) + lo, n, h)
-    elif rule == ADAGRAD:
-        _adagrad(p, g, (<floating*>row[2]) + lo, n, h)
-    elif rule == RMSPROP:
-        _rmsprop(p, g, (<floating*>row[2]) + lo, n, h)
-    elif rule == RMSPROP_MOMENTUM:
-        _rmsprop_momentum(p, g, (<floating*>row[2]) + lo, (<floating*>row[3]) + lo, n, h)
-    elif rule == ADAM:
-        _adam(p, g, (<floating*>row[2]) + lo, (<floating*>row[3]) + lo,
-              (<floating*>row[4]) + lo if h.flags & FLAG_AMSGRAD else NULL, n, h)
-    elif rule == ADADELTA:
-        _adadelta(p, g, (<floating*>row[2]) + lo, (<floating*>row[3]) + lo, n, h)
+        return
+    _span_ptrs(rule, p, g, (<floating*>row[2]) + lo if ncols > 2 else NULL,
+               (<floating*>row[3]) + lo if ncols > 3 else NULL,
+               (<floating*>row[4]) + lo if ncols > 4 else NULL, n, h)
 
 
 cdef inline Py_ssize_t _row_of(const Py_ssize_t* offsets, Py_ssize_t nrows,
@@ -403,10 +415,10 @@ cdef void _walk(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
             end = stop
         if end > start:
             if f64:
-                _span(<double*>NULL, rule, table + r * ncols, start - offsets[r],
+                _span(<double*>NULL, rule, table + r * ncols, ncols, start - offsets[r],
                       end - start, h)
             else:
-                _span(<float*>NULL, rule, table + r * ncols, start - offsets[r],
+                _span(<float*>NULL, rule, table + r * ncols, ncols, start - offsets[r],
                       end - start, h)
             start = end
         r += 1
@@ -461,7 +473,17 @@ cdef void _sumsq_piece(floating* tag, const floating* x, Py_ssize_t n, Py_ssize_
         k += 1
 
 
-cdef double _sumsq_block(bint f64, const intptr_t* table, Py_ssize_t ncols, int col,
+include "codec.pxi"
+
+
+cdef enum:                # how the elements of a summed column are stored
+    EL_F32 = 0
+    EL_F64 = 1
+    EL_BF16 = 2
+    EL_F16 = 3
+
+
+cdef double _sumsq_block(int efmt, const intptr_t* table, Py_ssize_t ncols, int col,
                          const Py_ssize_t* offsets, Py_ssize_t nrows, Py_ssize_t start,
                          Py_ssize_t stop) noexcept nogil:
     cdef double acc[SUM_LANES]
@@ -475,14 +497,18 @@ cdef double _sumsq_block(bint f64, const intptr_t* table, Py_ssize_t ncols, int 
         if end > stop:
             end = stop
         if end > start:
-            if f64:
+            if efmt == EL_F64:
                 _sumsq_piece(<double*>NULL,
                              (<const double*>table[r * ncols + col]) + (start - offsets[r]),
                              end - start, start % SUM_LANES, acc)
-            else:
+            elif efmt == EL_F32:
                 _sumsq_piece(<float*>NULL,
                              (<const float*>table[r * ncols + col]) + (start - offsets[r]),
                              end - start, start % SUM_LANES, acc)
+            else:
+                _sumsq_piece16((<const uint16_t*>table[r * ncols + col]) + (start - offsets[r]),
+                               end - start, start % SUM_LANES, acc,
+                               ST_F16 if efmt == EL_F16 else ST_BF16)
             start = end
         r += 1
     for j in range(SUM_LANES):
@@ -490,7 +516,7 @@ cdef double _sumsq_block(bint f64, const intptr_t* table, Py_ssize_t ncols, int 
     return total
 
 
-cdef double _sumsq(bint f64, const intptr_t* table, Py_ssize_t ncols, int col,
+cdef double _sumsq(int efmt, const intptr_t* table, Py_ssize_t ncols, int col,
                    const Py_ssize_t* offsets, Py_ssize_t nrows, double* blocks,
                    int n_threads) noexcept nogil:
     # Sum of squares of column ``col``, the same bits for any thread count and any split
@@ -499,14 +525,14 @@ cdef double _sumsq(bint f64, const intptr_t* table, Py_ssize_t ncols, int col,
     cdef Py_ssize_t nb = (total + SUM_BLOCK - 1) // SUM_BLOCK
     cdef Py_ssize_t b
     cdef double out = 0.0
-    cdef Py_ssize_t itemsize = 8 if f64 else 4
+    cdef Py_ssize_t itemsize = 8 if efmt == EL_F64 else (4 if efmt == EL_F32 else 2)
     if n_threads > 1 and total * itemsize >= _parallel_min_bytes:
         for b in prange(nb, num_threads=n_threads, schedule='static'):
-            blocks[b] = _sumsq_block(f64, table, ncols, col, offsets, nrows,
+            blocks[b] = _sumsq_block(efmt, table, ncols, col, offsets, nrows,
                                      b * SUM_BLOCK, min((b + 1) * SUM_BLOCK, total))
     else:
         for b in range(nb):
-            blocks[b] = _sumsq_block(f64, table, ncols, col, offsets, nrows,
+            blocks[b] = _sumsq_block(efmt, table, ncols, col, offsets, nrows,
                                      b * SUM_BLOCK, min((b + 1) * SUM_BLOCK, total))
     for b in range(nb):
         out += blocks[b]
@@ -689,41 +715,76 @@ cdef GradPlan _IDENTITY = GradPlan()
 
 # ---- array checks: one place for the rules every array of an update must satisfy -------
 
+cdef enum:
+    _NPY_HALF = 23                # numpy's type numbers of float16 and of the first user
+    _NPY_USERDEF = 256            # dtype (fixed by numpy's C API)
+
+cdef int _bf16_num = -1         # ml_dtypes' bfloat16 type number, once it is imported
+
+
+cdef int _bf16_typenum():
+    # bfloat16 is a user dtype whose number depends on registration order; an array of it
+    # exists only once ml_dtypes is imported, so look then (and never import it here).
+    global _bf16_num
+    if _bf16_num < 0:
+        m = sys.modules.get("ml_dtypes")
+        if m is not None:
+            _bf16_num = np.dtype(m.bfloat16).num
+    return _bf16_num
+
+
+cdef int _elfmt(cnp.ndarray a):
+    """EL_F32, EL_F64, EL_F16 or EL_BF16 for an array of one of those dtypes, else -1."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT:
+        return EL_F32
+    if t == cnp.NPY_DOUBLE:
+        return EL_F64
+    if t == _NPY_HALF:
+        return EL_F16
+    if t >= _NPY_USERDEF and t == _bf16_typenum():
+        return EL_BF16
+    return -1
+
+
 cdef inline bint _is_float(cnp.ndarray a) noexcept:
     cdef int t = cnp.PyArray_TYPE(a)
     return t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE
 
 
-cdef object _dtype_problem(object obj, str name):
-    """The TypeError for an object that is not a native-order float32/float64 ndarray, or
-    None."""
+cdef object _dtype_problem(object obj, str name, bint allow16=False):
+    """The TypeError for an object that is not a native-order float32/float64 ndarray (or,
+    with ``allow16``, float16/bfloat16), or None."""
     if not cnp.PyArray_Check(obj):
         return TypeError(f"{name}: expected a numpy.ndarray, got {type(obj).__name__}")
     if type(obj) is not cnp.ndarray and isinstance(obj, MaskedArray):
         return TypeError(f"{name}: masked arrays are not supported (the update would ignore "
                          f"the mask); pass the array of values you mean, e.g. "
                          f"np.ma.filled(a, 0)")
-    if not _is_float(<cnp.ndarray>obj):
-        return TypeError(f"{name}: dtype must be float32 or float64, got "
-                         f"{(<object>obj).dtype}")
+    cdef int el = _elfmt(<cnp.ndarray>obj)
+    if el < 0 or (not allow16 and el >= EL_BF16):
+        what = ("float32, float64, float16 or bfloat16" if allow16
+                else "float32 or float64")
+        return TypeError(f"{name}: dtype must be {what}, got {(<object>obj).dtype}")
     if not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj):
         return TypeError(f"{name}: dtype {(<object>obj).dtype.str} is not in the machine's "
                          f"byte order; convert it with a.astype(a.dtype.newbyteorder('='))")
     return None
 
 
-def check_param(obj, str name):
+def check_param(obj, str name, bint allow16=False):
     """An array the update writes (a parameter or a state array): a native-order
-    float32/float64 ndarray (no masked array), C-contiguous, aligned and writeable. It is
-    updated in place, so it is never copied or converted."""
-    _check_written(obj, name)
+    float32/float64 ndarray (float16 and bfloat16 too with ``allow16``; no masked array),
+    C-contiguous, aligned and writeable. It is updated in place, so it is never copied or
+    converted."""
+    _check_written(obj, name, allow16)
     return obj
 
 
-cdef int _check_written(object obj, str name) except -1:
+cdef int _check_written(object obj, str name, bint allow16=False) except -1:
     if not (type(obj) is cnp.ndarray and _is_float(<cnp.ndarray>obj)
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)):
-        err = _dtype_problem(obj, name)
+        err = _dtype_problem(obj, name, allow16)
         if err is not None:
             raise err
     cdef cnp.ndarray a = <cnp.ndarray>obj
@@ -749,17 +810,20 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
 
 
 cdef cnp.ndarray _check_grad(object obj, cnp.ndarray param, str name, str pname):
-    """A gradient of ``param``: its dtype and shape, any layout. A gradient that is not
-    C-contiguous or not aligned is read through an aligned contiguous copy (a gradient is
-    only read, so the copy loses nothing); returns the array the kernel reads."""
+    """A gradient of ``param``: its dtype (or float32 for a 16-bit parameter) and shape, any
+    layout. A gradient that is not C-contiguous or not aligned is read through an aligned
+    contiguous copy (a gradient is only read, so the copy loses nothing); returns the
+    array the kernel reads."""
     if not (type(obj) is cnp.ndarray and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)):
-        err = _dtype_problem(obj, name)
+        err = _dtype_problem(obj, name, True)
         if err is not None:
             raise err
     cdef cnp.ndarray g = <cnp.ndarray>obj
-    if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(param):
+    cdef int tg = cnp.PyArray_TYPE(g), tp = cnp.PyArray_TYPE(param)
+    if tg != tp and not (tg == cnp.NPY_FLOAT and _elfmt(param) >= EL_BF16):
+        extra = " (or float32)" if _elfmt(param) >= EL_BF16 else ""
         raise TypeError(f"{name}: dtype {(<object>g).dtype} does not match {pname}'s dtype "
-                        f"{(<object>param).dtype}")
+                        f"{(<object>param).dtype}{extra}")
     if not _same_shape(g, param):
         raise ValueError(f"{name}: shape {(<object>g).shape} does not match {pname}'s shape "
                          f"{(<object>param).shape}")
@@ -825,25 +889,44 @@ cdef class Table:
     in the optimizer's list of gradients. The table keeps a reference to every array whose
     address it holds; column 1 (the gradients) is bound at every step, after checking the
     gradients and that each parameter is still the array the table was built on.
+
+    Storage other than the parameters' dtype (the block walker, codec.pxi): ``storage``
+    names each state column's ("float32" native, "bfloat16", "bfloat16_sr",
+    "q8_signed", "q8_unsigned"); ``keep`` how 16-bit parameters are kept ("master",
+    "stochastic", "kahan"); ``aux`` per column a list of extra arrays per row (column 0:
+    the master copies or compensations; an 8-bit state column: its float32 scales, one per
+    block of 256); ``base`` each row's first element index in its group (random words).
     """
     cdef intptr_t[:, ::1] table
+    cdef intptr_t[:, ::1] aux_table
     cdef Py_ssize_t[::1] offsets
+    cdef Py_ssize_t[::1] voff         # offsets in whole blocks (block walker)
+    cdef Py_ssize_t[::1] base
     cdef Py_ssize_t[::1] index
     cdef readonly Py_ssize_t nrows, ncols
     cdef bint f64
+    cdef int typenum
+    cdef readonly int elfmt          # the parameters' EL_*
+    cdef bint coded                  # runs through the block walker
+    cdef Codec codec
+    cdef Py_ssize_t bytes_per_element
     cdef list params          # the parameter arrays (references held)
     cdef list states          # the state columns (references held)
+    cdef list aux             # the extra arrays (references held)
     cdef list names           # "grads[i]" and "params[i]" of each row, for messages
     cdef Guard guard
     cdef uintptr_t[::1] checked  # each row's last gradient address found clear of the guard
     cdef list keep            # contiguous copies of non-contiguous gradients, this step
     cdef double[::1] blocks   # per-block sums of squares
 
-    def __init__(self, list params, list states, index, Guard guard):
-        cdef Py_ssize_t r, c
+    def __init__(self, list params, list states, index, Guard guard, storage=None,
+                 str keep="none", aux=None, base=None):
+        cdef Py_ssize_t r, c, k
+        cdef cnp.ndarray p0
         self.nrows = len(params)
         self.ncols = 2 + len(states)
-        self.f64 = self.nrows > 0 and params[0].dtype == np.float64
+        if self.ncols > 5:
+            raise ValueError("a table holds at most 3 state columns")
         self.params = list(params)
         self.states = [list(col) for col in states]
         self.guard = guard
@@ -852,19 +935,107 @@ cdef class Table:
         self.index = np.asarray(index, dtype=np.intp).copy()
         self.names = [(f"grads[{i}]", f"params[{i}]") for i in self.index]
         self.table = np.zeros((max(1, self.nrows), self.ncols), dtype=np.intp)
+        self.aux_table = np.zeros((max(1, self.nrows), self.ncols), dtype=np.intp)
         self.offsets = np.zeros(self.nrows + 1, dtype=np.intp)
+        self.voff = np.zeros(self.nrows + 1, dtype=np.intp)
+        self.elfmt = EL_F32
+        self.typenum = cnp.NPY_FLOAT
+        if self.nrows:
+            p0 = <cnp.ndarray>params[0]
+            self.elfmt = _elfmt(p0)
+            if self.elfmt < 0:
+                raise TypeError(f"unsupported parameter dtype {params[0].dtype}")
+            self.typenum = cnp.PyArray_TYPE(p0)
+        self.f64 = self.elfmt == EL_F64
+        # storage
+        storage = list(storage) if storage is not None else ["float32"] * len(states)
+        if len(storage) != len(states):
+            raise ValueError("one storage name per state column")
+        self.codec.pfmt = (ST_F32 if self.elfmt == EL_F32 else ST_F64 if self.f64
+                           else ST_F16 if self.elfmt == EL_F16 else ST_BF16)
+        self.codec.gfmt = self.codec.pfmt
+        self.codec.keep = KEEP[keep]
+        self.codec.nstate = len(states)
+        self.codec.random = False
+        self.codec.key = 0
+        for k in range(3):
+            self.codec.sfmt[k] = ST_F32
+        for k in range(len(states)):
+            self.codec.sfmt[k] = STORAGE[storage[k]]
+            if self.codec.sfmt[k] in (ST_BF16_SR, ST_Q8_UNSIGNED):
+                self.codec.random = True
+        if self.codec.keep == KEEP_STOCHASTIC:
+            self.codec.random = True
+        sixteen = self.elfmt in (EL_BF16, EL_F16)
+        if (sixteen and self.codec.keep == KEEP_NONE and states) or (
+                not sixteen and self.codec.keep != KEEP_NONE):
+            raise ValueError("16-bit parameters need keep 'master', 'stochastic' or "
+                             "'kahan'; float32/float64 ones 'none'")
+        compressed = any(self.codec.sfmt[k] != ST_F32 for k in range(len(states)))
+        if self.f64 and compressed:
+            raise ValueError("float64 parameters keep float64 state")
+        # (16-bit arrays with keep 'none' and no state: a table for the clipping functions,
+        # which only sum and transform them)
+        self.coded = (sixteen and self.codec.keep != KEEP_NONE) or compressed
+        self.aux = [list(col) if col is not None else None for col in aux] if aux else []
+        base = np.zeros(self.nrows, np.intp) if base is None else np.asarray(base, np.intp)
+        self.base = base.copy() if self.nrows else np.zeros(1, np.intp)
         for r in range(self.nrows):
             if params[r].dtype != params[0].dtype:
                 raise ValueError("a table holds parameters of one dtype")
-            self.offsets[r + 1] = self.offsets[r] + params[r].size
+            n = params[r].size
+            self.offsets[r + 1] = self.offsets[r] + n
+            self.voff[r + 1] = self.voff[r] + (n + QB - 1) // QB * QB
             self.table[r, 0] = params[r].__array_interface__["data"][0]
             for c in range(len(states)):
                 a = states[c][r]
-                if a.dtype != params[r].dtype or a.size != params[r].size:
+                if a.size != n:
                     raise ValueError("a state array must match its parameter")
                 self.table[r, 2 + c] = a.__array_interface__["data"][0]
+            for c in range(len(self.aux)):
+                if self.aux[c] is not None:
+                    self.aux_table[r, c] = self.aux[c][r].__array_interface__["data"][0]
+        self._check_layout(storage)
         n_blocks = (self.offsets[self.nrows] + SUM_BLOCK - 1) // SUM_BLOCK
         self.blocks = np.zeros(max(1, n_blocks))
+        # bytes moved per element (reads and writes), for the thread cutoff
+        item = {EL_F32: 4, EL_F64: 8, EL_F16: 2, EL_BF16: 2}[self.elfmt]
+        nbytes = 3 * item                       # p read and written, g read
+        if self.codec.keep == KEEP_MASTER:
+            nbytes += 8
+        elif self.codec.keep == KEEP_KAHAN:
+            nbytes += 4
+        for k in range(len(states)):
+            nbytes += {ST_F32: 2 * item if not self.coded else 8, ST_BF16: 4,
+                       ST_BF16_SR: 4, ST_Q8_SIGNED: 2, ST_Q8_UNSIGNED: 2}[self.codec.sfmt[k]]
+        self.bytes_per_element = nbytes
+
+    def _check_layout(self, storage):
+        # every array of the right dtype and size for its storage
+        cdef Py_ssize_t r, c
+        want = {"float32": np.float32, "bfloat16": np.uint16, "bfloat16_sr": np.uint16,
+                "q8_signed": np.uint8, "q8_unsigned": np.uint8}
+        for r in range(self.nrows):
+            p = self.params[r]
+            for c in range(len(self.states)):
+                a = self.states[c][r]
+                if storage[c] == "float32":
+                    dt = np.float32 if self.coded else p.dtype
+                else:
+                    dt = want[storage[c]]
+                if a.dtype != dt:
+                    raise ValueError(f"state column {c} must be {np.dtype(dt)}, got {a.dtype}")
+                if storage[c].startswith("q8"):
+                    sc = self.aux[2 + c][r] if len(self.aux) > 2 + c else None
+                    if sc is None or sc.dtype != np.float32 or sc.size != (p.size + QB - 1) // QB:
+                        raise ValueError(f"state column {c} needs float32 scales, one per "
+                                         f"block of {QB}")
+            if self.codec.keep in (KEEP_MASTER, KEEP_KAHAN):
+                m = self.aux[0][r] if self.aux and self.aux[0] is not None else None
+                dt = np.float32 if self.codec.keep == KEEP_MASTER else np.uint16
+                if m is None or m.dtype != dt or m.size != p.size:
+                    raise ValueError(f"keep {'master' if dt is np.float32 else 'kahan'} "
+                                     f"needs a {np.dtype(dt)} array of the parameter's size")
 
     @property
     def size(self):
@@ -872,19 +1043,18 @@ cdef class Table:
 
     @property
     def dtype(self):
-        return np.dtype(np.float64 if self.f64 else np.float32)
+        return self.params[0].dtype if self.nrows else np.dtype(np.float32)
 
     cdef int _check_param(self, Py_ssize_t r) except -1:
         # The parameter must still be the array the table holds the address of: a
         # reallocation (resize), a smaller size, a new dtype or read-only flag would make
         # the kernel write where the user no longer looks, or where nothing is.
         cdef cnp.ndarray p = <cnp.ndarray>self.params[r]
-        cdef int want = cnp.NPY_DOUBLE if self.f64 else cnp.NPY_FLOAT
         if ((cnp.PyArray_FLAGS(p) & _WANT_FLAGS) != _WANT_FLAGS
                 or <intptr_t>cnp.PyArray_DATA(p) != self.table[r, 0]
                 or cnp.PyArray_SIZE(p) != self.offsets[r + 1] - self.offsets[r]
-                or cnp.PyArray_TYPE(p) != want or not cnp.PyArray_ISNOTSWAPPED(p)):
-            check_param(p, self.names[r][1])
+                or cnp.PyArray_TYPE(p) != self.typenum or not cnp.PyArray_ISNOTSWAPPED(p)):
+            check_param(p, self.names[r][1], True)
             raise ValueError(f"{self.names[r][1]}: the array's data moved, or its size or "
                              f"dtype changed, since the optimizer was made (resize with "
                              f"refcheck=False?); make a new optimizer for it")
@@ -900,6 +1070,7 @@ cdef class Table:
         cdef Py_ssize_t r
         cdef cnp.ndarray g, p
         cdef uintptr_t lo
+        cdef int gfmt = -1, f
         if self.keep:
             self.keep.clear()
         for r in range(self.nrows):
@@ -908,6 +1079,13 @@ cdef class Table:
             g = _check_grad(grads[self.index[r]], p, self.names[r][0], "its parameter")
             if g is not grads[self.index[r]]:
                 self.keep.append(g)
+            if self.coded:
+                f = ST_F32 if cnp.PyArray_TYPE(g) == cnp.NPY_FLOAT else self.codec.pfmt
+                if gfmt >= 0 and f != gfmt:
+                    raise TypeError(f"{self.names[r][0]}: dtype {(<object>g).dtype} differs "
+                                    f"from the other gradients of these parameters; pass "
+                                    f"all of them in the parameters' dtype or all float32")
+                gfmt = f
             lo = <uintptr_t>cnp.PyArray_DATA(g)
             # The guarded arrays never move (checked above for the parameters; the state
             # arrays are the optimizer's own) and the shape fixes the byte count, so a
@@ -919,34 +1097,52 @@ cdef class Table:
                                      f"array")
                 self.checked[r] = lo
             self.table[r, 1] = <intptr_t>lo
+        if gfmt >= 0:
+            self.codec.gfmt = gfmt
         return 0
 
     cdef double _sumsq(self, int col) noexcept:
         cdef int nt = _threads()
         cdef double out
+        cdef int efmt = self.elfmt
+        if col == 1 and self.coded and self.codec.gfmt == ST_F32:
+            efmt = EL_F32
         if self.offsets[self.nrows] == 0:
             return 0.0
         with nogil:
-            out = _sumsq(self.f64, &self.table[0, 0], self.ncols, col, &self.offsets[0],
+            out = _sumsq(efmt, &self.table[0, 0], self.ncols, col, &self.offsets[0],
                          self.nrows, &self.blocks[0], nt)
         return out
 
     def sumsq(self, int col=1):
         """Sum of squares of column ``col`` (1: the gradients last bound; 0: the
         parameters), in double precision, the same bits for any thread count."""
-        if not 0 <= col < self.ncols:
-            raise ValueError(f"col must be in [0, {self.ncols}), got {col}")
+        if not 0 <= col < 2:
+            raise ValueError(f"col must be 0 or 1, got {col}")
         return self._sumsq(col)
 
-    cdef void _go(self, int op, const Hyper* h) noexcept:
+    cdef void _go(self, int op, const Hyper* h, uint64_t key) noexcept:
         # A small update runs with the GIL held: releasing it would cost more than the
         # update (and threads would not start below the cutoff anyway).
         cdef int nt = _threads()
-        cdef bint release = self.offsets[self.nrows] * (8 if self.f64 else 4) * (
-            2 * self.ncols - 1) >= _parallel_min_bytes // 4
+        cdef Py_ssize_t nbytes
         if self.nrows == 0:
             return
-        if release:
+        if self.coded or op == TRANSFORM and self.elfmt >= EL_BF16:
+            self.codec.key = key
+            nbytes = self.offsets[self.nrows] * self.bytes_per_element
+            if nbytes >= _parallel_min_bytes // 4:
+                with nogil:
+                    _run_blocks(op, &self.table[0, 0], &self.aux_table[0, 0], self.ncols,
+                                &self.offsets[0], &self.voff[0], &self.base[0], self.nrows,
+                                &self.codec, h, nbytes, nt)
+            else:
+                _run_blocks(op, &self.table[0, 0], &self.aux_table[0, 0], self.ncols,
+                            &self.offsets[0], &self.voff[0], &self.base[0], self.nrows,
+                            &self.codec, h, nbytes, nt)
+            return
+        nbytes = self.offsets[self.nrows] * (8 if self.f64 else 4) * (2 * self.ncols - 1)
+        if nbytes >= _parallel_min_bytes // 4:
             with nogil:
                 _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
                      self.nrows, h, nt)
@@ -955,21 +1151,22 @@ cdef class Table:
                  self.nrows, h, nt)
 
     def transform(self, GradPlan plan not None):
-        """Apply ``plan`` (scale, then clamp) in place to column 0."""
+        """Apply ``plan`` (scale, then clamp) in place to column 0 (16-bit arrays are
+        rounded back to nearest)."""
         cdef Hyper h
         h.flags = 0
         plan.fill(&h)
-        self._go(TRANSFORM, &h)
+        self._go(TRANSFORM, &h, 0)
 
     def traffic(self):
         """The bandwidth yardstick: read every column once and write every column but the
         gradient once (the traffic of a rule with these columns), with the update's
-        threads and chunking. Needs the gradients bound."""
+        threads and chunking. Needs the gradients bound; float32/float64 only."""
         cdef Hyper h
-        if self.ncols > 5:
-            raise ValueError("traffic() handles at most 5 columns")
+        if self.coded or self.elfmt >= EL_BF16:
+            raise ValueError("traffic() runs on float32/float64 tables")
         h.flags = <int>self.ncols
-        self._go(TRAFFIC, &h)
+        self._go(TRAFFIC, &h, 0)
 
 
 cdef class Engine:
@@ -988,9 +1185,10 @@ cdef class Engine:
     cdef readonly list steps
     cdef readonly list interim
     cdef public int form
+    cdef readonly uint64_t seed      # of the random words of stochastic rounding
 
     def __init__(self, list tables, groups, list scalars, list steps, list interim,
-                 int form=0):
+                 int form=0, uint64_t seed=0):
         cdef Py_ssize_t g
         self.tables = list(tables)
         self.group_of = np.asarray(groups, dtype=np.intp).copy()
@@ -1004,6 +1202,7 @@ cdef class Engine:
         self.steps = [int(s) for s in steps]
         self.interim = [float(a) for a in interim]
         self.form = form
+        self.seed = seed
 
     @property
     def groups(self):
@@ -1056,12 +1255,17 @@ cdef class Engine:
             for i in range(len(self.tables)):     # every check before any write
                 t = <Table>self.tables[i]
                 g = self.group_of[i]
+                if t.elfmt >= EL_BF16 and not t.coded:
+                    raise ValueError("16-bit parameters need a keeping mode")
                 (<Scalars>self.scalars[g]).fill(&hs[i], plan, <long long>self.steps[g] + 1,
                                                  t.f64, t.ncols,
                                                  g if len(self.scalars) > 1 else -1)
             for i in range(len(self.tables)):
                 t = <Table>self.tables[i]
-                t._go((<Scalars>self.scalars[self.group_of[i]]).code, &hs[i])
+                g = self.group_of[i]
+                t._go((<Scalars>self.scalars[g]).code, &hs[i],
+                      ch8_step_key(self.seed, <uint64_t>g, <uint64_t>self.steps[g] + 1)
+                      if t.coded and t.codec.random else 0)
         finally:
             if hs != local:
                 PyMem_Free(hs)

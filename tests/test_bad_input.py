@@ -26,8 +26,8 @@ def _readonly():
 
 # (id, callable(w) that makes an optimizer over w, exception, message pattern)
 CONSTRUCTION = [
-    ("int_param", lambda w: ch8fast.SGD([np.ones(3, np.int64)]), TypeError, "float32 or float64"),
-    ("float16_param", lambda w: ch8fast.Adam([np.ones(3, np.float16)]), TypeError, r"params\[0\].*float16"),
+    ("int_param", lambda w: ch8fast.SGD([np.ones(3, np.int64)]), TypeError, "float32, float64, float16 or bfloat16"),
+    ("complex_param", lambda w: ch8fast.Adam([np.ones(3, np.complex64)]), TypeError, r"params\[0\].*complex64"),
     ("non_contiguous", lambda w: ch8fast.Adam([np.ones((4, 4))[:, 1]]), ValueError, "C-contiguous"),
     ("read_only", lambda w: ch8fast.Adam([_readonly()]), ValueError, "read-only"),
     ("list_param", lambda w: ch8fast.Adam([[1.0, 2.0]]), TypeError, "numpy.ndarray"),

@@ -101,7 +101,7 @@ def test_readable_with_plain_numpy_and_documented_checksum(tmp_path):
         header = json.loads(raw.tobytes().decode("utf-8"))
         arrays = {k: npz[k] for k in npz.files if k != "__header__"}
     assert header["format"] == CHECKPOINT_FORMAT == "ch8fast-checkpoint"
-    assert header["format_version"] == CHECKPOINT_VERSION == 1
+    assert header["format_version"] == CHECKPOINT_VERSION == 2
     assert header["optimizer"] == "Adam" and header["n_params"] == 3
     assert header["state_dict"]["param_groups"][0]["step"] == 2
     assert header["extra"]["sampler"] == sampler.state_dict()
@@ -193,8 +193,8 @@ MISMATCHES = [
     ("shape", dict(shapes=((4, 5), (3,), (0,))), None, r"'state.0.exp_avg' has shape \(5, 4\)"),
     ("dtype", dict(dtype=np.float32), None, "'state.0.exp_avg' has shape .* dtype float64"),
     ("amsgrad", dict(amsgrad=True), None, "parameter 0 has state entries"),
-    ("version", {}, lambda h, a: _setitem(h, ["format_version"], 2),
-     "format_version'] is 2; this ch8fast reads version 1"),
+    ("version", {}, lambda h, a: _setitem(h, ["format_version"], 3),
+     r"format_version'\] is 3; this ch8fast reads versions \[1, 2\]"),
     ("format", {}, lambda h, a: _setitem(h, ["format"], "other"), "header\\['format'\\]"),
     ("bad_hyper", {}, lambda h, a: _setitem(h, ["state_dict", "param_groups", 0, "lr"], -1.0),
      r"\['lr'\] must be a finite number >= 0"),
