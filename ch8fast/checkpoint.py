@@ -448,6 +448,13 @@ def load_checkpoint(path, optimizer, params=None):
     kind = type(optimizer).__name__
     _expect(header["optimizer"] == kind, path,
             f"it holds the state of a {header['optimizer']}, not of a {kind}")
+    stored = header["state_dict"].get("storage")
+    ours = getattr(optimizer, "storage", None)
+    if isinstance(stored, dict) and isinstance(ours, dict):
+        for k in ("state_format", "param_mode"):
+            _expect(stored.get(k) == ours.get(k), path,
+                    f"it was saved with {k}={stored.get(k)!r}, the optimizer has "
+                    f"{k}={ours.get(k)!r}")
     mine = getattr(optimizer, "state", None)
     if mine is None:
         mine = optimizer.state_dict()["state"]

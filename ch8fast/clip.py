@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ._isa import K
-from ._validation import FLOAT_DTYPES, check_param, positive
+from ._validation import check_param, positive
 
 __all__ = ["global_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",
            "all_finite", "norm_from_sumsq"]
@@ -28,7 +28,7 @@ def _as_list(grads, name="grads"):
         raise TypeError(f"{name} must be an array or a list of arrays, got "
                         f"{type(grads).__name__}")
     for i, g in enumerate(grads):
-        check_param(g, f"{name}[{i}]")
+        check_param(g, f"{name}[{i}]", True)
     return list(grads)
 
 
@@ -37,10 +37,9 @@ def _tables(grads):
     guard = K.Guard([])
     out = []     # (the arrays must not overlap each other either: one may be scaled twice)
     K.Guard(grads, [f"grads[{i}]" for i in range(len(grads))])
-    for dt in FLOAT_DTYPES:
+    for dt in dict.fromkeys(g.dtype for g in grads):
         rows = [i for i, g in enumerate(grads) if g.dtype == dt]
-        if rows:
-            out.append(K.Table([grads[i] for i in rows], [], rows, guard))
+        out.append(K.Table([grads[i] for i in rows], [], rows, guard))
     return out
 
 

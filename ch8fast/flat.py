@@ -16,6 +16,7 @@ import numbers
 
 import numpy as np
 
+from . import storage
 from ._validation import FLOAT_DTYPES
 
 __all__ = ["FlatParams"]
@@ -36,7 +37,8 @@ class FlatParams:
 
     Args:
         shapes: a dict ``name -> shape`` (or a sequence of shapes, named "0", "1", ...).
-        dtype: float32 (default) or float64.
+        dtype: float32 (default), float64, float16 or bfloat16 ("bfloat16" needs the
+            ml_dtypes package).
 
     Attributes:
         flat, flat_grad: the two buffers (C-contiguous, the same length; the padding
@@ -46,9 +48,15 @@ class FlatParams:
     """
 
     def __init__(self, shapes, dtype=np.float32):
+        if isinstance(dtype, str) and dtype == "bfloat16":
+            try:
+                dtype = storage.bfloat16()
+            except ImportError as exc:
+                raise ImportError(f"FlatParams(dtype='bfloat16'): {exc}") from None
         dtype = np.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if dtype not in FLOAT_DTYPES and not storage.is_16bit(dtype):
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got "
+                            f"{dtype}")
         if isinstance(shapes, dict):
             items = list(shapes.items())
         else:

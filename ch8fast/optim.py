@@ -712,6 +712,12 @@ class Optimizer:
         return list(self._core.params)
 
     @property
+    def storage(self):
+        """How the state and 16-bit parameters are stored: ``{"state_format",
+        "param_mode", "seed"}`` (see :mod:`ch8fast.storage`)."""
+        return self._storage_record()
+
+    @property
     def steps(self):
         """The number of completed steps of each param group."""
         return list(self._core.engine.steps)

@@ -29,12 +29,12 @@ cdef extern from "storage.h" nogil:
     float ch8_e4m3_decode(uint8_t b)
     uint8_t ch8_e4m3_rne(float y)
     float ch8_e5m3_decode(uint8_t b)
-    uint8_t ch8_e5m3_sr(float y, uint32_t r16)
+    uint8_t ch8_e5m3_sr(float y, uint32_t r16, float x)
     uint32_t ch8_f2u(float f)
     float ch8_u2f(uint32_t u)
     uint32_t ch8_sel(int c, uint32_t a, uint32_t b)
     uint64_t ch8_step_key(uint64_t seed, uint64_t group, uint64_t step)
-    uint32_t ch8_word(uint64_t key, uint64_t i)
+    uint32_t ch8_word(uint64_t key, uint32_t i)
     int CH8_QBLOCK
 
 cdef enum:
@@ -129,7 +129,7 @@ cdef inline void _encode_q8(const float* x, uint8_t* q, float* s_out, Py_ssize_t
             q[i] = ch8_e4m3_rne(x[i] * f)
     else:
         for i in range(n):
-            q[i] = ch8_e5m3_sr(x[i] * f, w[i] >> 16)
+            q[i] = ch8_e5m3_sr(x[i] * f, w[i] >> 16, x[i])
 
 
 cdef inline void _encode16(const float* x, uint16_t* out, Py_ssize_t n, int fmt) noexcept nogil:
@@ -161,9 +161,10 @@ cdef void _block(int rule, const intptr_t* row, const intptr_t* aux, const Codec
     cdef uint16_t hi
     cdef Py_ssize_t i, k, blk = lo // QB
     cdef int fmt
+    cdef uint32_t i0 = <uint32_t>index
     if c.random:
         for i in range(n):
-            w[i] = ch8_word(c.key, index + <uint64_t>i)
+            w[i] = ch8_word(c.key, i0 + <uint32_t>i)
     if rule == TRANSFORM:                 # a standalone clip of a 16-bit array
         p16 = (<uint16_t*>row[0]) + lo
         _decode16(p16, pb, n, c.pfmt)
@@ -326,14 +327,14 @@ def encode_block_state(str storage, const float[::1] x, uint64_t key=0, uint64_t
         for b in range(0, n, QB):
             m = min(QB, n - b)
             for i in range(m):
-                w[i] = ch8_word(key, index + <uint64_t>(b + i))
+                w[i] = ch8_word(key, <uint32_t>(index + <uint64_t>(b + i)))
             _encode_q8(&x[b], &q[b], &s[b // QB], m, fmt, w)
         return data, scales
     data = np.zeros(n, np.uint16)
     h = data
     for i in range(n):
         if fmt == ST_BF16_SR:
-            h[i] = ch8_bf16_sr(x[i], ch8_word(key, index + <uint64_t>i) >> 16)
+            h[i] = ch8_bf16_sr(x[i], ch8_word(key, <uint32_t>(index + <uint64_t>i)) >> 16)
         else:
             h[i] = ch8_bf16_rne(x[i])
     return data, None
@@ -388,11 +389,11 @@ def round16(str storage, const float[::1] x, str rounding="nearest", uint64_t ke
     o = out
     for i in range(n):
         if fmt == ST_F16:
-            o[i] = (ch8_f16_sr(x[i], ch8_word(key, index + <uint64_t>i) & 0xffffu) if sr
-                    else ch8_f16_rne(x[i]))
+            o[i] = (ch8_f16_sr(x[i], ch8_word(key, <uint32_t>(index + <uint64_t>i)) & 0xffffu)
+                    if sr else ch8_f16_rne(x[i]))
         else:
-            o[i] = (ch8_bf16_sr(x[i], ch8_word(key, index + <uint64_t>i) & 0xffffu) if sr
-                    else ch8_bf16_rne(x[i]))
+            o[i] = (ch8_bf16_sr(x[i], ch8_word(key, <uint32_t>(index + <uint64_t>i)) & 0xffffu)
+                    if sr else ch8_bf16_rne(x[i]))
     return out
 
 
@@ -402,7 +403,7 @@ def random_words(uint64_t key, uint64_t index, Py_ssize_t n):
     cdef uint32_t[::1] o = out
     cdef Py_ssize_t i
     for i in range(n):
-        o[i] = ch8_word(key, index + <uint64_t>i)
+        o[i] = ch8_word(key, <uint32_t>(index + <uint64_t>i))
     return out
 
 

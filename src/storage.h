@@ -125,10 +125,10 @@ static inline float ch8_e5m3_decode(uint8_t b) {
     return ch8_u2f(ch8_sel(e == 0, sub, nrm));
 }
 
-/* y >= 0; r16: 16 random bits. Normal range: r16 placed on the top 16 of the 20 discarded
- * bits, then truncate; subnormal range (y < 2^-31, spacing 2^-34): up iff r16 < frac 2^16.
- * A value > 0 never becomes byte 0. */
-static inline uint8_t ch8_e5m3_sr(float y, uint32_t r16) {
+/* y >= 0 (x * f); r16: 16 random bits. Normal range: r16 placed on the top 16 of the 20
+ * discarded bits, then truncate; subnormal range (y < 2^-31, spacing 2^-34): up iff
+ * r16 < frac 2^16. A value x != 0 never becomes byte 0, even when y underflowed. */
+static inline uint8_t ch8_e5m3_sr(float y, uint32_t r16, float x) {
     uint32_t a = ch8_f2u(y) & 0x7fffffffu;
     uint32_t nrm = ((a + (r16 << 4)) >> 20) - (95u << 3);
     float t = ch8_u2f(ch8_sel(a < (96u << 23), a, 0u)) * 17179869184.0f;   /* 2^34, exact */
@@ -137,7 +137,7 @@ static inline uint8_t ch8_e5m3_sr(float y, uint32_t r16) {
     uint32_t sub = (uint32_t)k + (uint32_t)((float)(int32_t)r16 < p);
     uint32_t c = ch8_sel(a >= (96u << 23), nrm, sub);
     c = ch8_sel(c > 255u, 255u, c);
-    c |= (uint32_t)(a != 0 && c == 0);
+    c |= (uint32_t)((ch8_f2u(x) & 0x7fffffffu) != 0 && c == 0);
     return (uint8_t)c;
 }
 
@@ -159,11 +159,12 @@ static inline uint64_t ch8_step_key(uint64_t seed, uint64_t group, uint64_t step
     return ch8_mix64(ch8_mix64(ch8_mix64(seed) + group) + step);
 }
 
-/* The random word of element i (its index in the group's concatenation): low 16 bits for
- * the parameter's rounding, high 16 bits for the state's. */
-static inline uint32_t ch8_word(uint64_t key, uint64_t i) {
-    uint32_t x = ch8_fmix32((uint32_t)i ^ (uint32_t)key);
-    return ch8_fmix32(x ^ (uint32_t)(key >> 32) ^ (uint32_t)(i >> 32));
+/* The random word of element i (its index in the group's concatenation, modulo 2^32):
+ * low 16 bits for the parameter's rounding, high 16 bits for the state's. fmix32 is a
+ * bijection with full avalanche, so over steps (random keys) each element's word is
+ * uniform, and within a step distinct elements get distinct, unrelated words. */
+static inline uint32_t ch8_word(uint64_t key, uint32_t i) {
+    return ch8_fmix32(i ^ (uint32_t)key) ^ (uint32_t)(key >> 32);
 }
 
 #endif
