@@ -39,7 +39,7 @@ _FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
 _FORM_CODES = {v: k for k, v in _FORMS.items()}
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
-            "seed")
+            "seed", "element_offset")
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _seed = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
 _state_format = Choice(storage.STATE_FORMATS)
@@ -56,7 +56,10 @@ _OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` whe
         block of 256; see :mod:`ch8fast.storage`). Keyword only.
     param_mode: how float16/bfloat16 parameters are kept: ``"master"`` (a float32
         master copy; the default), ``"stochastic"`` or ``"kahan"``. Keyword only.
-    seed: the seed of stochastic rounding (keyword only; default 0)."""
+    seed: the seed of stochastic rounding (keyword only; default 0).
+    element_offset: the index of the first element of each group in a larger whole (for
+        the shards of a data-parallel job, so that stochastic rounding draws the random
+        bits one process would); keyword only, default 0."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,7 +393,8 @@ class Optimizer:
                P("skip_nonfinite", P.KEYWORD_ONLY, default=False),
                P("state_format", P.KEYWORD_ONLY, default=None),
                P("param_mode", P.KEYWORD_ONLY, default=None),
-               P("seed", P.KEYWORD_ONLY, default=0)])
+               P("seed", P.KEYWORD_ONLY, default=0),
+               P("element_offset", P.KEYWORD_ONLY, default=0)])
         if "__doc__" not in cls.__dict__ or cls.__doc__ is None:
             cls.__doc__ = rule.docstring(_OPTIONS_DOC)
 
@@ -421,6 +425,7 @@ class Optimizer:
         self._param_mode = (None if options["param_mode"] is None
                             else _param_mode(options["param_mode"], "param_mode"))
         self.seed = _seed(options["seed"], "seed")
+        self.element_offset = count(options["element_offset"], "element_offset")
         self.defaults = dict(rule.defaults(), **given)
         self.skipped_steps = 0          # steps skipped for non-finite gradients
         self.last_grad_norm = None      # global norm before clipping, when computed
@@ -551,17 +556,15 @@ class Optimizer:
         if old is not None:
             kept = {id(p): st for p, st in zip(old.params, old.state)}
         self._check_storage(params)
-        state, layouts = [], []
-        index = 0
+        state, layouts = [], []       # layouts: (state storage, first element index)
         for gi, m in enumerate(metas):
             fixed = dict(m.values, **m.fixed)
-            first = index
-            for k, p in enumerate(m.params):
+            index = self.element_offset        # the group's elements, concatenated
+            for p in m.params:
                 st, stor = self._new_state(p, m.layout, fixed, kept.get(id(p), {}))
                 state.append(st)
-                layouts.append((stor, index - first))
+                layouts.append((stor, index))
                 index += p.size
-            index = 0
         names = [f"params[{i}]" for i in range(len(params))]
         arrays = list(params)
         for i, st in enumerate(state):
@@ -1258,7 +1261,7 @@ class Optimizer:
             options = {"clip_norm": self.clip_norm, "clip_value": self.clip_value,
                        "skip_nonfinite": self.skip_nonfinite,
                        "state_format": self._state_format, "param_mode": self._param_mode,
-                       "seed": self.seed}
+                       "seed": self.seed, "element_offset": self.element_offset}
             return (_restore, (type(self), groups, options, self._state_dict(copy=True)))
 
     def __repr__(self):

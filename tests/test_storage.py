@@ -526,3 +526,25 @@ def test_state_memory_per_parameter():
         opt = ch8fast.Adam([np.zeros(n, np.float32)], state_format=fmt)
         nbytes = sum(a.nbytes for a in opt.state[0].values())
         assert nbytes / n == pytest.approx(expected, rel=1e-6)
+
+
+def test_shards_with_their_element_offset_round_as_one_process_does():
+    """Data-parallel shards: optimizers over the slices [0, 1024) and [1024, n) of a
+    parameter, each told where its slice starts, give the bits of one optimizer over the
+    whole (the slice boundary a multiple of the 256-element block)."""
+    rng = np.random.default_rng(12)
+    n = 3000
+    x = rng.standard_normal(n).astype(BF16)
+    whole, part = x.copy(), x.copy()
+    kw = dict(lr=1e-3, param_mode="stochastic", state_format="q8", seed=5)
+    o = ch8fast.Adam([whole], **kw)
+    shards = [ch8fast.Adam([part[:1024]], **kw),
+              ch8fast.Adam([part[1024:]], element_offset=1024, **kw)]
+    for _ in range(3):
+        g = (rng.standard_normal(n) * 0.1).astype(BF16)
+        o.step(g)
+        shards[0].step(g[:1024])
+        shards[1].step(g[1024:])
+    assert whole.tobytes() == part.tobytes()
+    assert o.state[0]["exp_avg_sq"].tobytes() == (shards[0].state[0]["exp_avg_sq"].tobytes()
+                                                  + shards[1].state[0]["exp_avg_sq"].tobytes())
