@@ -10,6 +10,7 @@ from . import distributed, functional, init, schedules
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .clip import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from .flat import FlatParams
+from .sparse import SparseRows
 from .lr_finder import LRFinderResult, choose_lr
 from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, Optimizer, RMSProp
 from .schedules import minibatches, robbins_monro
@@ -21,5 +22,5 @@ __all__ = [
     "functional", "init", "schedules", "get_num_threads", "set_num_threads", "isa",
     "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "all_finite",
-    "FlatParams", "save_checkpoint", "load_checkpoint", "read_checkpoint", "distributed",
+    "FlatParams", "SparseRows", "save_checkpoint", "load_checkpoint", "read_checkpoint", "distributed",
 ]

@@ -49,6 +49,7 @@ def norm_from_sumsq(sumsq, grads):
     largest magnitude; an Inf or NaN entry gives inf/nan."""
     if not math.isinf(sumsq):
         return math.sqrt(sumsq)
+    grads = [getattr(g, "values", g) for g in grads]       # row-sparse: its rows
     if not all(np.isfinite(g).all() for g in grads):
         return math.inf
     big = max(float(np.max(np.abs(g))) for g in grads if g.size)

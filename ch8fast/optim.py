@@ -39,11 +39,12 @@ _FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
 _FORM_CODES = {v: k for k, v in _FORMS.items()}
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
-            "seed", "element_offset")
+            "seed", "element_offset", "sparse")
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _seed = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
 _state_format = Choice(storage.STATE_FORMATS)
 _param_mode = Choice(storage.PARAM_MODES)
+_sparse = Choice(("lazy", "catch_up"))
 _OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` when their global 2-norm
         exceeds it (keyword only; the norm is kept in ``last_grad_norm``).
     clip_value: clamp every gradient element to [-clip_value, clip_value] (after
@@ -59,7 +60,11 @@ _OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` whe
     seed: the seed of stochastic rounding (keyword only; default 0).
     element_offset: the index of the first element of each group in a larger whole (for
         the shards of a data-parallel job, so that stochastic rounding draws the random
-        bits one process would); keyword only, default 0."""
+        bits one process would); keyword only, default 0.
+    sparse: how a row-sparse gradient (:class:`ch8fast.SparseRows`) of a 2-D parameter
+        updates it: ``"lazy"`` (default: only the touched rows and their state) or
+        ``"catch_up"`` (and, when a row is next touched, the decay of the steps it missed,
+        in closed form; see :mod:`ch8fast.sparse`). Keyword only."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,7 +399,8 @@ class Optimizer:
                P("state_format", P.KEYWORD_ONLY, default=None),
                P("param_mode", P.KEYWORD_ONLY, default=None),
                P("seed", P.KEYWORD_ONLY, default=0),
-               P("element_offset", P.KEYWORD_ONLY, default=0)])
+               P("element_offset", P.KEYWORD_ONLY, default=0),
+               P("sparse", P.KEYWORD_ONLY, default="lazy")])
         if "__doc__" not in cls.__dict__ or cls.__doc__ is None:
             cls.__doc__ = rule.docstring(_OPTIONS_DOC)
 
@@ -426,6 +432,7 @@ class Optimizer:
                             else _param_mode(options["param_mode"], "param_mode"))
         self.seed = _seed(options["seed"], "seed")
         self.element_offset = count(options["element_offset"], "element_offset")
+        self.sparse = _sparse(options["sparse"], "sparse")
         self.defaults = dict(rule.defaults(), **given)
         self.skipped_steps = 0          # steps skipped for non-finite gradients
         self.last_grad_norm = None      # global norm before clipping, when computed
@@ -556,6 +563,7 @@ class Optimizer:
         if old is not None:
             kept = {id(p): st for p, st in zip(old.params, old.state)}
         self._check_storage(params)
+        self._check_sparse(metas, params)
         state, layouts = [], []       # layouts: (state storage, first element index)
         for gi, m in enumerate(metas):
             fixed = dict(m.values, **m.fixed)
@@ -573,8 +581,14 @@ class Optimizer:
         guard = K.Guard(arrays, names)        # also: no two of them share memory
         tables, owners = [], []
         for gi, m in enumerate(metas):
-            for dt in _dtypes_in(params[i] for i in rows[gi]):
-                sel = [i for i in rows[gi] if params[i].dtype == dt]
+            rowwise = bool(m.fixed.get("rowwise"))
+            kinds = [(dt, rw) for dt in _dtypes_in(params[i] for i in rows[gi])
+                     for rw in ((False, True) if rowwise else (False,))]
+            for dt, rw in kinds:
+                sel = [i for i in rows[gi] if params[i].dtype == dt
+                       and (not rowwise or (params[i].ndim >= 2) == rw)]
+                if not sel:
+                    continue
                 cols = [[state[i][k] for i in sel] for k in m.layout]
                 stor = layouts[sel[0]][0]
                 aux = [None] * (2 + len(m.layout))
@@ -585,9 +599,13 @@ class Optimizer:
                     if stor[c].startswith("q8"):
                         aux[2 + c] = [state[i][name + ".absmax"] for i in sel]
                 keep = self._keep(dt)
-                tables.append(K.Table([params[i] for i in sel], cols, sel, guard,
-                                      storage=stor, keep=keep, aux=aux,
-                                      base=[layouts[i][1] for i in sel]))
+                catch = self.sparse == "catch_up"
+                tables.append(K.Table(
+                    [params[i] for i in sel], cols, sel, guard, storage=stor, keep=keep,
+                    aux=aux, base=[layouts[i][1] for i in sel], rowwise=rw,
+                    last=[state[i].get("last_step") for i in sel] if catch else None,
+                    dense_step=[state[i].get("dense_step") for i in sel] if catch
+                    else None))
                 owners.append(gi)
         engine = K.Engine(tables, owners, [m.scalars for m in metas], steps, interim, form,
                           self.seed)
@@ -617,6 +635,20 @@ class Optimizer:
                              f"float64, whose state stays float64; leave state_format unset "
                              f"or make the parameters float32")
 
+    def _check_sparse(self, metas, params):
+        if self.sparse != "catch_up":
+            return
+        why = None
+        if any(m.fixed.get("nesterov") for m in metas):
+            why = "the shifted Nesterov form has no closed-form catch-up"
+        elif self._state_format not in (None, "float32"):
+            why = f"state_format={self._state_format!r}"
+        elif any(storage.is_16bit(p.dtype) for p in params):
+            why = "16-bit parameters"
+        if why:
+            raise ValueError(f"sparse='catch_up' needs float32/float64 parameters and state "
+                             f"and no Nesterov momentum ({why}); use sparse='lazy'")
+
     def _keep(self, dtype):
         """How parameters of ``dtype`` are kept (the kernels' name)."""
         if not storage.is_16bit(dtype):
@@ -635,14 +667,24 @@ class Optimizer:
             scales = have.get(name + ".absmax")
             want = compute if how == "float32" else (np.uint8 if how.startswith("q8")
                                                     else np.uint16)
-            if (a is None or a.shape != p.shape or a.dtype != want
+            shape = (p.shape if self.rule.state_shape is None
+                     else tuple(self.rule.state_shape(name, p.shape, fixed)))
+            if shape != p.shape and how != "float32":
+                raise ValueError(f"row-wise state needs state_format 'float32', got "
+                                 f"{self._state_format!r}")
+            if (a is None or a.shape != shape or a.dtype != want
                     or how.startswith("q8") != (scales is not None)):
                 fill = self.rule.initial.get(name)
-                a, scales = storage.new_state(how, p.shape, 0.0 if fill is None
+                a, scales = storage.new_state(how, shape, 0.0 if fill is None
                                               else fill(fixed), compute)
             st[name] = a
             if scales is not None:
                 st[name + ".absmax"] = scales
+        if self.sparse == "catch_up" and p.ndim == 2:
+            last, ds = have.get("last_step"), have.get("dense_step")
+            fits = last is not None and last.shape == p.shape[:1] and ds is not None
+            st["last_step"] = last if fits else np.zeros(p.shape[:1], np.int64)
+            st["dense_step"] = ds if fits else np.zeros(1, np.int64)
         keep = self._keep(p.dtype)
         if keep == "master":
             m = have.get("master")
@@ -1261,7 +1303,8 @@ class Optimizer:
             options = {"clip_norm": self.clip_norm, "clip_value": self.clip_value,
                        "skip_nonfinite": self.skip_nonfinite,
                        "state_format": self._state_format, "param_mode": self._param_mode,
-                       "seed": self.seed, "element_offset": self.element_offset}
+                       "seed": self.seed, "element_offset": self.element_offset,
+                       "sparse": self.sparse}
             return (_restore, (type(self), groups, options, self._state_dict(copy=True)))
 
     def __repr__(self):

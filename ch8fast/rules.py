@@ -70,6 +70,8 @@ class Rule:
             (:mod:`ch8fast.storage`).
         state_formats: the state formats this rule supports (:data:`STATE_FORMATS`), and
             ``state_format_note`` why it lacks the others.
+        state_shape: ``state_shape(name, shape, h) -> shape`` of a state array for a
+            parameter of ``shape`` (None: the parameter's shape).
         scalars: ``scalars(s, h, h_next)``: set the fields of the :class:`Scalars` ``s``
             from the checked hyperparameters ``h`` of this update (and ``h_next``, those
             of the following update, which places the next Nesterov interim point).
@@ -86,6 +88,7 @@ class Rule:
     kernel: object
     scalars: object
     kinds: dict = field(default_factory=dict)
+    state_shape: object = None
     initial: dict = field(default_factory=dict)
     structure: object = None
     notes: str = ""
@@ -266,10 +269,17 @@ torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d
         "initial_accumulator_value": Hyper(0.0, nonnegative,
                                            "r at the start; fixed when the optimizer is "
                                            "made.", fixed=True),
+        "rowwise": Hyper(False, flag,
+                         "one accumulator per row (its first axis) of each parameter of 2 or "
+                         "more dimensions, the mean of the squared row gradient (row-wise "
+                         "AdaGrad, for embedding tables: state divided by the row length); "
+                         "fixed when the optimizer is made.", fixed=True),
     },
     state=lambda h: ("sum",),
-    state_doc="State per parameter: ``sum`` (r).",
+    state_doc="State per parameter: ``sum`` (r; with ``rowwise``, one per row).",
     kinds={"sum": "square"},
+    state_shape=lambda name, shape, h: (shape[:1] if h["rowwise"] and len(shape) >= 2
+                                        else shape),
     initial={"sum": lambda h: h["initial_accumulator_value"]},
     kernel=lambda state: "adagrad",
     scalars=_adagrad_scalars,

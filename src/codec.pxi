@@ -143,11 +143,12 @@ cdef inline void _encode16(const float* x, uint16_t* out, Py_ssize_t n, int fmt)
 
 
 cdef void _block(int rule, const intptr_t* row, const intptr_t* aux, const Codec* c,
-                 Py_ssize_t lo, Py_ssize_t n, uint64_t index,
-                 const Hyper* h) noexcept nogil:
+                 Py_ssize_t lo, Py_ssize_t n, uint64_t index, const Hyper* h,
+                 intptr_t gp) noexcept nogil:
     # One block: elements [lo, lo + n) of one tensor, ``index`` the index of element lo in
     # its group; ``row`` the tensor's column addresses, ``aux`` its extra arrays (master or
-    # compensation for column 0, the scales of each 8-bit column).
+    # compensation for column 0, the scales of each 8-bit column); ``gp`` the address of
+    # the block's gradient (of format c.gfmt).
     cdef float pb[QB]
     cdef float gb[QB]
     cdef float sb[3][QB]
@@ -199,9 +200,9 @@ cdef void _block(int rule, const intptr_t* row, const intptr_t* aux, const Codec
             P = pb
     # the gradient
     if c.gfmt == ST_F32:
-        G = (<const float*>row[1]) + lo
+        G = <const float*>gp
     else:
-        _decode16((<const uint16_t*>row[1]) + lo, gb, n, c.gfmt)
+        _decode16(<const uint16_t*>gp, gb, n, c.gfmt)
         G = gb
     # the state
     for k in range(3):
@@ -262,6 +263,7 @@ cdef void _walk_blocks(int rule, const intptr_t* table, const intptr_t* aux, Py_
     # The blocks of the virtual range [start, stop): row r occupies [voff[r], voff[r+1]),
     # its size rounded up to whole blocks; start and stop are multiples of QB.
     cdef Py_ssize_t r, lo, hi, size, b
+    cdef Py_ssize_t gsize = 4 if c.gfmt == ST_F32 else 2
     if start >= stop:
         return
     r = _row_of(voff, nrows, start)
@@ -270,9 +272,11 @@ cdef void _walk_blocks(int rule, const intptr_t* table, const intptr_t* aux, Py_
         lo = start - voff[r]
         hi = min(stop - voff[r], size)
         b = lo
+        if table[r * ncols + 1] == 0 and rule != TRANSFORM:   # a row-sparse gradient
+            b = hi
         while b < hi:
             _block(rule, table + r * ncols, aux + r * ncols, c, b, min(QB, hi - b),
-                   <uint64_t>(base[r] + b), h)
+                   <uint64_t>(base[r] + b), h, table[r * ncols + 1] + b * gsize)
             b += QB
         start = voff[r + 1]
         r += 1

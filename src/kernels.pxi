@@ -414,12 +414,14 @@ cdef void _walk(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
         if end > stop:
             end = stop
         if end > start:
-            if f64:
-                _span(<double*>NULL, rule, table + r * ncols, ncols, start - offsets[r],
-                      end - start, h)
-            else:
-                _span(<float*>NULL, rule, table + r * ncols, ncols, start - offsets[r],
-                      end - start, h)
+            # (a row whose gradient is row-sparse has no dense gradient: skipped here)
+            if table[r * ncols + 1] != 0 or rule == TRANSFORM:
+                if f64:
+                    _span(<double*>NULL, rule, table + r * ncols, ncols,
+                          start - offsets[r], end - start, h)
+                else:
+                    _span(<float*>NULL, rule, table + r * ncols, ncols,
+                          start - offsets[r], end - start, h)
             start = end
         r += 1
 
@@ -474,6 +476,7 @@ cdef void _sumsq_piece(floating* tag, const floating* x, Py_ssize_t n, Py_ssize_
 
 
 include "codec.pxi"
+include "sparse.pxi"
 
 
 cdef enum:                # how the elements of a summed column are stored
@@ -496,7 +499,9 @@ cdef double _sumsq_block(int efmt, const intptr_t* table, Py_ssize_t ncols, int 
         end = offsets[r + 1]
         if end > stop:
             end = stop
-        if end > start:
+        if end > start and table[r * ncols + col] == 0:   # a row-sparse gradient
+            start = end
+        elif end > start:
             if efmt == EL_F64:
                 _sumsq_piece(<double*>NULL,
                              (<const double*>table[r * ncols + col]) + (start - offsets[r]),
@@ -918,9 +923,19 @@ cdef class Table:
     cdef uintptr_t[::1] checked  # each row's last gradient address found clear of the guard
     cdef list keep            # contiguous copies of non-contiguous gradients, this step
     cdef double[::1] blocks   # per-block sums of squares
+    # row-sparse gradients and row-wise state (sparse.pxi)
+    cdef bint rowwise         # row-wise AdaGrad: every row through the row walker
+    cdef bint catch           # catch_up: the rows' last steps are kept
+    cdef list batches         # this step's RowBatch of each row, or None
+    cdef list slots           # per row: int32 marks of the rows seen while deduplicating
+    cdef list last            # per row (catch_up): int64 step of each row's last update
+    cdef list dense_step      # per row (catch_up): int64[1], the last update of all rows
+    cdef list saved           # per row: the dense gradient a catch-up row walk takes
+    cdef Py_ssize_t[::1] rowlen   # per row: the length of its rows (-1: not 2-D)
 
     def __init__(self, list params, list states, index, Guard guard, storage=None,
-                 str keep="none", aux=None, base=None):
+                 str keep="none", aux=None, base=None, bint rowwise=False, last=None,
+                 dense_step=None):
         cdef Py_ssize_t r, c, k
         cdef cnp.ndarray p0
         self.nrows = len(params)
@@ -989,12 +1004,30 @@ cdef class Table:
             self.table[r, 0] = params[r].__array_interface__["data"][0]
             for c in range(len(states)):
                 a = states[c][r]
-                if a.size != n:
+                if a.size != (params[r].shape[0] if rowwise else n):
                     raise ValueError("a state array must match its parameter")
                 self.table[r, 2 + c] = a.__array_interface__["data"][0]
             for c in range(len(self.aux)):
                 if self.aux[c] is not None:
                     self.aux_table[r, c] = self.aux[c][r].__array_interface__["data"][0]
+        self.rowwise = rowwise
+        self.catch = last is not None
+        self.last = list(last) if last is not None else None
+        self.dense_step = list(dense_step) if dense_step is not None else None
+        self.batches = [None] * self.nrows
+        self.saved = [0] * self.nrows
+        self.slots = [None] * self.nrows
+        self.rowlen = np.full(max(1, self.nrows), -1, np.intp)
+        for r in range(self.nrows):
+            if params[r].ndim >= 2 and params[r].shape[0]:
+                self.rowlen[r] = params[r].size // params[r].shape[0]
+            if rowwise and self.rowlen[r] < 0:
+                raise ValueError("row-wise state is for parameters of 2 or more dimensions")
+            if self.catch and (self.last[r] is None) != (params[r].ndim != 2):
+                raise ValueError("catch_up keeps the last steps of every 2-D parameter")
+        if (rowwise or self.catch) and self.coded:
+            raise ValueError("row-wise state and catch-up need float32/float64 parameters "
+                             "and state")
         self._check_layout(storage)
         n_blocks = (self.offsets[self.nrows] + SUM_BLOCK - 1) // SUM_BLOCK
         self.blocks = np.zeros(max(1, n_blocks))
@@ -1071,13 +1104,22 @@ cdef class Table:
         cdef cnp.ndarray g, p
         cdef uintptr_t lo
         cdef int gfmt = -1, f
+        cdef RowBatch b
         if self.keep:
             self.keep.clear()
         for r in range(self.nrows):
+            self.batches[r] = None
+        for r in range(self.nrows):
             self._check_param(r)
             p = <cnp.ndarray>self.params[r]
-            g = _check_grad(grads[self.index[r]], p, self.names[r][0], "its parameter")
-            if g is not grads[self.index[r]]:
+            obj = grads[self.index[r]]
+            if _SPARSE_TYPE is not None and type(obj) is _SPARSE_TYPE:
+                b = self._bind_rows(r, obj)
+                self.batches[r] = b
+                self.table[r, 1] = 0
+                continue
+            g = _check_grad(obj, p, self.names[r][0], "its parameter")
+            if g is not obj:
                 self.keep.append(g)
             if self.coded:
                 f = ST_F32 if cnp.PyArray_TYPE(g) == cnp.NPY_FLOAT else self.codec.pfmt
@@ -1101,6 +1143,31 @@ cdef class Table:
             self.codec.gfmt = gfmt
         return 0
 
+    cdef RowBatch _bind_rows(self, Py_ssize_t r, object obj):
+        cdef RowBatch b
+        cdef cnp.ndarray v
+        for k in range(self.codec.nstate):
+            if _is_q8(self.codec.sfmt[k]):
+                raise ValueError(f"{self.names[r][0]}: a row-sparse gradient needs "
+                                 f"state_format 'float32' or 'bfloat16' (8-bit codes share a "
+                                 f"scale per block of 256 elements, across rows)")
+        if self.slots[r] is None:
+            p = self.params[r]
+            self.slots[r] = np.full(p.shape[0] if p.ndim else 0, -1, np.int32)
+        b = _dedup(obj, <cnp.ndarray>self.params[r], self.slots[r], self.names[r][0],
+                   self.names[r][1])
+        for v in (b.values, b.buf):
+            lo = <uintptr_t>cnp.PyArray_DATA(v)
+            if self.guard.overlaps(lo, lo + <uintptr_t>cnp.PyArray_NBYTES(v)):
+                raise ValueError(f"{self.names[r][0]}: its values share memory with a "
+                                 f"parameter or an optimizer state array; pass a separate "
+                                 f"array")
+        if self.f64 != (b.elfmt == EL_F64):
+            raise TypeError(f"{self.names[r][0]}: values of dtype "
+                            f"{b.values.dtype} do not match its parameter's dtype "
+                            f"{self.params[r].dtype}")
+        return b
+
     cdef double _sumsq(self, int col) noexcept:
         cdef int nt = _threads()
         cdef double out
@@ -1112,6 +1179,10 @@ cdef class Table:
         with nogil:
             out = _sumsq(efmt, &self.table[0, 0], self.ncols, col, &self.offsets[0],
                          self.nrows, &self.blocks[0], nt)
+        if col == 1:
+            for b in self.batches:
+                if b is not None:
+                    out += (<RowBatch>b).sumsq()
         return out
 
     def sumsq(self, int col=1):
@@ -1121,13 +1192,20 @@ cdef class Table:
             raise ValueError(f"col must be 0 or 1, got {col}")
         return self._sumsq(col)
 
-    cdef void _go(self, int op, const Hyper* h, uint64_t key) noexcept:
+    cdef int _go(self, int op, const Hyper* h, uint64_t key, int64_t t=0) except -1:
         # A small update runs with the GIL held: releasing it would cost more than the
         # update (and threads would not start below the cutoff anyway).
         cdef int nt = _threads()
-        cdef Py_ssize_t nbytes
+        cdef Py_ssize_t nbytes, r
+        cdef bint rows = False
         if self.nrows == 0:
-            return
+            return 0
+        if op < N_RULES and (self.rowwise or self.catch):
+            rows = True
+            for r in range(self.nrows):       # these go through the row walker
+                self.saved[r] = self.table[r, 1]
+                if self.rowwise or (self.last[r] is not None and self._stale(r, t)):
+                    self.table[r, 1] = 0
         if self.coded or op == TRANSFORM and self.elfmt >= EL_BF16:
             self.codec.key = key
             nbytes = self.offsets[self.nrows] * self.bytes_per_element
@@ -1140,15 +1218,71 @@ cdef class Table:
                 _run_blocks(op, &self.table[0, 0], &self.aux_table[0, 0], self.ncols,
                             &self.offsets[0], &self.voff[0], &self.base[0], self.nrows,
                             &self.codec, h, nbytes, nt)
-            return
-        nbytes = self.offsets[self.nrows] * (8 if self.f64 else 4) * (2 * self.ncols - 1)
-        if nbytes >= _parallel_min_bytes // 4:
-            with nogil:
+        else:
+            nbytes = self.offsets[self.nrows] * (8 if self.f64 else 4) * (2 * self.ncols - 1)
+            if nbytes >= _parallel_min_bytes // 4:
+                with nogil:
+                    _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                         self.nrows, h, nt)
+            else:
                 _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
                      self.nrows, h, nt)
-        else:
-            _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
-                 self.nrows, h, nt)
+        if op >= N_RULES:
+            return 0
+        for r in range(self.nrows):
+            if self.batches[r] is not None:
+                self._rows(op, r, <RowBatch>self.batches[r], 0, h, key, t, nt)
+            elif rows and self.table[r, 1] == 0:
+                self._rows(op, r, None, self.saved[r], h, key, t, nt)
+            if self.catch and self.last[r] is not None and self.batches[r] is None:
+                self.dense_step[r][0] = t
+        return 0
+
+    cdef bint _stale(self, Py_ssize_t r, int64_t t):
+        # Does some row of tensor r lag behind step t - 1 (a catch-up is due)?
+        cdef const int64_t[::1] last = self.last[r]
+        cdef int64_t ds = self.dense_step[r][0]
+        cdef Py_ssize_t i
+        if ds >= t - 1:
+            return False
+        for i in range(last.shape[0]):
+            if last[i] < t - 1:
+                return True
+        return False
+
+    cdef int _rows(self, int op, Py_ssize_t r, RowBatch b, intptr_t gdense,
+                   const Hyper* h, uint64_t key, int64_t t, int nt) except -1:
+        cdef Codec c = self.codec
+        cdef int64_t* lastp = NULL
+        cdef int64_t* dsp = NULL
+        cdef int64_t[::1] last
+        cdef int64_t[::1] ds
+        cdef const int64_t[::1] urows
+        cdef Py_ssize_t d = self.rowlen[r], n = self.params[r].shape[0], u = 0
+        cdef Py_ssize_t gsize = 8 if self.f64 else (4 if (b is not None or c.gfmt == ST_F32)
+                                                    else 2)
+        cdef const intptr_t* gptr = NULL
+        cdef Py_ssize_t nbytes
+        c.key = key
+        if b is not None:
+            c.gfmt = ST_F64 if b.elfmt == EL_F64 else ST_F32
+            urows = b.rows
+            u = b.u
+            gptr = &b.ptrs[0]
+        if self.catch and self.last[r] is not None:
+            last = self.last[r]
+            ds = self.dense_step[r]
+            lastp = &last[0]
+            dsp = &ds[0]
+        nbytes = (u if b is not None else n) * d * self.bytes_per_element
+        if b is not None and u == 0:
+            return 0
+        with nogil:
+            _run_rows(op, self.f64, &self.table[r, 0], &self.aux_table[r, 0], self.ncols,
+                      &c, self.coded, self.rowwise, d, n,
+                      &urows[0] if b is not None else NULL, gptr, gdense, gsize, u,
+                      lastp, dsp, t, <uint64_t>self.base[r], h, nbytes, nt)
+        return 0
 
     def transform(self, GradPlan plan not None):
         """Apply ``plan`` (scale, then clamp) in place to column 0 (16-bit arrays are
@@ -1265,7 +1399,8 @@ cdef class Engine:
                 g = self.group_of[i]
                 t._go((<Scalars>self.scalars[g]).code, &hs[i],
                       ch8_step_key(self.seed, <uint64_t>g, <uint64_t>self.steps[g] + 1)
-                      if t.coded and t.codec.random else 0)
+                      if t.coded and t.codec.random else 0,
+                      <int64_t>self.steps[g] + 1)
         finally:
             if hs != local:
                 PyMem_Free(hs)

@@ -1,0 +1,324 @@
+# Row-sparse updates (ch8fast.sparse): the gradient of an embedding table for a minibatch
+# holds a few of its rows. The rows are deduplicated once (duplicates summed in an order
+# that does not depend on theirs), then one pass updates only those rows of the parameter
+# and of its state, threads taking whole rows, with the same span functions as a dense
+# update. Row-wise AdaGrad (one accumulator per row) runs here for dense gradients too.
+#
+# ``catch_up``: a row touched after dt skipped steps first gets, in closed form, what those
+# steps would have done with a zero gradient (``_catch_up``); ``last_step[r]`` holds the step
+# of row r's last update, ``dense_step`` that of the last update of every row.
+
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport qsort
+
+_SPARSE_TYPE = None
+
+
+def register_sparse_type(t):
+    """The class of row-sparse gradients (ch8fast.sparse.SparseRows)."""
+    global _SPARSE_TYPE
+    _SPARSE_TYPE = t
+
+
+cdef int _cmp_double(const void* a, const void* b) noexcept nogil:
+    cdef double x = (<const double*>a)[0], y = (<const double*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef void _catch_up(int rule, floating* p, floating* s0, floating* s1, Py_ssize_t n,
+                    double dt, const Hyper* h) noexcept nogil:
+    # dt steps of a zero gradient, in closed form: the state decays (rho^dt, beta^dt,
+    # alpha^dt); momentum moves theta by sum_{k=1..dt} alpha^k v = v alpha (1 - alpha^dt)
+    # / (1 - alpha) first; AdamW's decoupled decay multiplies theta by decay^dt.
+    cdef floating f0 = 1, f1 = 1, drift = 0, an
+    cdef floating* v = NULL
+    cdef Py_ssize_t i
+    cdef double a = h.alpha
+    if rule == MOMENTUM or rule == RMSPROP_MOMENTUM:
+        v = s0 if rule == MOMENTUM else s1
+        an = <floating>pow(a, dt)
+        drift = <floating>(a * (1.0 - pow(a, dt)) / (1.0 - a)) if a < 1.0 else <floating>dt
+        for i in range(n):
+            p[i] = p[i] + drift * v[i]
+            v[i] = v[i] * an
+        if rule == RMSPROP_MOMENTUM:
+            f0 = <floating>pow(h.rho, dt)
+            for i in range(n):
+                s0[i] = s0[i] * f0
+    elif rule == RMSPROP:
+        f0 = <floating>pow(h.rho, dt)
+        for i in range(n):
+            s0[i] = s0[i] * f0
+    elif rule == ADAM:
+        f0 = <floating>pow(h.beta1, dt)
+        f1 = <floating>pow(h.beta2, dt)
+        for i in range(n):
+            s0[i] = s0[i] * f0
+            s1[i] = s1[i] * f1
+        if h.decay != 1.0:
+            f0 = <floating>pow(h.decay, dt)
+            for i in range(n):
+                p[i] = p[i] * f0
+    elif rule == ADADELTA:
+        f0 = <floating>pow(h.rho, dt)
+        for i in range(n):
+            s0[i] = s0[i] * f0
+            s1[i] = s1[i] * f0
+
+
+cdef void _adagrad_rowwise(floating* p, const floating* g, floating* r, Py_ssize_t n,
+                           const Hyper* h) noexcept nogil:
+    # Row-wise AdaGrad: r <- r + mean over the row of g*g (one r per row), then
+    # theta <- theta - eps g / (delta + sqrt(r)). The mean is summed in double in 16 lanes
+    # by index, added in order, so it vectorizes and its bits do not depend on threads.
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef double acc[SUM_LANES]
+    cdef double total = 0.0
+    cdef floating gi, rr, denom
+    cdef Py_ssize_t i, j
+    for j in range(SUM_LANES):
+        acc[j] = 0.0
+    for i in range(n):
+        gi = _grad(g[i], gs, cv, clip)
+        if l2:
+            gi = gi + wd * p[i]
+        acc[i % SUM_LANES] += <double>gi * <double>gi
+    for j in range(SUM_LANES):
+        total += acc[j]
+    rr = r[0] + <floating>(total / <double>n) if n else r[0]
+    r[0] = rr
+    denom = eps + _sqrt(rr)
+    for i in range(n):
+        gi = _grad(g[i], gs, cv, clip)
+        if l2:
+            gi = gi + wd * p[i]
+        p[i] = p[i] - lr * (gi / denom)
+
+
+cdef void _row(int rule, bint f64, const intptr_t* row, const intptr_t* aux, Py_ssize_t ncols,
+               const Codec* c, bint coded, bint rowwise, Py_ssize_t d, int64_t r,
+               intptr_t g, double dt, uint64_t index, const Hyper* h) noexcept nogil:
+    # Row r of one tensor: its d elements, the gradient row at g.
+    cdef Py_ssize_t lo = r * d
+    if coded:
+        _block(rule, row, aux, c, lo, d, index + <uint64_t>lo, h, g)
+        return
+    if f64:
+        if dt > 0:
+            _catch_up(rule, (<double*>row[0]) + lo,
+                      (<double*>row[2]) + lo if ncols > 2 else NULL,
+                      (<double*>row[3]) + lo if ncols > 3 else NULL, d, dt, h)
+        if rowwise:
+            _adagrad_rowwise((<double*>row[0]) + lo, <const double*>g,
+                             (<double*>row[2]) + r, d, h)
+        else:
+            _span_ptrs(rule, (<double*>row[0]) + lo, <const double*>g,
+                       (<double*>row[2]) + lo if ncols > 2 else NULL,
+                       (<double*>row[3]) + lo if ncols > 3 else NULL,
+                       (<double*>row[4]) + lo if ncols > 4 else NULL, d, h)
+    else:
+        if dt > 0:
+            _catch_up(rule, (<float*>row[0]) + lo,
+                      (<float*>row[2]) + lo if ncols > 2 else NULL,
+                      (<float*>row[3]) + lo if ncols > 3 else NULL, d, dt, h)
+        if rowwise:
+            _adagrad_rowwise((<float*>row[0]) + lo, <const float*>g,
+                             (<float*>row[2]) + r, d, h)
+        else:
+            _span_ptrs(rule, (<float*>row[0]) + lo, <const float*>g,
+                       (<float*>row[2]) + lo if ncols > 2 else NULL,
+                       (<float*>row[3]) + lo if ncols > 3 else NULL,
+                       (<float*>row[4]) + lo if ncols > 4 else NULL, d, h)
+
+
+cdef void _run_rows(int rule, bint f64, const intptr_t* row, const intptr_t* aux,
+                    Py_ssize_t ncols, const Codec* c, bint coded, bint rowwise,
+                    Py_ssize_t d, Py_ssize_t nrows, const int64_t* urows,
+                    const intptr_t* gptr, intptr_t gdense, Py_ssize_t gsize, Py_ssize_t u,
+                    int64_t* last, int64_t* dense_step, int64_t t, uint64_t index,
+                    const Hyper* h, Py_ssize_t nbytes, int n_threads) noexcept nogil:
+    # The rows urows[0..u) with gradient rows gptr[j]; or, with urows NULL, every row r,
+    # its gradient row at gdense + r d gsize. ``last`` (catch_up) is NULL without catch-up.
+    cdef Py_ssize_t j, n = nrows if urows == NULL else u
+    cdef int64_t r, seen
+    cdef double dt
+    cdef int nt = n_threads if (n_threads > 1 and nbytes >= _parallel_min_bytes
+                                and n > 1) else 1
+    for j in prange(n, num_threads=nt, schedule='static'):
+        r = j if urows == NULL else urows[j]
+        dt = 0
+        if last != NULL:
+            seen = last[r] if last[r] > dense_step[0] else dense_step[0]
+            dt = <double>(t - 1 - seen)
+        _row(rule, f64, row, aux, ncols, c, coded, rowwise, d, r,
+             gdense + r * d * gsize if urows == NULL else gptr[j], dt, index, h)
+        if last != NULL:
+            last[r] = t
+
+
+cdef class RowBatch:
+    """The deduplicated rows of one row-sparse gradient: ``rows`` (int64, in order of
+    first appearance) and a pointer to each one's gradient row (into the given values, or
+    into ``buf`` where duplicates were summed or 16-bit values widened to float32)."""
+    cdef readonly object rows
+    cdef readonly object buf
+    cdef object values
+    cdef intptr_t[::1] ptrs
+    cdef readonly Py_ssize_t u, d
+    cdef readonly int elfmt          # the gradient rows' EL_*
+
+    def sumsq(self):
+        """Sum of squares of the rows, in double precision."""
+        cdef double acc[SUM_LANES]
+        cdef double out = 0.0
+        cdef Py_ssize_t j, k
+        for k in range(SUM_LANES):
+            acc[k] = 0.0
+        for j in range(self.u):
+            if self.elfmt == EL_F64:
+                _sumsq_piece(<double*>NULL, <const double*>self.ptrs[j], self.d, 0, acc)
+            else:
+                _sumsq_piece(<float*>NULL, <const float*>self.ptrs[j], self.d, 0, acc)
+        for k in range(SUM_LANES):
+            out += acc[k]
+        return out
+
+
+cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
+                     str pname):
+    """Check a row-sparse gradient against its 2-D parameter and sum its duplicates."""
+    cdef Py_ssize_t k, j, u, m, col, i, n_rows, d
+    cdef int pel = _elfmt(param), vel
+    cdef RowBatch b = RowBatch()
+    if cnp.PyArray_NDIM(param) != 2:
+        raise TypeError(f"{name}: a row-sparse gradient is for a 2-D parameter; {pname} "
+                        f"has shape {(<object>param).shape}")
+    n_rows = cnp.PyArray_DIMS(param)[0]
+    d = cnp.PyArray_DIMS(param)[1]
+    indices, values = obj.indices, obj.values
+    if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu" \
+            or indices.ndim != 1:
+        raise TypeError(f"{name}: indices must be a 1-D integer array, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    err = _dtype_problem(values, f"{name}.values", True)
+    if err is not None:
+        raise err
+    vel = _elfmt(<cnp.ndarray>values)
+    if vel != pel and not (vel == EL_F32 and pel >= EL_BF16):
+        raise TypeError(f"{name}: values of dtype {values.dtype} do not match {pname}'s "
+                        f"dtype {(<object>param).dtype}")
+    if values.ndim != 2 or values.shape[0] != indices.shape[0] or values.shape[1] != d:
+        raise ValueError(f"{name}: values must have shape ({indices.shape[0]}, {d}) (one "
+                         f"row of {pname} per index), got {values.shape}")
+    idx_arr = np.ascontiguousarray(indices, np.int64)
+    cdef const int64_t[::1] idx = idx_arr
+    k = idx.shape[0]
+    for j in range(k):
+        if not 0 <= idx[j] < n_rows:
+            raise ValueError(f"{name}: index {idx[j]} (at position {j}) is out of range "
+                             f"for {pname}'s {n_rows} rows")
+    if not (values.flags.c_contiguous and values.flags.aligned):
+        values = np.array(values, order="C", copy=True)
+    b.values = values
+    b.d = d
+    # first appearances, and the chain of each row's later duplicates
+    rows = np.empty(k, np.int64)
+    first = np.empty(k, np.int64)
+    count = np.zeros(k, np.int64)
+    nxt = np.full(k, -1, np.int64)
+    last_pos = np.empty(k, np.int64)
+    cdef int64_t[::1] rw = rows, fi = first, cn = count, nx = nxt, lp = last_pos
+    cdef int32_t s
+    u = 0
+    try:
+        for j in range(k):
+            s = slot[idx[j]]
+            if s < 0:
+                slot[idx[j]] = <int32_t>u
+                rw[u] = idx[j]
+                fi[u] = j
+                cn[u] = 1
+                lp[u] = j
+                u += 1
+            else:
+                cn[s] += 1
+                nx[lp[s]] = j
+                lp[s] = j
+    finally:
+        for j in range(u):
+            slot[rw[j]] = -1
+    b.u = u
+    b.rows = rows[:u]
+    b.ptrs = np.empty(max(1, u), np.intp)
+    wide = pel >= EL_BF16 and vel >= EL_BF16     # 16-bit values: widened to float32
+    ndup = int(np.count_nonzero(count[:u] > 1))
+    b.elfmt = EL_F32 if (wide or vel == EL_F32) else EL_F64
+    out_dtype = np.float32 if b.elfmt == EL_F32 else np.float64
+    b.buf = np.empty((u if wide else ndup, d), out_dtype)
+    tmp = np.empty(max(1, int(count[:u].max()) if u else 1), np.float64)
+    cdef double[::1] t = tmp
+    cdef double acc
+    cdef Py_ssize_t slot_out = 0, row_out
+    vals = values.reshape(k, d)
+    if wide:
+        vf = np.empty((k, d), np.float32)
+        vf.reshape(-1)[...] = decode_block_state(
+            "float16" if vel == EL_F16 else "bfloat16", values.view(np.uint16).reshape(-1))
+        vals = vf
+    cdef cnp.ndarray buf = b.buf
+    for j in range(u):
+        if cn[j] == 1 and not wide:
+            b.ptrs[j] = <intptr_t>cnp.PyArray_DATA(<cnp.ndarray>vals) + \
+                fi[j] * d * cnp.PyArray_ITEMSIZE(<cnp.ndarray>vals)
+            continue
+        row_out = j if wide else slot_out
+        slot_out += 0 if wide else 1
+        if cn[j] == 1:
+            buf[row_out] = vals[fi[j]]
+        else:
+            positions = []
+            i = fi[j]
+            while i >= 0:
+                positions.append(i)
+                i = nx[i]
+            group = np.asarray(vals[positions], np.float64)
+            m = group.shape[0]
+            for col in range(d):
+                for i in range(m):
+                    t[i] = group[i, col]
+                qsort(&t[0], m, sizeof(double), _cmp_double)
+                acc = 0.0
+                for i in range(m):
+                    acc += t[i]
+                buf[row_out, col] = acc
+        b.ptrs[j] = <intptr_t>cnp.PyArray_DATA(buf) + row_out * d * cnp.PyArray_ITEMSIZE(buf)
+    return b
+
+
+def sum_duplicate_rows(indices, values, Py_ssize_t n_rows):
+    """``(rows, summed)`` of a row-sparse gradient over ``n_rows`` rows: the distinct
+    indices in order of first appearance and each one's summed row (see ``_dedup``)."""
+    if not isinstance(values, np.ndarray) or values.ndim != 2:
+        raise ValueError("values must be a 2-D array")
+    probe = np.empty((n_rows, values.shape[1]), values.dtype)
+    slot = np.full(n_rows, -1, np.int32)
+    b = _dedup(_Rows(indices, values), probe, slot, "grad", "the parameter")
+    out = np.empty((b.u, values.shape[1]), np.float32 if b.elfmt == EL_F32 else np.float64)
+    for j in range(b.u):
+        out[j] = np.frombuffer(_row_bytes(b, j), out.dtype)
+    return np.asarray(b.rows), out
+
+
+cdef bytes _row_bytes(RowBatch b, Py_ssize_t j):
+    cdef Py_ssize_t nb = b.d * (8 if b.elfmt == EL_F64 else 4)
+    return (<char*>b.ptrs[j])[:nb]
+
+
+class _Rows:
+    __slots__ = ("indices", "values")
+
+    def __init__(self, indices, values):
+        self.indices, self.values = indices, values
