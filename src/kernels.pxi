@@ -1206,9 +1206,18 @@ cdef class Table:
                 self.saved[r] = self.table[r, 1]
                 if self.rowwise or (self.last[r] is not None and self._stale(r, t)):
                     self.table[r, 1] = 0
-        if self.coded or op == TRANSFORM and self.elfmt >= EL_BF16:
+        cdef Py_ssize_t active = self.offsets[self.nrows]
+        if op < N_RULES:                  # rows with a row-sparse gradient run below
+            for r in range(self.nrows):
+                if self.table[r, 1] == 0:
+                    active -= self.offsets[r + 1] - self.offsets[r]
+        if active == 0:
+            pass
+        elif self.coded or op == TRANSFORM and self.elfmt >= EL_BF16:
             self.codec.key = key
-            nbytes = self.offsets[self.nrows] * self.bytes_per_element
+            nbytes = active * self.bytes_per_element
+            if nbytes < _parallel_min_bytes:
+                nt = 1
             if nbytes >= _parallel_min_bytes // 4:
                 with nogil:
                     _run_blocks(op, &self.table[0, 0], &self.aux_table[0, 0], self.ncols,
@@ -1219,7 +1228,9 @@ cdef class Table:
                             &self.offsets[0], &self.voff[0], &self.base[0], self.nrows,
                             &self.codec, h, nbytes, nt)
         else:
-            nbytes = self.offsets[self.nrows] * (8 if self.f64 else 4) * (2 * self.ncols - 1)
+            nbytes = active * (8 if self.f64 else 4) * (2 * self.ncols - 1)
+            if nbytes < _parallel_min_bytes:
+                nt = 1                    # few active elements: no thread team
             if nbytes >= _parallel_min_bytes // 4:
                 with nogil:
                     _run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],

@@ -260,7 +260,6 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
     b.buf = np.empty((u if wide else ndup, d), out_dtype)
     tmp = np.empty(max(1, int(count[:u].max()) if u else 1), np.float64)
     cdef double[::1] t = tmp
-    cdef double acc
     cdef Py_ssize_t slot_out = 0, row_out
     vals = values.reshape(k, d)
     if wide:
@@ -269,33 +268,55 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
             "float16" if vel == EL_F16 else "bfloat16", values.view(np.uint16).reshape(-1))
         vals = vf
     cdef cnp.ndarray buf = b.buf
+    cdef Py_ssize_t vitem = cnp.PyArray_ITEMSIZE(<cnp.ndarray>vals)
+    cdef intptr_t vbase = <intptr_t>cnp.PyArray_DATA(<cnp.ndarray>vals)
+    cdef intptr_t bbase = <intptr_t>cnp.PyArray_DATA(buf)
+    cdef bint f64 = b.elfmt == EL_F64
     for j in range(u):
         if cn[j] == 1 and not wide:
-            b.ptrs[j] = <intptr_t>cnp.PyArray_DATA(<cnp.ndarray>vals) + \
-                fi[j] * d * cnp.PyArray_ITEMSIZE(<cnp.ndarray>vals)
+            b.ptrs[j] = vbase + fi[j] * d * vitem
             continue
         row_out = j if wide else slot_out
-        slot_out += 0 if wide else 1
-        if cn[j] == 1:
-            buf[row_out] = vals[fi[j]]
+        if not wide:
+            slot_out += 1
+        if f64:
+            _sum_rows(<const double*>vbase, <double*>bbase + row_out * d, d, fi[j], &nx[0],
+                      cn[j], &t[0])
         else:
-            positions = []
-            i = fi[j]
-            while i >= 0:
-                positions.append(i)
-                i = nx[i]
-            group = np.asarray(vals[positions], np.float64)
-            m = group.shape[0]
-            for col in range(d):
-                for i in range(m):
-                    t[i] = group[i, col]
-                qsort(&t[0], m, sizeof(double), _cmp_double)
-                acc = 0.0
-                for i in range(m):
-                    acc += t[i]
-                buf[row_out, col] = acc
-        b.ptrs[j] = <intptr_t>cnp.PyArray_DATA(buf) + row_out * d * cnp.PyArray_ITEMSIZE(buf)
+            _sum_rows(<const float*>vbase, <float*>bbase + row_out * d, d, fi[j], &nx[0],
+                      cn[j], &t[0])
+        b.ptrs[j] = bbase + row_out * d * cnp.PyArray_ITEMSIZE(buf)
     return b
+
+
+cdef void _sum_rows(const floating* vals, floating* out, Py_ssize_t d, int64_t first,
+                    const int64_t* nxt, Py_ssize_t m, double* tmp) noexcept nogil:
+    # The rows first, nxt[first], ... (m of them) summed: each element's m contributions
+    # sorted, added in double from the smallest, rounded once.
+    cdef Py_ssize_t col, k, i, q
+    cdef int64_t pos
+    cdef double x
+    for col in range(d):
+        pos = first
+        k = 0
+        while pos >= 0:
+            tmp[k] = vals[pos * d + col]
+            k += 1
+            pos = nxt[pos]
+        if m <= 16:                        # insertion sort: few duplicates
+            for i in range(1, m):
+                x = tmp[i]
+                q = i - 1
+                while q >= 0 and tmp[q] > x:
+                    tmp[q + 1] = tmp[q]
+                    q -= 1
+                tmp[q + 1] = x
+        else:
+            qsort(tmp, m, sizeof(double), _cmp_double)
+        x = 0.0
+        for i in range(m):
+            x += tmp[i]
+        out[col] = <floating>x
 
 
 def sum_duplicate_rows(indices, values, Py_ssize_t n_rows):
