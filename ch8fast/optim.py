@@ -725,7 +725,7 @@ class Optimizer:
         for gi in changed:
             metas[gi] = self._check_group(gi, groups[gi], engine.steps[gi], len(groups),
                                           first[gi], core.meta[gi])
-        new_engine = K.Engine(list(engine.tables), self._owners(engine),
+        new_engine = K.Engine(list(engine.tables), engine.groups,
                               [m.scalars for m in metas], list(engine.steps),
                               list(engine.interim), engine.form, engine.seed)
         self._core = self._make_core(new_engine, metas, core.params, core.state,
@@ -733,10 +733,6 @@ class Optimizer:
         for gi in changed:
             groups[gi].changed = False
         self._edits.dirty = False
-
-    @staticmethod
-    def _owners(engine):
-        return engine.groups
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -1253,7 +1249,6 @@ class Optimizer:
         self.skipped_steps = skipped
         if seed != self.seed:                 # the saved seed: resuming is exact
             self.seed = seed
-            self._edits.dirty = True
             self._rebuild_engine_seed()
         self._refresh()
 
