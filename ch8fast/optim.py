@@ -555,7 +555,7 @@ class Optimizer:
             self._scratch = None
 
     def _make_core(self, engine, metas, params, state, rows):
-        nesterov = tuple(gi for gi, m in enumerate(metas) if m.fixed.get("nesterov"))
+        nesterov = tuple(gi for gi, m in enumerate(metas) if self.rule.shifted(m.fixed))
         plain = self.clip_norm is None and not self.skip_nonfinite
         plan = K.GradPlan(1.0, math.inf if self.clip_value is None else self.clip_value)
         return _Core(engine=engine, meta=metas, params=params, state=state,
