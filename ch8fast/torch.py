@@ -316,17 +316,18 @@ class _Optimizer(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
+                name = f"param_groups[{gi}]['params'][{k}]"
+                garr = _flat_grad(grad, name)
                 e = self._entries.get(p)
                 if e is None or not e.matches(p, g.layout, self.state.get(p, _NO_STATE)):
-                    e = self._entry(p, f"param_groups[{gi}]['params'][{k}]", g)
-                name = f"param_groups[{gi}]['params'][{k}]"
+                    e = self._entry(p, name, g)
                 key = (gi, self._step_of(e), e.dtype)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = ([], [], [])
                 b[0].append(p)
                 b[1].append(e)
-                b[2].append(_flat_grad(grad, name))
+                b[2].append(garr)
         if not buckets:
             return loss
         keys = list(buckets)
