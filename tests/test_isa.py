@@ -1,6 +1,7 @@
 """Every kernel build (baseline, AVX2, AVX-512) gives the same bits; the hot loops are
 vectorized."""
 
+import re
 import shutil
 import subprocess
 
@@ -91,8 +92,21 @@ def test_wide_modules_inline_fused_multiply_adds():
         if isa == "baseline":
             continue
         asm = _disassembly(isa)
-        packed = [l for l in asm.splitlines()
-                  if "vfmadd" in l and ("ps" in l.split()[0][-2:] or "pd" in l.split()[0][-2:])]
+        packed = re.findall(r"\svfn?m(?:add|sub)\d+p[sd]\s", asm)
+        assert len(packed) > 50, isa
+        assert not [l for l in asm.splitlines() if "call" in l and "<fma" in l], isa
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_wide_modules_inline_fused_multiply_adds():
+    """The AVX2 module is built with -mfma and the AVX-512 one has FMA: torch's profile
+    runs packed vfmadd instructions there, with no call to the libm fma function (which
+    would also keep its loops scalar)."""
+    for isa in _isa.available():
+        if isa == "baseline":
+            continue
+        asm = _disassembly(isa)
+        packed = re.findall(r"\svfn?m(?:add|sub)\d+p[sd]\s", asm)
         assert len(packed) > 50, isa
         assert not [l for l in asm.splitlines() if "call" in l and "<fma" in l], isa
 
