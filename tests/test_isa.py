@@ -34,7 +34,6 @@ def test_same_bits_on_every_isa(name, cls, ref_name, hyper, dtype, monkeypatch):
     assert len({tuple(v) for v in results.values()}) == 1, list(results)
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
 def _disassembly(isa):
     path = _isa.load(isa).__file__
     return subprocess.run(["objdump", "-d", "--no-show-raw-insn", path],
@@ -98,26 +97,6 @@ def test_wide_modules_inline_fused_multiply_adds():
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
-def test_wide_modules_inline_fused_multiply_adds():
-    """The AVX2 module is built with -mfma and the AVX-512 one has FMA: torch's profile
-    runs packed vfmadd instructions there, with no call to the libm fma function (which
-    would also keep its loops scalar)."""
-    for isa in _isa.available():
-        if isa == "baseline":
-            continue
-        asm = _disassembly(isa)
-        packed = re.findall(r"\svfn?m(?:add|sub)\d+p[sd]\s", asm)
-        assert len(packed) > 50, isa
-        assert not [l for l in asm.splitlines() if "call" in l and "<fma" in l], isa
-
-
-def test_avx2_module_needs_fma():
-    """The AVX2 module contains FMA instructions, so the CPU check asks for both."""
-    import inspect
-    from ch8fast import _kernels
-    assert "fma" in inspect.getdoc(_kernels.cpu_supports)
-
-
 def test_adam_loop_uses_packed_square_roots():
     """The build vectorizes sqrt (it needs -fno-math-errno): packed sqrtps/sqrtpd, and no
     calls to the scalar sqrt function, in every kernel module."""
