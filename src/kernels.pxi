@@ -499,13 +499,24 @@ cdef void _adam(floating* p, const floating* g, floating* m, floating* v, floati
     # Torch: s.lerp_(g, 1 - b1), r.mul_(b2).addcmul_(g, g, value=1-b2) (from ``tail`` on:
     # the fused kernel's scalar-loop contraction), theta + (-lr s) / (sqrt(r) / c2 + delta)
     # with c2 = sqrt(1 - b2^t).
+    # (AMSGrad is a compile-time option: a branch on it inside the loop would let gcc
+    # read vmax with masked loads even when it is NULL, which is slow)
+    if h.flags & FLAG_AMSGRAD:
+        _adam_loop(p, g, m, v, vmax, n, tail, h, <On*>NULL, o)
+    else:
+        _adam_loop(p, g, m, v, vmax, n, tail, h, <Off*>NULL, o)
+
+
+cdef void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
+                     floating* vmax, Py_ssize_t n, Py_ssize_t tail, const Hyper* h,
+                     opt1* amsgrad, ops* o) noexcept nogil:
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating decay = <floating>h.decay, c2 = <floating>h.c2
     cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
     cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
     cdef floating b1cm1 = b1c - 1
     cdef bint lerp_hi = fabs(b1c) >= 0.5
-    cdef bint l2 = h.flags & FLAG_L2, amsgrad = h.flags & FLAG_AMSGRAD
+    cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
     cdef floating pi, gi, mi, vi
@@ -522,7 +533,7 @@ cdef void _adam(floating* p, const floating* g, floating* m, floating* v, floati
             vi = b2 * v[i] + b2c * (gi * gi)
         m[i] = mi
         v[i] = vi
-        if amsgrad:
+        if opt1 is On:
             if vmax[i] > vi:
                 vi = vmax[i]
             vmax[i] = vi
