@@ -81,42 +81,47 @@ def _check_tensor(p, name):
                          f"make it contiguous first, e.g. p.data = p.data.contiguous()")
 
 
-def _flat(t):
-    """The NumPy view of a contiguous tensor's elements, shape (numel,)."""
+def _view(t):
+    """The NumPy view of a tensor's memory (same shape)."""
     t = t.detach()
     try:
-        return t.view(-1).numpy()
+        return t.numpy()
     except RuntimeError:              # a lazily negated or conjugated view: resolve it
-        return t.resolve_neg().resolve_conj().view(-1).numpy()
+        return t.resolve_neg().resolve_conj().numpy()
 
 
-def _flat_grad(g, name):
+def _grad_view(g, name):
+    """A gradient as the kernels read it (a NumPy view; the kernels read a non-contiguous
+    one through a contiguous copy)."""
+    try:
+        return g.numpy()              # the common case: a dense CPU tensor
+    except (RuntimeError, TypeError):
+        pass
     if g.layout != torch.strided:
         raise ValueError(f"{name}.grad: sparse gradients are not supported (use "
                          f"torch.optim.SparseAdam, or a dense gradient)")
     if g.device.type != "cpu":
         raise ValueError(f"{name}.grad: is on {g.device}, its parameter on the CPU")
-    if not g.is_contiguous():
-        g = g.contiguous()            # a gradient is only read: a copy loses nothing
-    return _flat(g)
+    return _view(g)
 
 
 class _Entry:
-    """One parameter as the kernels see it: its flat view, the address and layout it had
+    """One parameter as the kernels see it: its NumPy view, the address and layout it had
     when the view was made, and its state tensors (``pending``: created for this step,
     put into ``optimizer.state`` once it succeeds)."""
 
     __slots__ = ("ptr", "shape", "dtype", "flat", "layout", "tensors", "arrays",
-                 "pending", "step_t", "step_version", "step")
+                 "pending", "step_t", "step_block", "step_slot", "state", "p")
 
-    def matches(self, p, layout, state):
+    def matches(self, p, layout):
         if (p.data_ptr() != self.ptr or p.shape != self.shape or p.dtype != self.dtype
                 or layout != self.layout):
             return False
+        state = self.state
         for name, t in zip(layout, self.tensors):
             if name not in self.pending and state.get(name) is not t:
                 return False
-        return True
+        return self.step_t is None or "step" in self.pending or state.get("step") is self.step_t
 
 
 class _Group:
@@ -140,9 +145,25 @@ class _Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _reset_caches(self):
-        self._entries = {}
+        self._entries = {}            # id(param) -> _Entry
         self._tables = {}
         self._groups = {}
+        self._step_blocks = []        # [tensor, its NumPy view, slots used]
+        self._state_seen = None
+
+    def _new_step(self, value=0.0):
+        """A 0-d step tensor, a view of one slot of a shared block, so that one NumPy
+        operation counts the steps of many parameters: (tensor, block, slot)."""
+        blocks = self._step_blocks
+        if not blocks or blocks[-1][2] == len(blocks[-1][1]):
+            t = torch.zeros(256, dtype=_scalar_dtype())
+            blocks.append([t, t.numpy(), 0])
+        b = blocks[-1]
+        slot = b[2]
+        b[2] += 1
+        view = b[0][slot]
+        view.fill_(value)
+        return view, b[1], slot
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -219,7 +240,7 @@ class _Optimizer(torch.optim.Optimizer):
         """The state torch's optimizer makes for ``p`` at its first step."""
         st = {}
         if self._counts_steps:
-            st["step"] = torch.zeros((), dtype=_scalar_dtype())
+            st["step"] = self._new_step()[0]
         for name in layout:
             fill = self._rule.initial.get(name)
             st[name] = (torch.zeros_like(p, memory_format=torch.contiguous_format)
@@ -234,7 +255,7 @@ class _Optimizer(torch.optim.Optimizer):
         state = self.state[p] if (g.layout or self._counts_steps) else {}
         e = _Entry()
         e.ptr, e.shape, e.dtype, e.layout = p.data_ptr(), p.shape, p.dtype, g.layout
-        e.flat = _flat(p)
+        e.flat = _view(p)
         e.pending = {}
         fresh = self._new_state(p, g.values, g.layout) if not state else None
         if fresh is not None:
@@ -264,19 +285,22 @@ class _Optimizer(torch.optim.Optimizer):
                 state[sname] = t
             tensors.append(t)
         e.tensors = tuple(tensors)
-        e.arrays = tuple(_flat(t) for t in tensors)
+        e.arrays = tuple(_view(t) for t in tensors)
+        e.step_t = e.step_block = None
+        e.step_slot = 0
         if self._counts_steps:
+            st = e.pending.get("step", state.get("step"))
+            value = float(0 if st is None else st)
+            # the step count lives in a slot of a shared block (see _new_step)
+            view, block, slot = self._new_step(value)
             if "step" in e.pending:
-                st = e.pending["step"]
+                e.pending["step"] = view
             else:
-                st = state.get("step")
-                if not isinstance(st, torch.Tensor):
-                    st = torch.tensor(float(0 if st is None else st), dtype=_scalar_dtype())
-                    state["step"] = st
-            e.step_t, e.step_version, e.step = st, st._version, int(st)
-        else:
-            e.step_t, e.step_version, e.step = None, 0, 0 if e.pending else 1
-        self._entries[p] = e
+                state["step"] = view
+            e.step_t, e.step_block, e.step_slot = view, block, slot
+        e.state = state
+        e.p = p
+        self._entries[id(p)] = e
         self._tables.clear()
         return e
 
@@ -286,12 +310,9 @@ class _Optimizer(torch.optim.Optimizer):
         return not self._counts_steps
 
     def _step_of(self, e):
-        if not self._counts_steps:
+        if e.step_block is None:
             return 0 if e.pending else 1
-        st = e.step_t
-        if st._version != e.step_version:
-            e.step, e.step_version = int(st), st._version
-        return e.step
+        return int(e.step_block[e.step_slot])
 
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict`` (a torch.optim state dict of the same class loads
@@ -309,18 +330,25 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.state is not self._state_seen:    # replaced as a whole (load_state_dict)
+            self._entries.clear()
+            self._tables.clear()
+            self._state_seen = self.state
         buckets = {}
+        entries = self._entries
         for gi, group in enumerate(self.param_groups):
             g = self._prepare(gi, group)
             for k, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
-                name = f"param_groups[{gi}]['params'][{k}]"
-                garr = _flat_grad(grad, name)
-                e = self._entries.get(p)
-                if e is None or not e.matches(p, g.layout, self.state.get(p, _NO_STATE)):
-                    e = self._entry(p, name, g)
+                try:
+                    garr = grad.numpy()       # the common case: a dense CPU tensor
+                except (RuntimeError, TypeError):
+                    garr = _grad_view(grad, f"param_groups[{gi}]['params'][{k}]")
+                e = entries.get(id(p))
+                if e is None or e.p is not p or not e.matches(p, g.layout):
+                    e = self._entry(p, f"param_groups[{gi}]['params'][{k}]", g)
                 key = (gi, self._step_of(e), e.dtype)
                 b = buckets.get(key)
                 if b is None:
@@ -332,27 +360,37 @@ class _Optimizer(torch.optim.Optimizer):
             return loss
         keys = list(buckets)
         grads = [a for k in keys for a in buckets[k][2]]
-        plan = tuple((k, tuple(id(e) for e in buckets[k][1])) for k in keys)
-        tables = self._tables.get(plan)
-        if tables is None:
-            tables = self._tables[plan] = self._build(keys, buckets)
+        # the tables depend on which entries go together, not on the step counts
+        plan = tuple((k[0], k[2], tuple(id(e) for e in buckets[k][1])) for k in keys)
+        cached = self._tables.get(plan)
+        if cached is None:
+            cached = self._tables[plan] = (self._build(keys, buckets),
+                                           self._step_slots(keys, buckets))
+        tables, slots = cached
         engine = K.Engine(tables, list(range(len(keys))),
                           [self._groups[k[0]].scalars for k in keys],
                           [k[1] for k in keys], [0.0] * len(keys), 0)
         engine.step(grads, _IDENTITY, 0)
         # counted: torch's state after the step
-        entries = [e for k in keys for e in buckets[k][1]]
-        if self._counts_steps:
-            steps = [e.step_t for e in entries]
-            torch._foreach_add_(steps, 1.0)
-            for e in entries:
-                e.step, e.step_version = e.step + 1, e.step_t._version
+        for block, idx in slots:
+            block[idx] += 1
         for k in keys:
             for p, e in zip(buckets[k][0], buckets[k][1]):
                 if e.pending:
                     self.state[p].update(e.pending)
                     e.pending = {}
         return loss
+
+    @staticmethod
+    def _step_slots(keys, buckets):
+        """(block, slot indices) of the step counts of a plan's entries."""
+        by_block = {}
+        for k in keys:
+            for e in buckets[k][1]:
+                if e.step_block is not None:
+                    by_block.setdefault(id(e.step_block), (e.step_block, []))[1].append(
+                        e.step_slot)
+        return [(b, _np.array(ix, dtype=_np.intp)) for b, ix in by_block.values()]
 
     def _build(self, keys, buckets):
         """One kernel table per (group, step count, dtype), over one guard of every array
