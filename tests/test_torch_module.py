@@ -198,6 +198,13 @@ def test_lr_schedulers_and_group_edits_take_effect():
     _assert_same(ours, theirs, o1, o2, True, torch.float32)
 
 
+def test_tensor_learning_rate():
+    ours, theirs, o1, o2 = _pair("Adam", dict(lr=torch.tensor(0.01), fused=True),
+                                 torch.float32)
+    _steps(ours, theirs, o1, o2, 5)
+    _assert_same(ours, theirs, o1, o2, True, torch.float32)
+
+
 def test_param_groups_add_param_group_and_none_grads():
     """Parameters without a gradient are skipped (their state and step stay); each
     parameter keeps its own step count, as torch's."""
