@@ -33,7 +33,6 @@ __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
 
 _FLOAT = (torch.float32, torch.float64)
 _IDENTITY = K.GradPlan()
-_NO_STATE = {}
 
 
 def _scalar_dtype():
@@ -42,7 +41,8 @@ def _scalar_dtype():
         from torch.optim.optimizer import _get_scalar_dtype
         return _get_scalar_dtype()
     except ImportError:  # pragma: no cover - older torch
-        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        f64 = torch.get_default_dtype() == torch.float64
+        return torch.float64 if f64 else torch.float32
 
 
 def _plain(value):
@@ -121,7 +121,8 @@ class _Entry:
         for name, t in zip(layout, self.tensors):
             if name not in self.pending and state.get(name) is not t:
                 return False
-        return self.step_t is None or "step" in self.pending or state.get("step") is self.step_t
+        return (self.step_t is None or "step" in self.pending
+                or state.get("step") is self.step_t)
 
 
 class _Group:
@@ -165,8 +166,13 @@ class _Optimizer(torch.optim.Optimizer):
         view.fill_(value)
         return view, b[1], slot
 
+    _missing = {}
+
     def __setstate__(self, state):
         super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self._missing.items():
+                group.setdefault(k, v)
         self._reset_caches()
 
     # ---- groups ---------------------------------------------------------------------
@@ -243,9 +249,9 @@ class _Optimizer(torch.optim.Optimizer):
             st["step"] = self._new_step()[0]
         for name in layout:
             fill = self._rule.initial.get(name)
-            st[name] = (torch.zeros_like(p, memory_format=torch.contiguous_format)
-                        if fill is None else
-                        torch.full_like(p, fill(values), memory_format=torch.contiguous_format))
+            contiguous = torch.contiguous_format
+            st[name] = (torch.zeros_like(p, memory_format=contiguous) if fill is None else
+                        torch.full_like(p, fill(values), memory_format=contiguous))
         return st
 
     def _entry(self, p, name, g):
@@ -320,7 +326,7 @@ class _Optimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._reset_caches()
 
-    # ---- stepping -------------------------------------------------------------------------
+    # ---- stepping ---------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -441,14 +447,9 @@ class SGD(_Optimizer):
                                       maximize=maximize, foreach=foreach,
                                       differentiable=differentiable, fused=fused))
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
+    # keys an older state dict may lack, and the values torch gives them
+    _missing = {"nesterov": False, "maximize": False, "foreach": None,
+                "differentiable": False, "fused": False}
 
 
 class Adam(_Optimizer):
@@ -469,16 +470,9 @@ class Adam(_Optimizer):
                                       fused=fused,
                                       decoupled_weight_decay=decoupled_weight_decay))
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", False)
+    # keys an older state dict may lack, and the values torch gives them
+    _missing = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                "differentiable": False, "fused": None, "decoupled_weight_decay": False}
 
 
 class AdamW(Adam):
@@ -520,15 +514,9 @@ class RMSprop(_Optimizer):
         out["nesterov"] = False
         return out
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
+    # keys an older state dict may lack, and the values torch gives them
+    _missing = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
+                "differentiable": False, "capturable": False}
 
 
 class Adagrad(_Optimizer):
@@ -554,13 +542,8 @@ class Adagrad(_Optimizer):
                 if not self.state[p]:
                     self.state[p].update(self._new_state(p, g.values, g.layout))
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
+    # keys an older state dict may lack, and the values torch gives them
+    _missing = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
 
 class Adadelta(_Optimizer):
@@ -576,10 +559,6 @@ class Adadelta(_Optimizer):
                                       foreach=foreach, capturable=capturable,
                                       maximize=maximize, differentiable=differentiable))
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
+    # keys an older state dict may lack, and the values torch gives them
+    _missing = {"foreach": None, "maximize": False, "capturable": False,
+                "differentiable": False}
