@@ -178,6 +178,10 @@ ctypedef fused opt2:
     Off
     On
 
+ctypedef fused opt3:
+    Off
+    On
+
 
 cdef inline floating _sqrt(floating x) noexcept nogil:
     if floating is float:
@@ -301,19 +305,27 @@ cdef void _momentum(floating* p, const floating* g, floating* v, Py_ssize_t n,
     # theta - eps (g + mu b). Torch: elements from ``tail`` on take the fused kernel's
     # scalar-loop contraction of b.
     cdef bint nesterov = h.flags & FLAG_NESTEROV, buffer = h.flags & FLAG_BUFFER
+    if ops is Torch:
+        buffer = True
     if nesterov:
         if buffer:
-            _momentum_loop(p, g, v, n, tail, h, <On*>NULL, <On*>NULL, o)
+            _momentum_loop(p, g, v, tail, h, <On*>NULL, <On*>NULL, <Off*>NULL, o)
+            if tail < n:
+                _momentum_loop(p + tail, g + tail, v + tail, n - tail, h, <On*>NULL,
+                               <On*>NULL, <On*>NULL, o)
         else:
-            _momentum_loop(p, g, v, n, tail, h, <On*>NULL, <Off*>NULL, o)
+            _momentum_loop(p, g, v, n, h, <On*>NULL, <Off*>NULL, <Off*>NULL, o)
     elif buffer:
-        _momentum_loop(p, g, v, n, tail, h, <Off*>NULL, <On*>NULL, o)
+        _momentum_loop(p, g, v, tail, h, <Off*>NULL, <On*>NULL, <Off*>NULL, o)
+        if tail < n:
+            _momentum_loop(p + tail, g + tail, v + tail, n - tail, h, <Off*>NULL,
+                           <On*>NULL, <On*>NULL, o)
     else:
-        _momentum_loop(p, g, v, n, tail, h, <Off*>NULL, <Off*>NULL, o)
+        _momentum_loop(p, g, v, n, h, <Off*>NULL, <Off*>NULL, <Off*>NULL, o)
 
 
 cdef void _momentum_loop(floating* p, const floating* g, floating* v, Py_ssize_t n,
-                         Py_ssize_t tail, const Hyper* h, opt1* nesterov, opt2* buffer,
+                         const Hyper* h, opt1* nesterov, opt2* buffer, opt3* tail_rule,
                          ops* o) noexcept nogil:
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
@@ -328,7 +340,10 @@ cdef void _momentum_loop(floating* p, const floating* g, floating* v, Py_ssize_t
         gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
         vi = v[i]
         if ops is Torch:
-            vn = _pick(_fma(vi, a, gi * damp), _fma(gi, damp, vi * a), i >= tail)
+            if opt3 is On:
+                vn = _fma(vi, a, gi * damp)       # the scalar tail's contraction
+            else:
+                vn = _fma(gi, damp, vi * a)       # buf.mul_(mu).add_(g, alpha=1-tau)
             vn = _pick(gi, vn, first)
             v[i] = vn
             if opt1 is On:
@@ -501,15 +516,23 @@ cdef void _adam(floating* p, const floating* g, floating* m, floating* v, floati
     # with c2 = sqrt(1 - b2^t).
     # (AMSGrad is a compile-time option: a branch on it inside the loop would let gcc
     # read vmax with masked loads even when it is NULL, which is slow)
+    # The elements from ``tail`` on are a second call of the loop, compiled with the
+    # scalar tail's contraction (opt2).
     if h.flags & FLAG_AMSGRAD:
-        _adam_loop(p, g, m, v, vmax, n, tail, h, <On*>NULL, o)
+        _adam_loop(p, g, m, v, vmax, tail, h, <On*>NULL, <Off*>NULL, o)
+        if tail < n:
+            _adam_loop(p + tail, g + tail, m + tail, v + tail, vmax + tail, n - tail, h,
+                       <On*>NULL, <On*>NULL, o)
     else:
-        _adam_loop(p, g, m, v, vmax, n, tail, h, <Off*>NULL, o)
+        _adam_loop(p, g, m, v, vmax, tail, h, <Off*>NULL, <Off*>NULL, o)
+        if tail < n:
+            _adam_loop(p + tail, g + tail, m + tail, v + tail, NULL, n - tail, h,
+                       <Off*>NULL, <On*>NULL, o)
 
 
 cdef void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
-                     floating* vmax, Py_ssize_t n, Py_ssize_t tail, const Hyper* h,
-                     opt1* amsgrad, ops* o) noexcept nogil:
+                     floating* vmax, Py_ssize_t n, const Hyper* h, opt1* amsgrad,
+                     opt2* tail_rule, ops* o) noexcept nogil:
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating decay = <floating>h.decay, c2 = <floating>h.c2
     cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
@@ -526,8 +549,10 @@ cdef void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
         gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
         if ops is Torch:
             mi = _lerp(m[i], gi, b1c, b1cm1, lerp_hi)
-            vi = _pick(_fma(v[i], b2, (b2c * gi) * gi), _fma(b2c * gi, gi, v[i] * b2),
-                       i >= tail)
+            if opt2 is On:
+                vi = _fma(v[i], b2, (b2c * gi) * gi)
+            else:
+                vi = _fma(b2c * gi, gi, v[i] * b2)
         else:
             mi = b1 * m[i] + b1c * gi
             vi = b2 * v[i] + b2c * (gi * gi)
