@@ -75,8 +75,8 @@ def main(argv=None):
     train(ours, ct.Adam(ours.parameters(), **kw), train_set, args.epochs)
     train(theirs, torch.optim.Adam(theirs.parameters(), **kw), train_set, args.epochs)
     a, b = accuracy(ours, test_set), accuracy(theirs, test_set)
-    diff = max(float((p - q).abs().max()) for p, q in zip(ours.parameters(),
-                                                           theirs.parameters()))
+    diff = max(float((p.detach() - q.detach()).abs().max())
+               for p, q in zip(ours.parameters(), theirs.parameters()))
     print(f"test accuracy after {args.epochs} epochs: ch8fast.torch.Adam {a:.4f}, "
           f"torch.optim.Adam {b:.4f}; max |parameter difference| {diff:.3g}")
     return a, b, diff
