@@ -2,8 +2,12 @@
 
 The kernels are compiled with -O3 and -fno-math-errno (without it gcc will not vectorize
 sqrt) and OpenMP. -ffp-contract=off keeps every kernel an exact sequence of IEEE
-operations (no fused multiply-add), so results are the same bits whatever instructions
-the compiler picks. No fast-math flags: they change NaN, Inf and rounding semantics.
+operations: the compiler never fuses a multiply and an add by itself, so results are the
+same bits whatever instructions it picks. A fused multiply-add appears only where a kernel
+asks for one explicitly (C99 fma/fmaf, rounded once on every build: torch's formula
+profile); the AVX2 module is built with -mfma so that those become vector instructions,
+and is used only on CPUs with FMA. No fast-math flags: they change NaN, Inf and rounding
+semantics.
 
 On x86-64 the same source (src/kernels.pxi) is built three times: for the baseline
 instruction set, for AVX2 and for AVX-512; ``ch8fast`` picks the widest one the CPU runs,
@@ -30,7 +34,7 @@ else:
     else:
         base_args += ["-fopenmp"]
         link_args = ["-fopenmp"]
-    isa_args = {"_kernels_avx2": ["-mavx2"],
+    isa_args = {"_kernels_avx2": ["-mavx2", "-mfma"],
                 "_kernels_avx512": ["-mavx512f", "-mprefer-vector-width=512"]}
 
 if os.environ.get("CH8FAST_MARCH_NATIVE") == "1":

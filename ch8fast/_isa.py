@@ -1,7 +1,9 @@
 """Pick the kernel module built for the widest instruction set this CPU runs.
 
-All variants compute the same IEEE operations in the same order (no contraction into
-fused multiply-adds), so they give the same bits; only their speed differs. Set
+All variants compute the same IEEE operations in the same order (the compiler contracts
+nothing into fused multiply-adds; the fused multiply-adds of torch's formula profile are
+explicit C99 fma calls, rounded once on every build), so they give the same bits; only
+their speed differs. The AVX2 module is built with FMA and used only on CPUs with both. Set
 CH8FAST_ISA=baseline, avx2 or avx512 to choose one (an unavailable choice is an error).
 """
 

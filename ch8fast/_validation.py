@@ -18,10 +18,9 @@ import numpy as np
 
 from ._isa import K
 
-__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Choice", "Exactly",
-           "check_param",
-           "nonnegative", "positive", "unit_interval", "betas_pair", "flag", "step_count",
-           "count"]
+__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "Choice",
+           "check_param", "nonnegative", "positive", "unit_interval", "closed_unit",
+           "betas_pair", "flag", "step_count", "count"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32 = np.dtype(np.float32)
@@ -138,24 +137,6 @@ class Flag:
         pass
 
 
-class Choice:
-    """One of a few strings; returns it."""
-
-    def __init__(self, options):
-        self.options = tuple(options)
-
-    def __call__(self, value, name):
-        if not isinstance(value, str):
-            raise TypeError(f"{name} must be one of {list(self.options)}, got "
-                            f"{_kind(value)}")
-        if value not in self.options:
-            raise ValueError(f"{name} must be one of {list(self.options)}, got {value!r}")
-        return value
-
-    def fits(self, value, name, dtype):
-        pass
-
-
 class Exactly:
     """One allowed value, e.g. AdamW's ``decoupled_weight_decay=True``."""
 
@@ -172,9 +153,32 @@ class Exactly:
         pass
 
 
+class Choice:
+    """One of a few strings (e.g. a formula profile's name); returns it. ``what`` says
+    what they are, in messages."""
+
+    def __init__(self, options, what=None):
+        self.options, self.what = tuple(options), what
+
+    def _expected(self):
+        one_of = f"one of {list(self.options)}"
+        return f"{self.what} ({one_of})" if self.what else one_of
+
+    def __call__(self, value, name):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be {self._expected()}, got {value!r}")
+        if value not in self.options:
+            raise ValueError(f"{name} must be {self._expected()}, got {value!r}")
+        return value
+
+    def fits(self, value, name, dtype):
+        pass
+
+
 nonnegative = Real(0.0, math.inf)
 positive = Real(0.0, math.inf, lo_open=True)
 unit_interval = Real(0.0, 1.0, hi_open=True)      # a decay rate or a momentum
+closed_unit = Real(0.0, 1.0)                       # a weight, e.g. SGD's dampening
 betas_pair = Pair(unit_interval, "a pair (beta1, beta2)")
 flag = Flag()
 # Step counts: Adam raises beta ** t, schedules take k; 2**62 steps is beyond any run and

@@ -126,7 +126,8 @@ def momentum(param, grad, velocity, *, momentum, momentum_next=None, **hyper):
         raise ValueError("momentum must be > 0 here (a velocity is kept); use sgd() for "
                          "plain SGD")
     hyper["momentum"] = momentum
-    _update(rules.SGD, param, grad, {"velocity": velocity}, 1, momentum_next, hyper)
+    _update(rules.SGD, param, grad, {_velocity_name(rules.SGD, hyper): velocity}, 1,
+            momentum_next, hyper)
 
 
 def adagrad(param, grad, sum_sq, **hyper):
@@ -135,17 +136,28 @@ def adagrad(param, grad, sum_sq, **hyper):
     _update(rules.ADAGRAD, param, grad, {"sum": sum_sq}, 1, None, hyper)
 
 
-def rmsprop(param, grad, square_avg, velocity=None, *, momentum_next=None, **hyper):
+def rmsprop(param, grad, square_avg, velocity=None, grad_avg=None, *, momentum_next=None,
+            **hyper):
     """r <- rho r + (1 - rho) g*g; theta <- theta - lr g / sqrt(eps + r) (Algorithm 8.5).
 
     With a ``velocity`` array (and ``momentum`` > 0): v <- alpha v - lr g / sqrt(eps + r);
-    theta <- theta + v (Algorithm 8.6, in the shifted form when ``nesterov``).
-    Hyperparameters: those of :class:`ch8fast.RMSProp`.
+    theta <- theta + v (Algorithm 8.6, in the shifted form when ``nesterov``). With a
+    ``grad_avg`` array (and ``centered=True``): the centered form. Hyperparameters: those
+    of :class:`ch8fast.RMSProp`.
     """
     states = {"square_avg": square_avg}
     if velocity is not None:
-        states["velocity"] = velocity
+        states[_velocity_name(rules.RMSPROP, hyper)] = velocity
+    if grad_avg is not None:
+        states["grad_avg"] = grad_avg
+        hyper.setdefault("centered", True)
     _update(rules.RMSPROP, param, grad, states, 1, momentum_next, hyper)
+
+
+def _velocity_name(rule, hyper):
+    """The name of the momentum state for these hyperparameters' convention."""
+    prof = rule.profiles.get(hyper.get("convention", "book"))
+    return "momentum_buffer" if prof is not None and prof.buffer else "velocity"
 
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, **hyper):

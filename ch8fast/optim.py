@@ -640,7 +640,9 @@ class Optimizer:
             return
         why = None
         if any(m.fixed.get("nesterov") for m in metas):
-            why = "the shifted Nesterov form has no closed-form catch-up"
+            why = "Nesterov momentum has no closed-form catch-up"
+        elif any(m.fixed.get("convention", "book") != "book" for m in metas):
+            why = "the catch-up is the book's rules' (convention='book')"
         elif self._state_format not in (None, "float32"):
             why = f"state_format={self._state_format!r}"
         elif any(storage.is_16bit(p.dtype) for p in params):
@@ -697,7 +699,7 @@ class Optimizer:
         return st, stor
 
     def _make_core(self, engine, metas, params, state, rows, how):
-        nesterov = tuple(gi for gi, m in enumerate(metas) if m.fixed.get("nesterov"))
+        nesterov = tuple(gi for gi, m in enumerate(metas) if self.rule.shifted(m.fixed))
         plain = self.clip_norm is None and not self.skip_nonfinite
         plan = K.GradPlan(1.0, math.inf if self.clip_value is None else self.clip_value)
         return _Core(engine=engine, meta=metas, params=params, state=state,

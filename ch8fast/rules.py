@@ -24,12 +24,14 @@ and the tests all read these specifications; none restates a default or a check.
 import inspect
 from dataclasses import dataclass, field
 
-from ._isa import K
-from ._validation import (Exactly, betas_pair, flag, nonnegative, positive,
-                          unit_interval)
+import numpy as np
 
-__all__ = ["Hyper", "Rule", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP", "ADAM",
-           "ADAMW", "ADADELTA", "ALL"]
+from ._isa import K
+from ._validation import (Choice, Exactly, betas_pair, closed_unit, flag, nonnegative,
+                          positive, unit_interval)
+
+__all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
+           "ADAM", "ADAMW", "ADADELTA", "ALL", "CONVENTIONS"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan
@@ -47,6 +49,44 @@ class Hyper:
     doc: str
     fixed: bool = False
     in_signature: bool = True
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One library's formulas for one rule (``convention=`` of the optimizers): data that
+    the rule's scalars function reads.
+
+    Attributes:
+        library: what it reproduces, e.g. ``"torch.optim.Adam"``.
+        switches: the kernel switches it turns on, by the name of their
+            :class:`Scalars` field: ``fma`` (torch's operation sequence, fused
+            multiply-adds included), ``torch_fused`` (torch's fused CPU kernels: their
+            scalar-tail rule and square root), ``buffer`` (the momentum buffer
+            b = mu b + (1 - dampening) g with lr outside it, state ``momentum_buffer``),
+            ``eps_inside`` (delta inside the square root), ``eps_hat`` (Adam: delta added
+            to sqrt(r) before the bias correction).
+        nesterov: ``"shifted"`` (the arrays hold the book's interim point, see
+            :class:`ch8fast.SGD`) or ``"lookahead"`` (the arrays hold the library's theta:
+            theta + alpha v' - lr g, or theta - lr (g + mu b) with the buffer).
+        weight_decay: ``"l2"`` (added to the gradient) or ``"decoupled"``
+            (theta <- theta (1 - lr wd) first, in every rule, as Keras).
+        lr_float32: the learning rate is rounded to float32 first (Keras keeps it in a
+            float32 variable).
+    """
+
+    library: str
+    switches: frozenset = frozenset()
+    nesterov: str = "shifted"
+    weight_decay: str = "l2"
+    lr_float32: bool = False
+
+    @property
+    def buffer(self):
+        return "buffer" in self.switches
+
+
+# The kernel switches a profile may turn on (every other one is off).
+_SWITCHES = ("fma", "torch_fused", "buffer", "eps_inside", "eps_hat")
 
 
 @dataclass(frozen=True)
@@ -77,6 +117,8 @@ class Rule:
             of the following update, which places the next Nesterov interim point).
         structure: ``structure(h, state names, where)``: checks that involve several
             hyperparameters; ``where(name)`` names one in a message.
+        profiles: convention name -> :class:`Profile`, the libraries whose formulas this
+            rule can follow (``"book"`` first).
     """
 
     name: str
@@ -94,6 +136,7 @@ class Rule:
     notes: str = ""
     state_formats: tuple = ("float32", "bfloat16", "q8")
     state_format_note: str = ""
+    profiles: dict = field(default_factory=dict)
 
     # ---- reading the specification ------------------------------------------------------
 
@@ -133,6 +176,15 @@ class Rule:
             for k, h in self.hyper.items():
                 h.check.fits(values[k], where(k), dt)
 
+    def profile(self, h):
+        """The :class:`Profile` of hyperparameters ``h`` (their ``convention``)."""
+        return self.profiles[h["convention"]]
+
+    def shifted(self, h):
+        """Whether the arrays of a group with (fixed) hyperparameters ``h`` hold the
+        interim point of the shifted Nesterov form between steps."""
+        return bool(h.get("nesterov")) and self.profile(h).nesterov == "shifted"
+
     def scalars_for(self, h, h_next=None):
         """A new :class:`Scalars` for checked hyperparameters ``h``, for the state layout
         these hyperparameters make."""
@@ -162,13 +214,62 @@ def _has_velocity(h):
     return callable(m) or m != 0
 
 
-def _nesterov_needs_momentum(h, state, where):
-    if h["nesterov"] and "velocity" not in state:
-        raise ValueError(f"{where('nesterov')}: Nesterov momentum needs momentum > 0")
-    if "velocity" not in state and h["momentum"] != 0:
-        raise ValueError(f"{where('momentum')}: this group was made without momentum, so "
-                         f"it keeps no velocity; make the optimizer with momentum > 0 or a "
-                         f"momentum schedule")
+def _velocity_name(rule_profiles, h):
+    """``"momentum_buffer"`` for the profiles with torch's buffer, else ``"velocity"``."""
+    return "momentum_buffer" if rule_profiles[h["convention"]].buffer else "velocity"
+
+
+def _keeps_velocity(state):
+    return "velocity" in state or "momentum_buffer" in state
+
+
+def _momentum_structure(rule_profiles):
+    def check(h, state, where):
+        if h["nesterov"] and not _keeps_velocity(state):
+            raise ValueError(f"{where('nesterov')}: Nesterov momentum needs momentum > 0")
+        if not _keeps_velocity(state) and h["momentum"] != 0:
+            raise ValueError(f"{where('momentum')}: this group was made without momentum, "
+                             f"so it keeps no velocity; make the optimizer with momentum > "
+                             f"0 or a momentum schedule")
+        damp = h.get("dampening", 0.0)
+        if damp != 0 and not rule_profiles[h["convention"]].buffer:
+            raise ValueError(f"{where('dampening')}: dampening weighs the gradient in a "
+                             f"momentum buffer (convention 'torch' or 'optax'); convention "
+                             f"{h['convention']!r} keeps the book's velocity")
+        if damp != 0 and h["nesterov"]:
+            raise ValueError(f"{where('dampening')}: Nesterov momentum needs dampening 0")
+    return check
+
+
+def _convention(rule_profiles):
+    names = tuple(rule_profiles)
+    doc = ("whose formulas to follow: " + ", ".join(
+        f"``{k!r}`` ({p.library})" for k, p in rule_profiles.items())
+        + "; fixed when the optimizer is made.")
+    return Hyper("book", Choice(names, "a formula convention"), doc, fixed=True)
+
+
+_MAXIMIZE = Hyper(False, flag, "ascend: the gradient's sign is flipped first (as torch's "
+                               "``maximize``).")
+
+
+def _common_scalars(s, h, prof):
+    """The fields every rule sets: the profile's switches, the step size, the weight
+    decay (L2 term or decoupled factor) and the gradient's sign."""
+    for k in _SWITCHES:
+        setattr(s, k, k in prof.switches)
+    lr = h["lr"]
+    if prof.lr_float32:
+        lr = float(np.float32(lr))
+    s.lr = lr
+    s.wd = h["weight_decay"]
+    if prof.weight_decay == "decoupled":
+        s.decay = 1.0 - lr * s.wd
+        s.l2 = False
+    else:
+        s.decay = 1.0
+        s.l2 = s.wd != 0.0
+    s.maximize = h["maximize"]
 
 
 _LR = "the learning rate epsilon, a number >= 0 or a schedule ``step -> lr``."
@@ -182,21 +283,34 @@ _NESTEROV = "use Nesterov momentum (needs momentum); fixed when the optimizer is
 # SGD, momentum, Nesterov momentum (8.3.1-8.3.3)
 # ---------------------------------------------------------------------------------------
 
-def _lr_and_l2(s, h):
-    """The step size and the L2 term (weight_decay * theta added to the gradient), which
-    every rule but AdamW's decoupled decay has."""
-    s.lr = h["lr"]
-    s.wd = h["weight_decay"]
-    s.l2 = s.wd != 0.0
-
-
-def _sgd_scalars(s, h, h_next):
-    _lr_and_l2(s, h)
+def _momentum_scalars(s, h, h_next, prof):
     s.alpha = h["momentum"]
-    s.nesterov = h["nesterov"]
+    s.damp = 1.0 - h.get("dampening", 0.0)
+    s.nesterov = h["nesterov"] and prof.nesterov == "shifted"
+    s.lookahead = h["nesterov"] and prof.nesterov == "lookahead"
     # the shifted Nesterov form places the next interim point with the next momentum
     s.alpha_next = h_next["momentum"] if s.nesterov else s.alpha
     s.alpha_prev = s.alpha
+
+
+_BOOK = Profile("the book, ch8fast's default")
+_TORCH_SGD = Profile("torch.optim.SGD", frozenset({"fma", "buffer"}), nesterov="lookahead")
+_SGD_PROFILES = {
+    "book": _BOOK,
+    "torch": _TORCH_SGD,
+    "torch_fused": Profile("torch.optim.SGD(fused=True)",
+                           frozenset({"fma", "buffer", "torch_fused"}), nesterov="lookahead"),
+    "optax": Profile("optax.sgd", frozenset({"buffer"}), nesterov="lookahead"),
+    "keras": Profile("keras.optimizers.SGD", nesterov="lookahead", weight_decay="decoupled",
+                     lr_float32=True),
+    "sklearn": Profile("sklearn.neural_network's SGD solver", nesterov="lookahead"),
+}
+
+
+def _sgd_scalars(s, h, h_next):
+    prof = _SGD_PROFILES[h["convention"]]
+    _common_scalars(s, h, prof)
+    _momentum_scalars(s, h, h_next, prof)
 
 
 SGD = Rule(
@@ -222,20 +336,31 @@ steps. Setting ``momentum`` by hand between steps moves the arrays at once to th
 interim point :math:`\theta + \alpha_{new} v`, so that the next gradient is taken there.
 
 torch.optim.SGD keeps ``momentum_buffer`` = -v / lr at a constant lr, and its Nesterov
-parameters are ch8fast's raw arrays (phi), not ``theta()``.
+parameters are ch8fast's raw arrays (phi), not ``theta()``. ``convention="torch"`` (or
+``"optax"``) follows it: the state is that ``momentum_buffer``
+b <- momentum b + (1 - dampening) g, theta <- theta - lr b, and Nesterov momentum moves
+theta by -lr (g + momentum b), the arrays holding the library's theta (also with
+``"keras"`` and ``"sklearn"``: theta + momentum v' - lr g).
 """,
     hyper={
         "lr": Hyper(1e-2, nonnegative, _LR),
         "momentum": Hyper(0.0, unit_interval, _MOMENTUM),
         "nesterov": Hyper(False, flag, _NESTEROV, fixed=True),
         "weight_decay": Hyper(0.0, nonnegative, _WD),
+        "dampening": Hyper(0.0, closed_unit,
+                           "tau in [0, 1]: the buffer takes (1 - tau) g (conventions with "
+                           "a momentum buffer: 'torch', 'optax')."),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_SGD_PROFILES),
     },
-    state=lambda h: ("velocity",) if _has_velocity(h) else (),
-    state_doc="State per parameter: ``velocity`` (v), with momentum.",
-    kinds={"velocity": "signed"},
-    kernel=lambda state: "momentum" if "velocity" in state else "sgd",
+    state=lambda h: (_velocity_name(_SGD_PROFILES, h),) if _has_velocity(h) else (),
+    state_doc="State per parameter: ``velocity`` (v), with momentum (``momentum_buffer`` "
+              "(b) with the conventions that keep torch's buffer).",
+    kinds={"velocity": "signed", "momentum_buffer": "signed"},
+    kernel=lambda state: "momentum" if _keeps_velocity(state) else "sgd",
     scalars=_sgd_scalars,
-    structure=_nesterov_needs_momentum,
+    structure=_momentum_structure(_SGD_PROFILES),
+    profiles=_SGD_PROFILES,
 )
 
 
@@ -243,9 +368,21 @@ parameters are ch8fast's raw arrays (phi), not ``theta()``.
 # AdaGrad (Algorithm 8.4)
 # ---------------------------------------------------------------------------------------
 
+_ADAGRAD_PROFILES = {
+    "book": _BOOK,
+    "torch": Profile("torch.optim.Adagrad", frozenset({"fma"})),
+    "torch_fused": Profile("torch.optim.Adagrad(fused=True)",
+                           frozenset({"fma", "torch_fused"})),
+    "optax": Profile("optax.adagrad", frozenset({"eps_inside"})),
+    "keras": Profile("keras.optimizers.Adagrad", frozenset({"eps_inside"}),
+                     weight_decay="decoupled", lr_float32=True),
+}
+
+
 def _adagrad_scalars(s, h, h_next):
-    _lr_and_l2(s, h)
+    _common_scalars(s, h, _ADAGRAD_PROFILES[h["convention"]])
     s.eps = h["eps"]
+    s.lr_decay = h["lr_decay"]
 
 
 ADAGRAD = Rule(
@@ -259,8 +396,9 @@ ADAGRAD = Rule(
 """,
     notes=r"""
 ``eps`` is the book's delta, *outside* the root (default 1e-7), as in torch.optim.Adagrad
-(default 1e-10); optax.adagrad adds it inside the root and starts the accumulator at 0.1.
-torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d)``.
+(default 1e-10); optax.adagrad and Keras add it inside the root (``convention="optax"``,
+``"keras"``) and start the accumulator at 0.1. ``lr_decay`` d divides the step size by
+1 + (t - 1) d at update t, as torch's.
 """,
     hyper={
         "lr": Hyper(1e-2, nonnegative, _LR),
@@ -274,6 +412,9 @@ torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d
                          "more dimensions, the mean of the squared row gradient (row-wise "
                          "AdaGrad, for embedding tables: state divided by the row length); "
                          "fixed when the optimizer is made.", fixed=True),
+        "lr_decay": Hyper(0.0, nonnegative, "d: update t steps lr / (1 + (t - 1) d)."),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_ADAGRAD_PROFILES),
     },
     state=lambda h: ("sum",),
     state_doc="State per parameter: ``sum`` (r; with ``rowwise``, one per row).",
@@ -283,6 +424,7 @@ torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d
     initial={"sum": lambda h: h["initial_accumulator_value"]},
     kernel=lambda state: "adagrad",
     scalars=_adagrad_scalars,
+    profiles=_ADAGRAD_PROFILES,
 )
 
 
@@ -290,10 +432,30 @@ torch's ``Adagrad(lr_decay=d)`` is ``lr=ch8fast.schedules.inverse_time(lr, 1 / d
 # RMSProp (Algorithm 8.5), with momentum and Nesterov momentum (Algorithm 8.6)
 # ---------------------------------------------------------------------------------------
 
+_RMSPROP_PROFILES = {
+    "book": Profile("the book, ch8fast's default", frozenset({"eps_inside"})),
+    "torch": Profile("torch.optim.RMSprop", frozenset({"fma", "buffer"}),
+                     nesterov="lookahead"),
+    "optax": Profile("optax.rmsprop", frozenset({"eps_inside"}), nesterov="lookahead"),
+    "keras": Profile("keras.optimizers.RMSprop", frozenset({"eps_inside"}),
+                     nesterov="lookahead", weight_decay="decoupled", lr_float32=True),
+}
+
+
 def _rmsprop_scalars(s, h, h_next):
-    _sgd_scalars(s, h, h_next)
+    prof = _RMSPROP_PROFILES[h["convention"]]
+    _common_scalars(s, h, prof)
+    _momentum_scalars(s, h, h_next, prof)
     s.rho = h["rho"]
     s.eps = h["eps"]
+    s.centered = h["centered"]
+
+
+def _rmsprop_state(h):
+    names = ("square_avg",)
+    if _has_velocity(h):
+        names += (_velocity_name(_RMSPROP_PROFILES, h),)
+    return names + ("grad_avg",) if h["centered"] else names
 
 
 RMSPROP = Rule(
@@ -313,8 +475,10 @@ With momentum: :math:`v \leftarrow \alpha v - \frac{\epsilon}{\sqrt{\delta + r}}
 
 ``eps`` is the book's delta, *inside* the root (default 1e-6); Algorithm 8.6 writes no
 delta, and ch8fast keeps it there too so that r = 0 is safe. optax.rmsprop also adds it
-inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha``
-(default 0.99).
+inside (1e-8); torch.optim.RMSprop adds it outside (1e-8, ``convention="torch"``), keeps
+lr outside its momentum buffer, and calls rho ``alpha`` (default 0.99).
+``centered=True`` divides by the root of r - gbar^2, gbar the running average of the
+gradient (Graves 2013), as torch's, optax's and Keras's ``centered``.
 """,
     hyper={
         "lr": Hyper(1e-3, nonnegative, _LR),
@@ -324,14 +488,22 @@ inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha`
         "momentum": Hyper(0.0, unit_interval, _MOMENTUM),
         "nesterov": Hyper(False, flag, _NESTEROV, fixed=True),
         "weight_decay": Hyper(0.0, nonnegative, _WD),
+        "centered": Hyper(False, flag, "divide by sqrt(r - gbar^2) (keeps ``grad_avg``, "
+                                       "gbar); fixed when the optimizer is made.",
+                          fixed=True),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_RMSPROP_PROFILES),
     },
-    state=lambda h: ("square_avg", "velocity") if _has_velocity(h) else ("square_avg",),
-    state_doc="State per parameter: ``square_avg`` (r), and ``velocity`` (v) with "
-              "momentum.",
-    kinds={"square_avg": "square", "velocity": "signed"},
-    kernel=lambda state: "rmsprop_momentum" if "velocity" in state else "rmsprop",
+    state=_rmsprop_state,
+    state_doc="State per parameter: ``square_avg`` (r), ``velocity`` (v) with momentum "
+              "(``momentum_buffer`` with ``convention='torch'``), and ``grad_avg`` when "
+              "centered.",
+    kinds={"square_avg": "square", "velocity": "signed", "momentum_buffer": "signed",
+           "grad_avg": "signed"},
+    kernel=lambda state: "rmsprop_momentum" if _keeps_velocity(state) else "rmsprop",
     scalars=_rmsprop_scalars,
-    structure=_nesterov_needs_momentum,
+    structure=_momentum_structure(_RMSPROP_PROFILES),
+    profiles=_RMSPROP_PROFILES,
 )
 
 
@@ -339,8 +511,21 @@ inside (1e-8); torch.optim.RMSprop adds it outside (1e-8) and calls rho ``alpha`
 # Adam (Algorithm 8.7), AdamW
 # ---------------------------------------------------------------------------------------
 
+_ADAM_PROFILES = {
+    "book": _BOOK,
+    "torch": Profile("torch.optim.Adam / AdamW", frozenset({"fma"})),
+    "torch_fused": Profile("torch.optim.Adam / AdamW (fused=True)",
+                           frozenset({"fma", "torch_fused"})),
+    "optax": Profile("optax.adam / adamw"),
+    "keras": Profile("keras.optimizers.Adam / AdamW", frozenset({"eps_hat"}),
+                     weight_decay="decoupled", lr_float32=True),
+    "sklearn": Profile("sklearn.neural_network's adam solver", frozenset({"eps_hat"})),
+}
+
+
 def _adam_scalars(s, h, h_next):
-    _lr_and_l2(s, h)
+    prof = _ADAM_PROFILES[h["convention"]]
+    _common_scalars(s, h, prof)
     s.beta1, s.beta2 = h["betas"]
     # The kernel folds in the bias corrections of update t (from the step counter): the
     # step size lr / (1 - beta1^t) and c2 = 1 / sqrt(1 - beta2^t), so that
@@ -349,10 +534,16 @@ def _adam_scalars(s, h, h_next):
     s.eps = h["eps"]
     s.amsgrad = h["amsgrad"]
     if h["decoupled_weight_decay"]:
-        s.decay = 1.0 - h["lr"] * s.wd        # theta <- theta (1 - lr wd) first
+        s.decay = 1.0 - s.lr * s.wd           # theta <- theta (1 - lr wd) first
         s.l2 = False
-    else:
-        s.decay = 1.0
+
+
+def _adam_structure(h, state, where):
+    if (_ADAM_PROFILES[h["convention"]].weight_decay == "decoupled"
+            and h["weight_decay"] != 0 and not h["decoupled_weight_decay"]):
+        raise ValueError(f"{where('weight_decay')}: convention {h['convention']!r} decays "
+                         f"decoupled (it has no L2 term); pass decoupled_weight_decay=True "
+                         f"or use AdamW")
 
 
 _ADAM_HYPER = {
@@ -369,6 +560,8 @@ _ADAM_HYPER = {
                                     "scale theta by 1 - lr * weight_decay before the step "
                                     "instead of adding an L2 term (AdamW); fixed when the "
                                     "optimizer is made.", fixed=True),
+    "maximize": _MAXIMIZE,
+    "convention": _convention(_ADAM_PROFILES),
 }
 
 _ADAM_STATE_DOC = ("The step count t is kept per param group; state per parameter: "
@@ -405,6 +598,9 @@ an L2 term to the gradient; with ``decoupled_weight_decay=True`` (or :class:`ch8
 theta is first scaled by 1 - lr * weight_decay instead (Loshchilov & Hutter); when
 lr * weight_decay > 1 that factor is negative and flips theta's sign every step, as in
 torch.optim.AdamW. ``amsgrad=True`` divides by the running maximum of r (Reddi et al.).
+Keras and scikit-learn add delta to sqrt(r) before the bias correction
+(``convention="keras"``, ``"sklearn"``: step lr sqrt(1 - rho2^t) / (1 - rho1^t) times
+s / (sqrt(r) + delta)).
 """,
     hyper=_ADAM_HYPER,
     state=_adam_state,
@@ -412,6 +608,8 @@ torch.optim.AdamW. ``amsgrad=True`` divides by the running maximum of r (Reddi e
     kinds=_ADAM_KINDS,
     kernel=lambda state: "adam",
     scalars=_adam_scalars,
+    structure=_adam_structure,
+    profiles=_ADAM_PROFILES,
 )
 
 ADAMW = Rule(
@@ -438,6 +636,8 @@ every step (torch does the same).
     kinds=_ADAM_KINDS,
     kernel=lambda state: "adam",
     scalars=_adam_scalars,
+    structure=_adam_structure,
+    profiles=_ADAM_PROFILES,
 )
 
 
@@ -445,8 +645,17 @@ every step (torch does the same).
 # AdaDelta (Zeiler 2012; named in 8.5.4)
 # ---------------------------------------------------------------------------------------
 
+_ADADELTA_PROFILES = {
+    "book": _BOOK,
+    "torch": Profile("torch.optim.Adadelta", frozenset({"fma"})),
+    "optax": Profile("optax.adadelta (with a learning rate)"),
+    "keras": Profile("keras.optimizers.Adadelta", weight_decay="decoupled",
+                     lr_float32=True),
+}
+
+
 def _adadelta_scalars(s, h, h_next):
-    _lr_and_l2(s, h)
+    _common_scalars(s, h, _ADADELTA_PROFILES[h["convention"]])
     s.rho = h["rho"]
     s.eps = h["eps"]
 
@@ -473,6 +682,8 @@ Defaults rho = 0.95, eps = 1e-6 are Zeiler's (torch: rho 0.9).
         "rho": Hyper(0.95, unit_interval, "the decay rate of both averages, in [0, 1)."),
         "eps": Hyper(1e-6, positive, "delta, inside both square roots; > 0."),
         "weight_decay": Hyper(0.0, nonnegative, _WD),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_ADADELTA_PROFILES),
     },
     state=lambda h: ("square_avg", "acc_delta"),
     state_doc="State per parameter: ``square_avg`` (E[g^2]), ``acc_delta`` "
@@ -484,6 +695,10 @@ Defaults rho = 0.95, eps = 1e-6 are Zeiler's (torch: rho 0.9).
                        "two 8-bit codes multiply into every step instead of averaging out"),
     kernel=lambda state: "adadelta",
     scalars=_adadelta_scalars,
+    profiles=_ADADELTA_PROFILES,
 )
 
 ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA)
+
+#: every convention name, in the order of the SGD rule's (the widest set)
+CONVENTIONS = tuple(SGD.profiles)

@@ -218,7 +218,7 @@ cdef void _block(int rule, const intptr_t* row, const intptr_t* aux, const Codec
         else:
             _decode16((<const uint16_t*>row[2 + k]) + lo, sb[k], n, ST_BF16)
             S[k] = sb[k]
-    _span_ptrs(rule, P, G, S[0], S[1], S[2], n, h)
+    _span_ptrs(rule, P, G, S[0], S[1], S[2], n, n, h)
     # encode the parameter
     if c.keep == KEEP_MASTER:
         _encode16(P, p16, n, c.pfmt)

@@ -35,7 +35,7 @@ cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport intptr_t, uintptr_t
-from libc.math cimport sqrt, sqrtf, isfinite, fabs, pow, INFINITY, NAN
+from libc.math cimport sqrt, sqrtf, fma, fmaf, isfinite, fabs, pow, INFINITY, NAN
 
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
@@ -54,7 +54,7 @@ cdef extern from *:
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     static int ch8_cpu_has(int which) {
         __builtin_cpu_init();
-        if (which == 1) return __builtin_cpu_supports("avx2");
+        if (which == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         if (which == 2) return __builtin_cpu_supports("avx512f");
         return 1;
     }
@@ -66,8 +66,8 @@ cdef extern from *:
 
 
 def cpu_supports(isa):
-    """Whether this CPU (and OS) runs code built for ``isa``: "baseline", "avx2" or
-    "avx512"."""
+    """Whether this CPU (and OS) runs code built for ``isa``: "baseline", "avx2" (which
+    is built with FMA too, and needs it) or "avx512"."""
     return bool(ch8_cpu_has({"baseline": 0, "avx2": 1, "avx512": 2}[isa]))
 
 
@@ -81,8 +81,8 @@ cdef enum:
     SGD = 0               # p, g                                 (Alg 8.1)
     MOMENTUM = 1          # p, g, v       (8.15-8.16; shifted Nesterov with FLAG_NESTEROV)
     ADAGRAD = 2           # p, g, r                              (Alg 8.4)
-    RMSPROP = 3           # p, g, r                              (Alg 8.5)
-    RMSPROP_MOMENTUM = 4  # p, g, r, v    (Alg 8.6 with FLAG_NESTEROV; plain momentum without)
+    RMSPROP = 3           # p, g, r[, gbar with FLAG_CENTERED]   (Alg 8.5)
+    RMSPROP_MOMENTUM = 4  # p, g, r, v[, gbar]  (Alg 8.6 with FLAG_NESTEROV)
     ADAM = 5              # p, g, m, v[, vmax with FLAG_AMSGRAD] (Alg 8.7)
     ADADELTA = 6          # p, g, Eg2, Edx2                      (Zeiler 2012)
     N_RULES = 7
@@ -90,15 +90,31 @@ cdef enum:
     TRANSFORM = 7         # x <- clamp(gscale * x), on column 0: the standalone clipping
     TRAFFIC = 8           # no update: the memory traffic of a rule with h.flags columns
 
+# Flags of a step. The first four are the book's options; the others select another
+# library's formulas (the formula profiles of ch8fast.rules).
 cdef enum:
     FLAG_L2 = 1           # add weight_decay * p to the gradient first
     FLAG_NESTEROV = 2     # shifted Nesterov form: the arrays hold the interim point
     FLAG_AMSGRAD = 4      # Adam: divide by the running maximum of v
     FLAG_CLIP = 8         # clamp each (scaled) gradient element to [-clip, clip]
+    FLAG_FMA = 16         # torch's operation sequence, with its fused multiply-adds
+    FLAG_TAIL = 32        # torch's fused kernels: the last numel % lanes elements of each
+                          # tensor take the scalar loop's contraction (with FLAG_FMA)
+    FLAG_BUFFER = 64      # SGD: momentum buffer b <- mu b + (1 - dampening) g, theta -=
+                          # eps b (eps outside the buffer) instead of the velocity v; with
+                          # FLAG_NESTEROV theta -= eps (g + mu b). (RMSProp: with FLAG_FMA)
+    FLAG_FIRST = 128      # with FLAG_BUFFER: the first step sets b <- g
+    FLAG_EPS_INSIDE = 256 # delta inside the square root: sqrt(r + delta), else outside
+    FLAG_CENTERED = 512   # RMSProp: divide by sqrt(r - gbar^2), gbar the average gradient
 
 cdef enum:
     SUM_BLOCK = 4096      # sums of squares: fixed blocks of the concatenated elements,
     SUM_LANES = 16        # each summed in 16 lanes by global index, blocks added in order
+
+cdef enum:
+    TAIL_BYTES = 32       # the vectors of torch's fused CPU kernels (AVX2 Vectorized<T>):
+                          # the last numel % (32 / itemsize) elements of a tensor take the
+                          # scalar loop (FLAG_TAIL)
 
 RULES = {"sgd": SGD, "momentum": MOMENTUM, "adagrad": ADAGRAD, "rmsprop": RMSPROP,
          "rmsprop_momentum": RMSPROP_MOMENTUM, "adam": ADAM, "adadelta": ADADELTA}
@@ -106,25 +122,68 @@ _RULE_NAMES = {code: name for name, code in RULES.items()}
 cdef Py_ssize_t[N_RULES] RULE_COLUMNS = [2, 3, 3, 3, 4, 4, 4]
 
 cdef struct Hyper:
-    double lr           # step size (for Adam: lr / (1 - beta1^t))
+    double lr           # step size (Adam: lr / (1 - beta1^t), see Scalars.fill)
     double wd           # L2 coefficient, used with FLAG_L2
     double decay        # decoupled decay factor applied to p first (1 - lr * wd), else 1
     double alpha        # momentum of this step
     double alpha_next   # momentum of the next step: places the next interim point
     double alpha_prev   # momentum the arrays' interim point was placed with
+    double damp         # FLAG_BUFFER: 1 - dampening, the weight of g in the buffer
     double rho          # decay of the squared-gradient average (RMSProp, AdaDelta)
     double beta1
     double beta2
-    double c2           # Adam: 1 / sqrt(1 - beta2^t)
+    double c2           # Adam: 1 / sqrt(1 - beta2^t) (a factor); with FLAG_FMA
+                        # sqrt(1 - beta2^t) (a divisor, as torch)
     double eps
-    double gscale       # every gradient is first multiplied by this (clipping by norm)
+    double gscale       # every gradient is first multiplied by this (clipping by norm;
+                        # negative to maximize)
     double clip         # then clamped to [-clip, clip] with FLAG_CLIP
     int flags
 
 
 # ---------------------------------------------------------------------------------------
 # Layer 1: span functions. ``p`` and the state are written, ``g`` is only read.
+#
+# Every span function is one loop, compiled for each dtype and for each of two operation
+# sequences, selected by the type of its last argument: ``Plain`` rounds every operation
+# on its own (no contraction: -ffp-contract=off), ``Torch`` is torch.optim's sequence
+# with its fused multiply-adds (FLAG_FMA). The flags are the same for every element; the
+# loop body computes the values of each choice and selects one (``x if flag else y``), or
+# the loop is compiled once per value of an option that changes its structure (``opt1``,
+# ``opt2``: Nesterov, the momentum buffer, centered RMSProp), so that gcc vectorizes every
+# version. The clamp and AMSGrad stay branches, which gcc moves out of the loop.
 # ---------------------------------------------------------------------------------------
+
+cdef struct Plain:
+    char unused
+
+cdef struct Torch:
+    char unused
+
+ctypedef fused ops:
+    Plain
+    Torch
+
+# Options that change a loop's structure are compile-time arguments too, of these types:
+# the loop is compiled once per value, each version with no branch on them.
+cdef struct Off:
+    char unused
+
+cdef struct On:
+    char unused
+
+ctypedef fused opt1:
+    Off
+    On
+
+ctypedef fused opt2:
+    Off
+    On
+
+ctypedef fused opt3:
+    Off
+    On
+
 
 cdef inline floating _sqrt(floating x) noexcept nogil:
     if floating is float:
@@ -133,9 +192,18 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
         return sqrt(x)
 
 
+cdef inline floating _fma(floating a, floating b, floating c) noexcept nogil:
+    # a * b + c rounded once (C99 fma: exact whatever the instruction set)
+    if floating is float:
+        return fmaf(a, b, c)
+    else:
+        return fma(a, b, c)
+
+
 cdef inline floating _grad(floating x, floating s, floating c, bint clip) noexcept nogil:
-    # The gradient as the update sees it: scaled (by 1 unless clipping by norm), then
-    # clamped when clipping by value. x * 1 == x exactly, NaN and Inf included.
+    # The gradient as the update sees it: scaled (by 1 unless clipping by norm; by -1 to
+    # maximize), then clamped when clipping by value. x * 1 == x exactly, NaN and Inf
+    # included, and x * -1 == -x.
     x = x * s
     if clip:
         if x > c:
@@ -143,6 +211,36 @@ cdef inline floating _grad(floating x, floating s, floating c, bint clip) noexce
         elif x < -c:
             x = -c
     return x
+
+
+cdef inline floating _l2(floating gi, floating pi, floating wd, bint l2,
+                         ops* o) noexcept nogil:
+    # g + wd * theta when ``l2`` (torch's grad.add(param, alpha=wd) rounds once)
+    cdef floating x
+    if ops is Torch:
+        x = _fma(pi, wd, gi)
+    else:
+        x = gi + wd * pi
+    return x if l2 else gi
+
+
+cdef inline floating _step(floating pi, floating u, floating lr, ops* o) noexcept nogil:
+    # theta - eps u (torch's param.add_(u, alpha=-lr) rounds once)
+    if ops is Torch:
+        return _fma(u, -lr, pi)
+    else:
+        return pi - lr * u
+
+
+cdef inline floating _lerp(floating a, floating b, floating w, floating wm1,
+                           bint hi) noexcept nogil:
+    # torch's a.lerp_(b, w): fma(w, b - a, a) for |w| < 0.5, else fma(w - 1, b - a, b).
+    # ``wm1`` is w - 1 rounded; ``hi`` is |w| >= 0.5.
+    return _fma(wm1 if hi else w, b - a, b if hi else a)
+
+
+cdef inline floating _pick(floating yes, floating no, bint which) noexcept nogil:
+    return yes if which else no
 
 
 cdef void _traffic(floating* p, const floating* g, floating* a, floating* b, floating* c,
@@ -183,165 +281,323 @@ cdef void _transform(floating* x, Py_ssize_t n, const Hyper* h) noexcept nogil:
         x[i] = _grad(x[i], s, c, clip)
 
 
-cdef void _sgd(floating* p, const floating* g, Py_ssize_t n, const Hyper* h) noexcept nogil:
+cdef void _sgd(floating* p, const floating* g, Py_ssize_t n, const Hyper* h,
+               ops* o) noexcept nogil:
     # theta <- theta - eps * g                                            (Alg 8.1)
-    cdef floating lr = <floating>h.lr, wd = <floating>h.wd
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
     cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
-    cdef floating gi
+    cdef floating pi, gi
     cdef Py_ssize_t i
     for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * p[i]
-        p[i] = p[i] - lr * gi
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        p[i] = _step(pi, gi, lr, o)
 
 
 cdef void _momentum(floating* p, const floating* g, floating* v, Py_ssize_t n,
-                    const Hyper* h) noexcept nogil:
+                    Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # v <- alpha v - eps g (8.15);  theta <- theta + v (8.16).
     # Shifted Nesterov (spec section 3): the array holds phi = theta + alpha_prev v, and
     # phi' = phi - alpha_prev v + (1 + alpha') v', alpha' being the next step's momentum
     # (alpha_prev is this step's momentum, unless the user changed it by hand).
-    cdef floating lr = <floating>h.lr, wd = <floating>h.wd
+    # FLAG_BUFFER (and always with Torch): b <- mu b + (1 - dampening) g, b <- g at the
+    # first step (FLAG_FIRST); theta <- theta - eps b, or with FLAG_NESTEROV
+    # theta - eps (g + mu b). Torch: elements from ``tail`` on take the fused kernel's
+    # scalar-loop contraction of b.
+    cdef bint nesterov = h.flags & FLAG_NESTEROV, buffer = h.flags & FLAG_BUFFER
+    if ops is Torch:
+        buffer = True
+    if nesterov:
+        if buffer:
+            _momentum_loop(p, g, v, tail, h, <On*>NULL, <On*>NULL, <Off*>NULL, o)
+            if tail < n:
+                _momentum_loop(p + tail, g + tail, v + tail, n - tail, h, <On*>NULL,
+                               <On*>NULL, <On*>NULL, o)
+        else:
+            _momentum_loop(p, g, v, n, h, <On*>NULL, <Off*>NULL, <Off*>NULL, o)
+    elif buffer:
+        _momentum_loop(p, g, v, tail, h, <Off*>NULL, <On*>NULL, <Off*>NULL, o)
+        if tail < n:
+            _momentum_loop(p + tail, g + tail, v + tail, n - tail, h, <Off*>NULL,
+                           <On*>NULL, <On*>NULL, o)
+    else:
+        _momentum_loop(p, g, v, n, h, <Off*>NULL, <Off*>NULL, <Off*>NULL, o)
+
+
+cdef void _momentum_loop(floating* p, const floating* g, floating* v, Py_ssize_t n,
+                         const Hyper* h, opt1* nesterov, opt2* buffer, opt3* tail_rule,
+                         ops* o) noexcept nogil:
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
-    cdef floating a_prev = <floating>h.alpha_prev
-    cdef bint l2 = h.flags & FLAG_L2, nesterov = h.flags & FLAG_NESTEROV
+    cdef floating a_prev = <floating>h.alpha_prev, damp = <floating>h.damp
+    cdef bint l2 = h.flags & FLAG_L2, first = h.flags & FLAG_FIRST
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
-    cdef floating gi, vi, vn
+    cdef floating pi, gi, vi, vn
     cdef Py_ssize_t i
     for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * p[i]
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
         vi = v[i]
-        vn = a * vi - lr * gi
-        v[i] = vn
-        if nesterov:
-            p[i] = p[i] - a_prev * vi + a_next1 * vn
+        if ops is Torch:
+            if opt3 is On:
+                vn = _fma(vi, a, gi * damp)       # the scalar tail's contraction
+            else:
+                vn = _fma(gi, damp, vi * a)       # buf.mul_(mu).add_(g, alpha=1-tau)
+            vn = _pick(gi, vn, first)
+            v[i] = vn
+            if opt1 is On:
+                vn = _fma(vn, a, gi)
+            p[i] = _fma(vn, -lr, pi)
+        elif opt2 is On:
+            vn = _pick(gi, a * vi + damp * gi, first)
+            v[i] = vn
+            if opt1 is On:
+                vn = gi + a * vn
+            p[i] = pi - lr * vn
         else:
-            p[i] = p[i] + vn
+            vn = a * vi - lr * gi
+            v[i] = vn
+            if opt1 is On:
+                p[i] = pi - a_prev * vi + a_next1 * vn
+            else:
+                p[i] = pi + vn
 
 
 cdef void _adagrad(floating* p, const floating* g, floating* r, Py_ssize_t n,
-                   const Hyper* h) noexcept nogil:
+                   const Hyper* h, ops* o) noexcept nogil:
     # r <- r + g*g;  theta <- theta - eps / (delta + sqrt(r)) * g          (Alg 8.4)
-    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    # FLAG_EPS_INSIDE: sqrt(r + delta). Torch: r <- fma(g, g, r) and
+    # theta + (-eps g) / (sqrt(r) + delta).
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
+    cdef bint inside = h.flags & FLAG_EPS_INSIDE
+    # sqrt(r + e_in) + e_out: x + 0 == x for every x >= 0 and NaN, so one formula holds
+    # both placements of delta
+    cdef floating e_in = <floating>h.eps if inside else 0, e_out = 0 if inside else <floating>h.eps
     cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
-    cdef floating gi, ri
+    cdef floating pi, gi, ri
     cdef Py_ssize_t i
     for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * p[i]
-        ri = r[i] + gi * gi
-        r[i] = ri
-        p[i] = p[i] - lr * (gi / (eps + _sqrt(ri)))
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        if ops is Torch:
+            ri = _fma(gi, gi, r[i])
+            r[i] = ri
+            p[i] = pi + (-lr * gi) / (_sqrt(ri + e_in) + e_out)
+        else:
+            ri = r[i] + gi * gi
+            r[i] = ri
+            p[i] = pi - lr * (gi / (_sqrt(ri + e_in) + e_out))
 
 
-cdef void _rmsprop(floating* p, const floating* g, floating* r, Py_ssize_t n,
-                   const Hyper* h) noexcept nogil:
-    # r <- rho r + (1 - rho) g*g;  theta <- theta - eps / sqrt(delta + r) * g   (Alg 8.5)
-    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
-    cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
-    cdef bint l2 = h.flags & FLAG_L2
-    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
-    cdef bint clip = h.flags & FLAG_CLIP
-    cdef floating gi, ri
-    cdef Py_ssize_t i
-    for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * p[i]
+cdef inline floating _rms_denominator(floating gi, floating* r, floating* ga, Py_ssize_t i,
+                                      floating rho, floating rho1, floating rho1m1,
+                                      bint lerp_hi, floating e_in, floating e_out,
+                                      bint centered, ops* o) noexcept nogil:
+    # r <- rho r + (1 - rho) g*g (and gbar <- rho gbar + (1 - rho) g when centered);
+    # returns sqrt(r - gbar^2 + e_in) + e_out. Torch: square_avg.mul_(rho).addcmul_(g, g,
+    # value=1-rho), grad_avg.lerp_(g, 1-rho), square_avg.addcmul(gbar, gbar, value=-1).
+    cdef floating ri, gai, var
+    if ops is Torch:
+        ri = _fma(rho1 * gi, gi, r[i] * rho)
+    else:
         ri = rho * r[i] + rho1 * (gi * gi)
-        r[i] = ri
-        p[i] = p[i] - lr * (gi / _sqrt(eps + ri))
+    r[i] = ri
+    var = ri
+    if centered:
+        if ops is Torch:
+            gai = _lerp(ga[i], gi, rho1, rho1m1, lerp_hi)
+            var = _fma(-gai, gai, ri)
+        else:
+            gai = rho * ga[i] + rho1 * gi
+            var = ri - gai * gai
+        ga[i] = gai
+    return _sqrt(var + e_in) + e_out
+
+
+cdef void _rmsprop(floating* p, const floating* g, floating* r, floating* ga, Py_ssize_t n,
+                   const Hyper* h, ops* o) noexcept nogil:
+    # r <- rho r + (1 - rho) g*g;  theta <- theta - eps / sqrt(delta + r) * g   (Alg 8.5)
+    # (delta outside the root without FLAG_EPS_INSIDE; r - gbar^2 with FLAG_CENTERED)
+    if h.flags & FLAG_CENTERED:
+        _rmsprop_loop(p, g, r, ga, n, h, <On*>NULL, o)
+    else:
+        _rmsprop_loop(p, g, r, ga, n, h, <Off*>NULL, o)
+
+
+cdef void _rmsprop_loop(floating* p, const floating* g, floating* r, floating* ga,
+                        Py_ssize_t n, const Hyper* h, opt1* centered,
+                        ops* o) noexcept nogil:
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
+    cdef bint inside = h.flags & FLAG_EPS_INSIDE
+    cdef floating e_in = <floating>h.eps if inside else 0, e_out = 0 if inside else <floating>h.eps
+    cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
+    cdef floating rho1m1 = rho1 - 1
+    cdef bint lerp_hi = fabs(rho1) >= 0.5
+    cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating pi, gi, d
+    cdef Py_ssize_t i
+    for i in range(n):
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        d = _rms_denominator(gi, r, ga, i, rho, rho1, rho1m1, lerp_hi, e_in, e_out,
+                             opt1 is On, o)
+        if ops is Torch:
+            p[i] = pi + (-lr * gi) / d            # param.addcdiv_(g, avg, value=-lr)
+        else:
+            p[i] = pi - lr * (gi / d)
 
 
 cdef void _rmsprop_momentum(floating* p, const floating* g, floating* r, floating* v,
-                            Py_ssize_t n, const Hyper* h) noexcept nogil:
+                            floating* ga, Py_ssize_t n, const Hyper* h,
+                            ops* o) noexcept nogil:
     # r <- rho r + (1 - rho) g*g;  v <- alpha v - eps / sqrt(delta + r) * g;
-    # theta <- theta + v  (Alg 8.6; shifted Nesterov form as in _momentum)
-    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    # theta <- theta + v  (Alg 8.6; shifted Nesterov form as in _momentum).
+    # Torch: the buffer b <- mu b + g / sqrt(...); theta <- theta - eps b.
+    cdef bint centered = h.flags & FLAG_CENTERED, nesterov = h.flags & FLAG_NESTEROV
+    if centered:
+        if nesterov:
+                _rmsprop_momentum_loop(p, g, r, v, ga, n, h, <On*>NULL, <On*>NULL, o)
+        else:
+            _rmsprop_momentum_loop(p, g, r, v, ga, n, h, <On*>NULL, <Off*>NULL, o)
+    elif nesterov:
+        _rmsprop_momentum_loop(p, g, r, v, ga, n, h, <Off*>NULL, <On*>NULL, o)
+    else:
+        _rmsprop_momentum_loop(p, g, r, v, ga, n, h, <Off*>NULL, <Off*>NULL, o)
+
+
+cdef void _rmsprop_momentum_loop(floating* p, const floating* g, floating* r, floating* v,
+                                 floating* ga, Py_ssize_t n, const Hyper* h,
+                                 opt1* centered, opt2* nesterov, ops* o) noexcept nogil:
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
+    cdef bint inside = h.flags & FLAG_EPS_INSIDE
+    cdef floating e_in = <floating>h.eps if inside else 0, e_out = 0 if inside else <floating>h.eps
     cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
+    cdef floating rho1m1 = rho1 - 1
+    cdef bint lerp_hi = fabs(rho1) >= 0.5
     cdef floating a = <floating>h.alpha, a_next1 = <floating>(1.0 + h.alpha_next)
     cdef floating a_prev = <floating>h.alpha_prev
-    cdef bint l2 = h.flags & FLAG_L2, nesterov = h.flags & FLAG_NESTEROV
+    cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
-    cdef floating gi, ri, vi, vn
+    cdef floating pi, gi, d, vi, vn
     cdef Py_ssize_t i
     for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * p[i]
-        ri = rho * r[i] + rho1 * (gi * gi)
-        r[i] = ri
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        d = _rms_denominator(gi, r, ga, i, rho, rho1, rho1m1, lerp_hi, e_in, e_out,
+                             opt1 is On, o)
         vi = v[i]
-        vn = a * vi - lr * (gi / _sqrt(eps + ri))
-        v[i] = vn
-        if nesterov:
-            p[i] = p[i] - a_prev * vi + a_next1 * vn
+        if ops is Torch:
+            vn = vi * a + gi / d                  # buf.mul_(mu).addcdiv_(g, avg)
+            v[i] = vn
+            p[i] = _fma(vn, -lr, pi)
         else:
-            p[i] = p[i] + vn
+            vn = a * vi - lr * (gi / d)
+            v[i] = vn
+            if opt2 is On:
+                p[i] = pi - a_prev * vi + a_next1 * vn
+            else:
+                p[i] = pi + vn
 
 
 cdef void _adam(floating* p, const floating* g, floating* m, floating* v, floating* vmax,
-                Py_ssize_t n, const Hyper* h) noexcept nogil:
+                Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # s <- b1 s + (1 - b1) g;  r <- b2 r + (1 - b2) g*g                   (Alg 8.7)
     # theta <- theta - eps * s_hat / (sqrt(r_hat) + delta), with the bias corrections
     # folded into two scalars: lr = eps / (1 - b1^t) and c2 = 1 / sqrt(1 - b2^t).
     # AdamW first scales theta by decay = 1 - eps * wd; AMSGrad divides by max(r) so far.
+    # Torch: s.lerp_(g, 1 - b1), r.mul_(b2).addcmul_(g, g, value=1-b2) (from ``tail`` on:
+    # the fused kernel's scalar-loop contraction), theta + (-lr s) / (sqrt(r) / c2 + delta)
+    # with c2 = sqrt(1 - b2^t).
+    # (AMSGrad is a compile-time option: a branch on it inside the loop would let gcc
+    # read vmax with masked loads even when it is NULL, which is slow)
+    # The elements from ``tail`` on are a second call of the loop, compiled with the
+    # scalar tail's contraction (opt2).
+    if h.flags & FLAG_AMSGRAD:
+        _adam_loop(p, g, m, v, vmax, tail, h, <On*>NULL, <Off*>NULL, o)
+        if tail < n:
+            _adam_loop(p + tail, g + tail, m + tail, v + tail, vmax + tail, n - tail, h,
+                       <On*>NULL, <On*>NULL, o)
+    else:
+        _adam_loop(p, g, m, v, vmax, tail, h, <Off*>NULL, <Off*>NULL, o)
+        if tail < n:
+            _adam_loop(p + tail, g + tail, m + tail, v + tail, NULL, n - tail, h,
+                       <Off*>NULL, <On*>NULL, o)
+
+
+cdef void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
+                     floating* vmax, Py_ssize_t n, const Hyper* h, opt1* amsgrad,
+                     opt2* tail_rule, ops* o) noexcept nogil:
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating decay = <floating>h.decay, c2 = <floating>h.c2
     cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
     cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
-    cdef bint l2 = h.flags & FLAG_L2, amsgrad = h.flags & FLAG_AMSGRAD
+    cdef floating b1cm1 = b1c - 1
+    cdef bint lerp_hi = fabs(b1c) >= 0.5
+    cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
     cdef floating pi, gi, mi, vi
     cdef Py_ssize_t i
     for i in range(n):
         pi = p[i] * decay
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * pi
-        mi = b1 * m[i] + b1c * gi
-        vi = b2 * v[i] + b2c * (gi * gi)
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        if ops is Torch:
+            mi = _lerp(m[i], gi, b1c, b1cm1, lerp_hi)
+            if opt2 is On:
+                vi = _fma(v[i], b2, (b2c * gi) * gi)
+            else:
+                vi = _fma(b2c * gi, gi, v[i] * b2)
+        else:
+            mi = b1 * m[i] + b1c * gi
+            vi = b2 * v[i] + b2c * (gi * gi)
         m[i] = mi
         v[i] = vi
-        if amsgrad:
+        if opt1 is On:
             if vmax[i] > vi:
                 vi = vmax[i]
             vmax[i] = vi
-        p[i] = pi - lr * (mi / (_sqrt(vi) * c2 + eps))
+        if ops is Torch:
+            p[i] = pi + (-lr * mi) / (_sqrt(vi) / c2 + eps)
+        else:
+            p[i] = pi - lr * (mi / (_sqrt(vi) * c2 + eps))
 
 
 cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed,
-                    Py_ssize_t n, const Hyper* h) noexcept nogil:
+                    Py_ssize_t n, const Hyper* h, ops* o) noexcept nogil:
     # E[g^2] <- rho E[g^2] + (1 - rho) g*g
     # d <- sqrt(E[dx^2] + delta) / sqrt(E[g^2] + delta) * g
     # E[dx^2] <- rho E[dx^2] + (1 - rho) d*d;  theta <- theta - lr * d    (Zeiler 2012)
+    # Torch: both averages as mul_(rho).addcmul_(x, x, value=1-rho).
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating decay = <floating>h.decay
     cdef floating rho = <floating>h.rho, rho1 = <floating>(1.0 - h.rho)
     cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
-    cdef floating gi, egi, di
+    cdef floating pi, gi, egi, di
     cdef Py_ssize_t i
     for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * p[i]
-        egi = rho * eg[i] + rho1 * (gi * gi)
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        if ops is Torch:
+            egi = _fma(rho1 * gi, gi, eg[i] * rho)
+        else:
+            egi = rho * eg[i] + rho1 * (gi * gi)
         eg[i] = egi
         di = _sqrt(ed[i] + eps) / _sqrt(egi + eps) * gi
-        ed[i] = rho * ed[i] + rho1 * (di * di)
-        p[i] = p[i] - lr * di
+        if ops is Torch:
+            ed[i] = _fma(rho1 * di, di, ed[i] * rho)
+        else:
+            ed[i] = rho * ed[i] + rho1 * (di * di)
+        p[i] = _step(pi, di, lr, o)
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,35 +605,52 @@ cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed,
 # ---------------------------------------------------------------------------------------
 
 cdef inline void _span_ptrs(int rule, floating* p, const floating* g, floating* s0,
-                            floating* s1, floating* s2, Py_ssize_t n,
+                            floating* s1, floating* s2, Py_ssize_t n, Py_ssize_t tail,
                             const Hyper* h) noexcept nogil:
-    # One rule over n elements: the parameter p, the gradient g, the state arrays s0.. (as
-    # many as the rule keeps).
+    # One rule over n elements: the parameter p, the gradient g, the state arrays s0.. in
+    # the order the rule keeps them; ``tail``: where FLAG_TAIL's scalar-loop elements start.
+    # Every walker (tables, blocks of compressed storage, sparse rows) dispatches here.
+    if h.flags & FLAG_FMA:
+        _rule_span(p, g, s0, s1, s2, n, tail, rule, h, <Torch*>NULL)
+    else:
+        _rule_span(p, g, s0, s1, s2, n, tail, rule, h, <Plain*>NULL)
+
+
+cdef inline void _rule_span(floating* p, const floating* g, floating* s0, floating* s1,
+                            floating* s2, Py_ssize_t n, Py_ssize_t tail, int rule,
+                            const Hyper* h, ops* o) noexcept nogil:
+    cdef bint centered = h.flags & FLAG_CENTERED
     if rule == SGD:
-        _sgd(p, g, n, h)
+        _sgd(p, g, n, h, o)
     elif rule == MOMENTUM:
-        _momentum(p, g, s0, n, h)
+        _momentum(p, g, s0, n, tail, h, o)
     elif rule == ADAGRAD:
-        _adagrad(p, g, s0, n, h)
+        _adagrad(p, g, s0, n, h, o)
     elif rule == RMSPROP:
-        _rmsprop(p, g, s0, n, h)
+        _rmsprop(p, g, s0, s1 if centered else NULL, n, h, o)
     elif rule == RMSPROP_MOMENTUM:
-        _rmsprop_momentum(p, g, s0, s1, n, h)
+        _rmsprop_momentum(p, g, s0, s1, s2 if centered else NULL, n, h, o)
     elif rule == ADAM:
-        _adam(p, g, s0, s1, s2 if h.flags & FLAG_AMSGRAD else NULL, n, h)
+        _adam(p, g, s0, s1, s2 if h.flags & FLAG_AMSGRAD else NULL, n, tail, h, o)
     elif rule == ADADELTA:
-        _adadelta(p, g, s0, s1, n, h)
+        _adadelta(p, g, s0, s1, n, h, o)
 
 
 cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t ncols,
-                       Py_ssize_t lo, Py_ssize_t n, const Hyper* h) noexcept nogil:
-    # ``tag`` only selects the dtype; ``row`` holds the tensor's ``ncols`` column addresses.
+                       Py_ssize_t lo, Py_ssize_t n, Py_ssize_t numel,
+                       const Hyper* h) noexcept nogil:
+    # ``tag`` only selects the dtype; ``row`` holds the tensor's ``ncols`` column
+    # addresses; the span is elements [lo, lo + n) of a tensor of ``numel`` elements.
     cdef floating* p = (<floating*>row[0]) + lo
     cdef const floating* g
+    cdef Py_ssize_t tail = n      # where FLAG_TAIL's scalar-loop elements start in the span
     if rule == TRANSFORM:
         _transform(p, n, h)
         return
     g = (<const floating*>row[1]) + lo
+    if h.flags & FLAG_TAIL:
+        tail = numel - numel % (TAIL_BYTES // sizeof(floating)) - lo
+        tail = 0 if tail < 0 else (n if tail > n else tail)
     if rule == TRAFFIC:        # h.flags holds the number of columns
         _traffic(p, g, (<floating*>row[2]) + lo if h.flags > 2 else NULL,
                  (<floating*>row[3]) + lo if h.flags > 3 else NULL,
@@ -385,7 +658,7 @@ cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t 
         return
     _span_ptrs(rule, p, g, (<floating*>row[2]) + lo if ncols > 2 else NULL,
                (<floating*>row[3]) + lo if ncols > 3 else NULL,
-               (<floating*>row[4]) + lo if ncols > 4 else NULL, n, h)
+               (<floating*>row[4]) + lo if ncols > 4 else NULL, n, tail, h)
 
 
 cdef inline Py_ssize_t _row_of(const Py_ssize_t* offsets, Py_ssize_t nrows,
@@ -418,10 +691,10 @@ cdef void _walk(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
             if table[r * ncols + 1] != 0 or rule == TRANSFORM:
                 if f64:
                     _span(<double*>NULL, rule, table + r * ncols, ncols,
-                          start - offsets[r], end - start, h)
+                          start - offsets[r], end - start, offsets[r + 1] - offsets[r], h)
                 else:
                     _span(<float*>NULL, rule, table + r * ncols, ncols,
-                          start - offsets[r], end - start, h)
+                          start - offsets[r], end - start, offsets[r + 1] - offsets[r], h)
             start = end
         r += 1
 
@@ -592,6 +865,8 @@ cdef class Scalars:
 
     ``rule`` is the rule's name (``"adam"``, see ``RULES``); the kernel reads every field
     of this object, by name, at every step. A field a rule does not use is ignored by it.
+    The boolean fields after ``bias_correction`` select another library's formulas (the
+    formula profiles of ``ch8fast.rules``); all false is the book's.
     """
     cdef int code
     cdef public double lr          # step size (for Adam: lr / (1 - beta1^t))
@@ -600,20 +875,32 @@ cdef class Scalars:
     cdef public double alpha       # momentum of this step
     cdef public double alpha_next  # momentum that places the next interim point (Nesterov)
     cdef public double alpha_prev  # momentum the current interim point was placed with
+    cdef public double damp        # ``buffer``: 1 - dampening, the weight of g in the buffer
     cdef public double rho         # decay of the squared-gradient average
     cdef public double beta1
     cdef public double beta2
-    cdef public double c2          # Adam: 1 / sqrt(1 - beta2^t)
+    cdef public double c2          # Adam: 1 / sqrt(1 - beta2^t) (set by bias_correction)
     cdef public double eps
+    cdef public double lr_decay    # lr / (1 + (t - 1) lr_decay) at update t (torch Adagrad)
     cdef public bint l2            # add wd * p to the gradient
     cdef public bint nesterov      # the shifted Nesterov form
     cdef public bint amsgrad       # Adam: divide by the running maximum of v
     cdef public bint bias_correction  # Adam: lr and c2 from the update number t
+    cdef public bint maximize      # ascend: the gradient's sign is flipped first
+    cdef public bint eps_inside    # delta inside the square root (RMSProp, AdaGrad)
+    cdef public bint eps_hat       # Adam: delta added to sqrt(r) before the bias correction
+    cdef public bint centered      # RMSProp: divide by sqrt(r - gbar^2)
+    cdef public bint lookahead     # Nesterov as torch, Keras, optax and scikit-learn write
+                                   # it: the arrays hold their theta (no interim point)
+    cdef public bint buffer        # momentum buffer, eps outside it (torch, optax)
+    cdef public bint fma           # torch's operation sequence, fused multiply-adds included
+    cdef public bint torch_fused   # torch's fused CPU kernels: their tail rule and sqrt
 
     def __init__(self, str rule):
         self.rule = rule
         self.decay = 1.0
         self.c2 = 1.0
+        self.damp = 1.0
 
     @property
     def rule(self):
@@ -639,30 +926,66 @@ cdef class Scalars:
         columns are there, and every scalar can be rounded to the dtype without
         overflowing (and eps without vanishing). ``group`` (or -1) names the group in
         messages."""
-        cdef double[11] vals
+        cdef double[12] vals
+        cdef double bc1, bc2
         cdef int k
-        if ncols < RULE_COLUMNS[self.code] + (1 if (self.code == ADAM and self.amsgrad)
-                                              else 0):
+        cdef Py_ssize_t need = RULE_COLUMNS[self.code]
+        if self.code == ADAM and self.amsgrad:
+            need += 1
+        if (self.code == RMSPROP or self.code == RMSPROP_MOMENTUM) and self.centered:
+            need += 1
+        if ncols < need:
             raise ValueError(f"{_where(group)}rule {self.rule!r} needs more state arrays "
                              f"than this table has ({ncols - 2})")
         h.lr = self.lr; h.wd = self.wd; h.decay = self.decay; h.alpha = self.alpha
         h.alpha_next = self.alpha_next; h.alpha_prev = self.alpha_prev; h.rho = self.rho
+        h.damp = self.damp
         h.beta1 = self.beta1; h.beta2 = self.beta2; h.c2 = self.c2; h.eps = self.eps
+        if self.lr_decay != 0.0:
+            h.lr = self.lr / (1.0 + <double>(t - 1) * self.lr_decay)
         if self.bias_correction:
             # Algorithm 8.7's bias corrections folded into two scalars: the step size
             # lr / (1 - beta1^t) and c2 = 1 / sqrt(1 - beta2^t), so that the kernel
-            # computes theta - step * s / (sqrt(r) * c2 + delta).
-            h.lr = self.lr / (1.0 - pow(self.beta1, <double>t))
-            h.c2 = 1.0 / sqrt(1.0 - pow(self.beta2, <double>t))
+            # computes theta - step * s / (sqrt(r) * c2 + delta). With eps_hat (Keras,
+            # scikit-learn) delta is added to sqrt(r) itself: step = lr sqrt(1 - beta2^t)
+            # / (1 - beta1^t), c2 = 1. With fma (torch) the kernel divides by
+            # c2 = sqrt(1 - beta2^t): bias_correction2 ** 0.5 in torch.optim.Adam, std::sqrt
+            # in its fused kernel.
+            bc1 = 1.0 - pow(self.beta1, <double>t)
+            bc2 = 1.0 - pow(self.beta2, <double>t)
+            if self.eps_hat:
+                h.lr = self.lr * sqrt(bc2) / bc1
+                h.c2 = 1.0
+            elif self.fma:
+                h.lr = self.lr / bc1
+                h.c2 = sqrt(bc2) if self.torch_fused else pow(bc2, 0.5)
+            else:
+                h.lr = self.lr / bc1
+                h.c2 = 1.0 / sqrt(bc2)
         h.flags = ((FLAG_L2 if self.l2 else 0) | (FLAG_NESTEROV if self.nesterov else 0)
-                   | (FLAG_AMSGRAD if self.amsgrad else 0))
+                   | (FLAG_AMSGRAD if self.amsgrad else 0)
+                   | (FLAG_FMA if self.fma else 0)
+                   | (FLAG_TAIL if self.fma and self.torch_fused else 0)
+                   | (FLAG_NESTEROV if self.lookahead else 0)
+                   | (FLAG_BUFFER if self.buffer else 0)
+                   | (FLAG_FIRST if self.buffer and t == 1 else 0)
+                   | (FLAG_EPS_INSIDE if self.eps_inside else 0)
+                   | (FLAG_CENTERED if self.centered else 0))
+        if self.lookahead and not self.buffer:
+            # Nesterov as Keras and scikit-learn write it, theta + alpha v' - eps g: the
+            # shifted form's phi - alpha v + (1 + alpha) v' with this step's momentum
+            h.alpha_prev = self.alpha
+            h.alpha_next = self.alpha
         plan.fill(h)
+        if self.maximize:
+            h.gscale = -h.gscale
         if f64:
             return 0
         vals[0] = h.lr; vals[1] = h.wd; vals[2] = h.decay; vals[3] = h.alpha
         vals[4] = h.alpha_next; vals[5] = h.alpha_prev; vals[6] = h.rho
         vals[7] = h.beta1; vals[8] = h.beta2; vals[9] = h.c2; vals[10] = h.eps
-        for k in range(11):
+        vals[11] = h.damp
+        for k in range(12):
             if not fabs(vals[k]) <= FLOAT32_MAX:
                 raise ValueError(f"{_where(group)}the per-step scalar {_HYPER_FIELDS[k]} = "
                                  f"{vals[k]!r} overflows float32, the dtype of these "
@@ -679,8 +1002,8 @@ cdef class Scalars:
         cdef Hyper h
         self.fill(&h, _IDENTITY if plan is None else plan, t, True, 5, -1)
         return {"lr": h.lr, "wd": h.wd, "decay": h.decay, "alpha": h.alpha,
-                "alpha_next": h.alpha_next, "alpha_prev": h.alpha_prev, "rho": h.rho,
-                "beta1": h.beta1, "beta2": h.beta2, "c2": h.c2, "eps": h.eps,
+                "alpha_next": h.alpha_next, "alpha_prev": h.alpha_prev, "damp": h.damp,
+                "rho": h.rho, "beta1": h.beta1, "beta2": h.beta2, "c2": h.c2, "eps": h.eps,
                 "gscale": h.gscale, "clip": h.clip, "flags": h.flags}
 
 
@@ -688,10 +1011,16 @@ cdef str _where(Py_ssize_t group):
     return f"param_groups[{group}]: " if group >= 0 else ""
 
 
-_SCALAR_FIELDS = ("lr", "wd", "decay", "alpha", "alpha_next", "alpha_prev", "rho", "beta1",
-                  "beta2", "c2", "eps", "l2", "nesterov", "amsgrad", "bias_correction")
+_SCALAR_FIELDS = ("lr", "wd", "decay", "alpha", "alpha_next", "alpha_prev", "damp", "rho",
+                  "beta1", "beta2", "c2", "eps", "lr_decay", "l2", "nesterov", "amsgrad",
+                  "bias_correction", "maximize", "eps_inside", "eps_hat", "centered",
+                  "lookahead", "buffer", "fma", "torch_fused")
 _HYPER_FIELDS = ("lr", "wd", "decay", "alpha", "alpha_next", "alpha_prev", "rho", "beta1",
-                 "beta2", "c2", "eps")
+                 "beta2", "c2", "eps", "damp")
+
+FLAGS = {"l2": FLAG_L2, "nesterov": FLAG_NESTEROV, "amsgrad": FLAG_AMSGRAD,
+         "clip": FLAG_CLIP, "fma": FLAG_FMA, "tail": FLAG_TAIL, "buffer": FLAG_BUFFER, "first": FLAG_FIRST, "eps_inside": FLAG_EPS_INSIDE,
+         "centered": FLAG_CENTERED}
 
 
 cdef class GradPlan:

@@ -72,19 +72,20 @@ cdef void _adagrad_rowwise(floating* p, const floating* g, floating* r, Py_ssize
     # theta <- theta - eps g / (delta + sqrt(r)). The mean is summed in double in 16 lanes
     # by index, added in order, so it vectorizes and its bits do not depend on threads.
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating decay = <floating>h.decay
     cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
     cdef double acc[SUM_LANES]
     cdef double total = 0.0
-    cdef floating gi, rr, denom
+    cdef floating gi, rr, denom, pi
     cdef Py_ssize_t i, j
     for j in range(SUM_LANES):
         acc[j] = 0.0
     for i in range(n):
         gi = _grad(g[i], gs, cv, clip)
         if l2:
-            gi = gi + wd * p[i]
+            gi = gi + wd * (p[i] * decay)
         acc[i % SUM_LANES] += <double>gi * <double>gi
     for j in range(SUM_LANES):
         total += acc[j]
@@ -92,10 +93,11 @@ cdef void _adagrad_rowwise(floating* p, const floating* g, floating* r, Py_ssize
     r[0] = rr
     denom = eps + _sqrt(rr)
     for i in range(n):
+        pi = p[i] * decay
         gi = _grad(g[i], gs, cv, clip)
         if l2:
-            gi = gi + wd * p[i]
-        p[i] = p[i] - lr * (gi / denom)
+            gi = gi + wd * pi
+        p[i] = pi - lr * (gi / denom)
 
 
 cdef void _row(int rule, bint f64, const intptr_t* row, const intptr_t* aux, Py_ssize_t ncols,
@@ -118,7 +120,7 @@ cdef void _row(int rule, bint f64, const intptr_t* row, const intptr_t* aux, Py_
             _span_ptrs(rule, (<double*>row[0]) + lo, <const double*>g,
                        (<double*>row[2]) + lo if ncols > 2 else NULL,
                        (<double*>row[3]) + lo if ncols > 3 else NULL,
-                       (<double*>row[4]) + lo if ncols > 4 else NULL, d, h)
+                       (<double*>row[4]) + lo if ncols > 4 else NULL, d, d, h)
     else:
         if dt > 0:
             _catch_up(rule, (<float*>row[0]) + lo,
@@ -131,7 +133,7 @@ cdef void _row(int rule, bint f64, const intptr_t* row, const intptr_t* aux, Py_
             _span_ptrs(rule, (<float*>row[0]) + lo, <const float*>g,
                        (<float*>row[2]) + lo if ncols > 2 else NULL,
                        (<float*>row[3]) + lo if ncols > 3 else NULL,
-                       (<float*>row[4]) + lo if ncols > 4 else NULL, d, h)
+                       (<float*>row[4]) + lo if ncols > 4 else NULL, d, d, h)
 
 
 cdef void _run_rows(int rule, bint f64, const intptr_t* row, const intptr_t* aux,

@@ -1,6 +1,7 @@
 """Every kernel build (baseline, AVX2, AVX-512) gives the same bits; the hot loops are
 vectorized."""
 
+import re
 import shutil
 import subprocess
 
@@ -33,14 +34,74 @@ def test_same_bits_on_every_isa(name, cls, ref_name, hyper, dtype, monkeypatch):
     assert len({tuple(v) for v in results.values()}) == 1, list(results)
 
 
+def _disassembly(isa):
+    path = _isa.load(isa).__file__
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", path],
+                          capture_output=True, text=True, check=True).stdout
+
+
+PROFILE_CONFIGS = [
+    ("sgd_torch_fused", ch8fast.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1,
+                                          weight_decay=0.01, convention="torch_fused")),
+    ("nesterov_torch", ch8fast.SGD, dict(lr=0.05, momentum=0.9, nesterov=True,
+                                         convention="torch")),
+    ("sgd_keras", ch8fast.SGD, dict(lr=0.05, momentum=0.9, nesterov=True,
+                                    weight_decay=0.01, convention="keras")),
+    ("sgd_optax", ch8fast.SGD, dict(lr=0.05, momentum=0.9, nesterov=True,
+                                    convention="optax")),
+    ("adam_torch_fused", ch8fast.Adam, dict(lr=0.01, betas=(0.3, 0.9), amsgrad=True,
+                                            weight_decay=0.1, maximize=True,
+                                            convention="torch_fused")),
+    ("adamw_keras", ch8fast.AdamW, dict(lr=0.01, convention="keras")),
+    ("rmsprop_torch", ch8fast.RMSProp, dict(lr=0.01, momentum=0.5, centered=True,
+                                            convention="torch")),
+    ("rmsprop_optax", ch8fast.RMSProp, dict(lr=0.01, momentum=0.5, nesterov=True,
+                                            centered=True, convention="optax")),
+    ("adagrad_torch", ch8fast.AdaGrad, dict(lr=0.1, lr_decay=0.1, convention="torch")),
+    ("adagrad_keras", ch8fast.AdaGrad, dict(lr=0.1, convention="keras")),
+    ("adadelta_torch", ch8fast.AdaDelta, dict(lr=1.0, weight_decay=0.1,
+                                              convention="torch")),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,cls,hyper", PROFILE_CONFIGS, ids=[c[0] for c in PROFILE_CONFIGS])
+def test_profiles_same_bits_on_every_isa(name, cls, hyper, dtype, monkeypatch):
+    """The formula profiles too, fused multiply-adds included (C99 fma is rounded once on
+    every build: an instruction with -mfma and AVX-512, the libm function on the
+    baseline)."""
+    from ch8fast import optim
+    results = {}
+    for isa in _isa.available():
+        monkeypatch.setattr(optim, "K", _isa.load(isa))
+        params, grads = random_problem([(1003,), (5, 7), (13,)], dtype, seed=7, n_steps=4)
+        opt = cls(params, **hyper)
+        for g in grads:
+            opt.step(g)
+        results[isa] = [p.tobytes() for p in params]
+    assert len({tuple(v) for v in results.values()}) == 1, list(results)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_wide_modules_inline_fused_multiply_adds():
+    """The AVX2 module is built with -mfma and the AVX-512 one has FMA: torch's profile
+    runs packed vfmadd instructions there, with no call to the libm fma function (which
+    would also keep its loops scalar)."""
+    for isa in _isa.available():
+        if isa == "baseline":
+            continue
+        asm = _disassembly(isa)
+        packed = re.findall(r"\svfn?m(?:add|sub)\d+p[sd]\s", asm)
+        assert len(packed) > 50, isa
+        assert not [l for l in asm.splitlines() if "call" in l and "<fma" in l], isa
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
 def test_adam_loop_uses_packed_square_roots():
     """The build vectorizes sqrt (it needs -fno-math-errno): packed sqrtps/sqrtpd, and no
     calls to the scalar sqrt function, in every kernel module."""
     for isa in _isa.available():
-        path = _isa.load(isa).__file__
-        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path],
-                             capture_output=True, text=True, check=True).stdout
+        asm = _disassembly(isa)
         assert "sqrtps" in asm and "sqrtpd" in asm, isa
         assert "call" not in "".join(l for l in asm.splitlines() if "<sqrt" in l), isa
         if isa == "avx512":
