@@ -17,68 +17,31 @@ gradient values as the unsharded one, so it is equal bit for bit. With a reduce-
 instead of the allreduce, two ranks still give the same bits (a + b == b + a in IEEE
 arithmetic), three may not (the reduction may associate differently): to rounding.
 """
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+import _mpi
+from _mpi import HAVE_MPI4PY, ROOT, check, needs_mpi
 from ch8fast.distributed import shard_bounds, split_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mpi", "dp_worker.py")
-MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
-HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 RTOL = {"float64": 1e-12, "float32": 2e-5}
 
-needs_mpi = pytest.mark.skipif(
-    MPIRUN is None or not HAVE_MPI4PY,
-    reason="needs mpirun and mpi4py (run .ci/install_mpi.sh: Open MPI + pip mpi4py); "
-           f"mpirun: {MPIRUN or 'not found'}, mpi4py: "
-           f"{'installed' if HAVE_MPI4PY else 'not installed'}")
 
-
-def _is_open_mpi():
-    try:
-        out = subprocess.run([MPIRUN, "--version"], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
-
-
-def mpirun(n, *args, timeout=90, module=False):
+def mpirun(n, *args, timeout=90, module=False, **kw):
     """Run ``python WORKER args`` (or ``python -m args``) on n ranks; returns
     (CompletedProcess, RESULT dicts printed by rank 0)."""
-    cmd = [MPIRUN, "-n", str(n)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    if _is_open_mpi():
-        # --oversubscribe: 3 ranks on 2 cores; as root Open MPI refuses without
-        # --allow-run-as-root. Containers often forbid the cross-memory attach that
-        # the shared-memory transport uses for large messages: copy through the buffer.
-        cmd += ["--oversubscribe"]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd += ["--allow-run-as-root"]
-        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
-    cmd += [sys.executable] + (["-m"] if module else [WORKER]) + list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=ROOT)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    if module:
+        proc, results, _ = _mpi.mpirun(n, args[0], *args[1:], timeout=timeout, module=True,
+                                       **kw)
+    else:
+        proc, results, _ = _mpi.mpirun(n, WORKER, *args, timeout=timeout, **kw)
     return proc, results
-
-
-def check(proc):
-    assert proc.returncode == 0, (f"mpirun exited {proc.returncode}\nstdout:\n"
-                                  f"{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
 
 
 _CACHE = {}
@@ -249,9 +212,7 @@ def test_failures_leave_every_rank_consistent(tmp_path):
 
 @needs_mpi
 def test_failing_rank_aborts_the_job_quickly():
-    t0 = time.perf_counter()
-    proc, _ = mpirun(2, "fail", timeout=60)
-    elapsed = time.perf_counter() - t0
+    proc, _, elapsed = _mpi.mpirun(2, WORKER, "fail", timeout=60)
     assert proc.returncode != 0
     assert elapsed < 30, f"took {elapsed:.1f} s: the other rank hung?"
     err = proc.stderr + proc.stdout
