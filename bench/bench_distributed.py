@@ -49,6 +49,15 @@ def ring_bytes(mode, nbytes, p):
     return 3 * f * nbytes                          # allreduce + allgather
 
 
+def new_arena(n, rank):
+    """A float32 arena of n parameters (random, per rank) and gradients for it."""
+    import ch8fast
+    arena = ch8fast.FlatParams({"w": (n,)}, np.float32)
+    rng = np.random.default_rng(rank)
+    arena.flat[:] = rng.standard_normal(arena.flat.size, dtype=np.float32)
+    return arena, rng.standard_normal(arena.flat.size, dtype=np.float32)
+
+
 def worker(args):
     import ch8fast
     from ch8fast.distributed import DataParallel, get_comm
@@ -60,10 +69,7 @@ def worker(args):
     rows = []
     for size in args.sizes:
         n = int(float(size))
-        arena = ch8fast.FlatParams({"w": (n,)}, np.float32)
-        rng = np.random.default_rng(rank)
-        arena.flat[:] = rng.standard_normal(n, dtype=np.float32)
-        grads = rng.standard_normal(n, dtype=np.float32)
+        arena, grads = new_arena(n, rank)
         for label, mode in MODES:
             if p == 1 and mode.get("shard_state"):
                 continue
@@ -148,10 +154,8 @@ def overhead(args, comm):
     rows = []
     for size in args.sizes:
         n = int(float(size))
-        arena = ch8fast.FlatParams({"w": (n,)}, np.float32)
-        rng = np.random.default_rng(rank)
-        arena.flat[:] = rng.standard_normal(arena.flat.size, dtype=np.float32)
-        arena.flat_grad[:] = rng.standard_normal(arena.flat.size, dtype=np.float32)
+        arena, grads = new_arena(n, rank)
+        arena.flat_grad[:] = grads
         reps = max(10, min(2000, int(2e6 / n)))
         dps = [(name, DataParallel(arena, cls, comm, lr=1e-3, **kw)) for name, kw in SAFETY]
         med = rounds(comm, [(name, dp.step) for name, dp in dps], reps, args.rounds)

@@ -102,9 +102,19 @@ def mpirun(n, script, *args, timeout=90, module=False, env=None, mpi_args=()):
                     f"{timeout} s (a hang)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
     elapsed = time.perf_counter() - t0
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()
-               if line.startswith("RESULT ")]
-    return done, results, elapsed
+    return done, results_in(out), elapsed
+
+
+def results_in(out):
+    """The JSON objects printed after "RESULT " (the output of two ranks may share a line
+    as mpirun forwards it)."""
+    decoder, results = json.JSONDecoder(), []
+    for part in out.split("RESULT ")[1:]:
+        try:
+            results.append(decoder.raw_decode(part)[0])
+        except ValueError:
+            pass
+    return results
 
 
 def check(proc):

@@ -179,6 +179,16 @@ def resume(folder, shard):
            in_sync=dp.check_in_sync(), errors=errors)
 
 
+def construction_error(**kw):
+    """The error DataParallel(SGD, **kw) raises on this rank, or None."""
+    model, arena = new_model(np.float64)
+    try:
+        DataParallel(arena, ch8fast.SGD, COMM, **kw)
+        return None
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def robust(folder):
     """Failures that must leave every rank consistent and no rank hanging (2 ranks)."""
     from ch8fast.checkpoint import _canonical, _checksum
@@ -187,12 +197,7 @@ def robust(folder):
     # A bad argument on one rank, or ranks that disagree: every rank raises.
     for what, kw in (("bad_lr_on_one_rank", dict(lr=-1.0 if RANK == 1 else 0.1)),
                      ("clip_norm_differs", dict(lr=0.1, clip_norm=1.0 + RANK))):
-        model, arena = new_model(np.float64)
-        try:
-            DataParallel(arena, ch8fast.SGD, COMM, **kw)
-            out[what] = None
-        except (TypeError, ValueError) as exc:
-            out[what] = f"{type(exc).__name__}: {exc}"
+        out[what] = construction_error(**kw)
     out = {k: COMM.allgather(v) for k, v in out.items()}
 
     # A gradient whose norm squared overflows float64 (only in rank 1's slice): clipping
@@ -276,12 +281,7 @@ def agree(folder):
         "timeout_bad_on_one_rank": dict(lr=0.1, timeout=-1.0 if RANK == 1 else 10.0),
     }
     for what, kw in cases.items():
-        model, arena = new_model(np.float64)
-        try:
-            DataParallel(arena, ch8fast.SGD, COMM, **kw)
-            out[what] = None
-        except (TypeError, ValueError) as exc:
-            out[what] = f"{type(exc).__name__}: {exc}"
+        out[what] = construction_error(**kw)
     # broadcast=False: the parameters must already be the same
     for what, seed in (("no_broadcast_same", 3), ("no_broadcast_differ", 3 + RANK)):
         model, arena = new_model(np.float64, seed=seed)
