@@ -23,6 +23,7 @@ Every collective is bound by the timeout (:mod:`ch8fast.distributed.collectives`
 import contextlib
 import hashlib
 import math
+import operator
 import os
 import secrets
 
@@ -227,6 +228,9 @@ class DataParallel:
             self.param_view, self.grad_view = flat, flat_grad
         self.optimizer = opt = optimizer([self.param_view], **opt_kwargs)
         self._row = np.zeros(4, np.int64)
+        # the step check's key of a group: its hyperparameters as objects
+        self._hyper_of = operator.itemgetter(*(k for k in opt.param_groups[0]
+                                               if k != "params"))
         self._table = np.zeros(4 * self.world, np.int64)
         self._norms = np.zeros(self.world, np.float64)
         return {"size": flat.size, "dtype": flat.dtype.str, "optimizer": optimizer.__name__,
@@ -313,11 +317,15 @@ class DataParallel:
     def _config_hash(self, opt):
         """A 62-bit hash of what every rank must share: this DataParallel (a token drawn
         at construction), the clipping options and the current hyperparameters. Computed
-        again only when one of them changed."""
-        key = tuple(v for gr in opt.param_groups for k, v in gr.items() if k != "params")
-        key += (opt.clip_norm, opt.clip_value, opt.skip_nonfinite, len(opt.param_groups))
+        again only when one of them changed (the values are compared as objects first:
+        the same objects as at the last step cost a tuple comparison)."""
+        try:
+            key = (opt.clip_norm, opt.clip_value, opt.skip_nonfinite,
+                   *map(self._hyper_of, opt.param_groups))
+        except KeyError:                         # a group lost a key: the step refuses it
+            key = None
         cached_key, cached = self._config
-        if key == cached_key:
+        if key is not None and key == cached_key:
             return cached
         text = repr((self._token, self._options(opt), self._hyperparameters(opt)))
         h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
@@ -329,13 +337,16 @@ class DataParallel:
         """The step check; returns ``(local_size, global_size)`` as ints (or None, None)."""
         errors = {}
         row = [opt.steps[0] + opt.skipped_steps, 0, _NONE, _NONE]
-        for j, name, v in ((2, "local_size", local_size), (3, "global_size", global_size)):
-            if v is not None:
-                try:
-                    row[j] = count(v, name)
-                except (TypeError, ValueError) as exc:
-                    row[j], errors[name] = _BAD, exc
-        if self.world == 1:
+        if local_size is not None or global_size is not None:
+            for j, name, v in ((2, "local_size", local_size),
+                               (3, "global_size", global_size)):
+                if v is not None:
+                    try:
+                        row[j] = count(v, name)
+                    except (TypeError, ValueError) as exc:
+                        row[j], errors[name] = _BAD, exc
+        world = self.world
+        if world == 1:
             return self._verdict([row], errors)
         if not self.check_steps:
             if local_size is None or global_size is not None:   # nothing to exchange
@@ -350,11 +361,22 @@ class DataParallel:
             row[0] = 0                          # exchange the sizes only
         else:
             row[1] = self._config_hash(opt)
-        self._row[:] = row
+        mine = self._row
+        mine[0], mine[1], mine[2], mine[3] = row
         T = self._MPI.INT64_T
         self._coll.run("the step check (allgather)", self.comm.Allgather,
-                       [self._row, T], [self._table, T])
+                       [mine, T], [self._table, T])
         t = self._table.tolist()
+        # the usual case, decided with a few list operations
+        steps, configs, local, glob = t[0::4], t[1::4], t[2::4], t[3::4]
+        if (not errors and steps.count(steps[0]) == world
+                and configs.count(configs[0]) == world and glob.count(glob[0]) == world):
+            if glob[0] == _NONE and local.count(_NONE) == world:
+                return None, None
+            if _NONE not in local and _BAD not in local:
+                total = sum(local)
+                if total > 0 and glob[0] in (_NONE, total):
+                    return local[self.rank], total
         return self._verdict([t[i:i + 4] for i in range(0, len(t), 4)], errors)
 
     def _verdict(self, rows, errors):
