@@ -58,12 +58,28 @@ def _loaded():
     return [m for m in (load(isa) for isa in ISAS) if m is not None]
 
 
+_requested = 0                # the n > 0 last given to set_num_threads; 0: none
+
+
 def set_num_threads(n):
     """Use ``n`` threads in the kernels; ``n <= 0`` follows OpenMP again
     (OMP_NUM_THREADS, threadpoolctl). Results are the same bits for any ``n``."""
+    global _requested
     n = int(n)
+    _requested = max(n, 0)
+    set_default_num_threads(n)
+
+
+def requested_num_threads():
+    """The thread count given to :func:`set_num_threads` (0: none, or reset with n <= 0)."""
+    return _requested
+
+
+def set_default_num_threads(n):
+    """Use ``n`` kernel threads without counting as a choice of the user's (what
+    ch8fast.distributed does for each rank: an explicit setting wins)."""
     for mod in _loaded():
-        mod.set_num_threads(n)
+        mod.set_num_threads(int(n))
 
 
 def get_num_threads():

@@ -45,6 +45,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 import zipfile
 
 import numpy as np
@@ -52,7 +53,8 @@ import numpy as np
 from .storage import is_bfloat16
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "CHECKPOINT_FORMAT",
-           "CHECKPOINT_VERSION"]
+           "CHECKPOINT_VERSION", "atomic_write", "canonical_json",
+           "remove_stale_temporaries"]
 
 CHECKPOINT_FORMAT = "ch8fast-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -106,6 +108,15 @@ def _plain(obj, where="extra"):
 def _canonical(header):
     return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False, default=_json_default).encode("utf-8")
+
+
+def canonical_json(obj, where="extra"):
+    """``obj`` as the canonical JSON bytes checkpoints are written with, checked as
+    ``save_checkpoint`` checks ``extra`` (dict keys become strings, two keys that become
+    the same string are refused; NaN and infinities are refused): a TypeError or
+    ValueError names the entry. For other writers of checkpoint metadata (the manifest of
+    ch8fast.distributed)."""
+    return _canonical(_plain(obj, where))
 
 
 def _checksum(header_wo_checksum, arrays):
@@ -196,34 +207,64 @@ def _pid_alive(pid):
     return True
 
 
-def _temp_prefix(base):
-    """``.<base>.tmp-<host>-``: a temporary file names its machine, then its process. A
-    long name is shortened (its start and a hash), and so is the host name, so that the
-    temporary name fits in 255 bytes whenever ``base`` does."""
+def _temp_base(base):
+    """``base`` as a temporary name holds it: a long name is shortened (its start and a
+    hash), so that the temporary name fits in 255 bytes whenever ``base`` does."""
     if len(base.encode()) > 100:
         digest = hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         base = base.encode()[:40].decode("utf-8", "ignore") + "~" + digest
-    host = (re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host")[:32]
-    return f".{base}{_TMP_MARK}{host}-"
+    return base
+
+
+def _host_tag():
+    return (re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host")[:32]
+
+
+def _temp_prefix(base):
+    """``.<base>.tmp-<host>-``: a temporary file names its machine, then its process."""
+    return f".{_temp_base(base)}{_TMP_MARK}{_host_tag()}-"
+
+
+_TEMP_NAME = re.compile(r"\.(?P<base>.+)" + re.escape(_TMP_MARK) +
+                        r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>[0-9]+)-[^-]*")
+
+
+def remove_stale_temporaries(folder, pattern, max_age=None):
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files
+    whose name matches the regular expression ``pattern`` (whole name) and whose writer is
+    gone: written on this machine by a process that no longer exists, or (on any machine)
+    not modified for ``max_age`` seconds (None: never by age). A temporary file of a save
+    under way is never removed: its process is alive and it is being written. Returns the
+    names removed."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    host, now, removed = _host_tag(), time.time(), []
+    for name in names:
+        m = _TEMP_NAME.fullmatch(name)
+        if m is None or not re.fullmatch(pattern, m["base"]):
+            continue
+        path = os.path.join(folder, name)
+        stale = m["host"] == host and not _pid_alive(int(m["pid"]))
+        if not stale and max_age is not None:
+            try:
+                stale = now - os.stat(path).st_mtime > max_age
+            except OSError:
+                continue
+        if stale:
+            try:
+                os.remove(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def _remove_stale_temps(folder, base):
     """Remove this machine's ``.<base>.tmp-<host>-<pid>-*`` files whose process no longer
     exists (those of other machines sharing the folder are left alone)."""
-    prefix = _temp_prefix(base)
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
+    remove_stale_temporaries(folder, re.escape(_temp_base(base)))
 
 
 def _new_file_mode():

@@ -17,68 +17,31 @@ gradient values as the unsharded one, so it is equal bit for bit. With a reduce-
 instead of the allreduce, two ranks still give the same bits (a + b == b + a in IEEE
 arithmetic), three may not (the reduction may associate differently): to rounding.
 """
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+import _mpi
+from _mpi import HAVE_MPI4PY, ROOT, check, needs_mpi
 from ch8fast.distributed import shard_bounds, split_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mpi", "dp_worker.py")
-MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
-HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 RTOL = {"float64": 1e-12, "float32": 2e-5}
 
-needs_mpi = pytest.mark.skipif(
-    MPIRUN is None or not HAVE_MPI4PY,
-    reason="needs mpirun and mpi4py (run .ci/install_mpi.sh: Open MPI + pip mpi4py); "
-           f"mpirun: {MPIRUN or 'not found'}, mpi4py: "
-           f"{'installed' if HAVE_MPI4PY else 'not installed'}")
 
-
-def _is_open_mpi():
-    try:
-        out = subprocess.run([MPIRUN, "--version"], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
-
-
-def mpirun(n, *args, timeout=90, module=False):
+def mpirun(n, *args, timeout=90, module=False, **kw):
     """Run ``python WORKER args`` (or ``python -m args``) on n ranks; returns
     (CompletedProcess, RESULT dicts printed by rank 0)."""
-    cmd = [MPIRUN, "-n", str(n)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    if _is_open_mpi():
-        # --oversubscribe: 3 ranks on 2 cores; as root Open MPI refuses without
-        # --allow-run-as-root. Containers often forbid the cross-memory attach that
-        # the shared-memory transport uses for large messages: copy through the buffer.
-        cmd += ["--oversubscribe"]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd += ["--allow-run-as-root"]
-        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
-    cmd += [sys.executable] + (["-m"] if module else [WORKER]) + list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=ROOT)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    if module:
+        proc, results, _ = _mpi.mpirun(n, args[0], *args[1:], timeout=timeout, module=True,
+                                       **kw)
+    else:
+        proc, results, _ = _mpi.mpirun(n, WORKER, *args, timeout=timeout, **kw)
     return proc, results
-
-
-def check(proc):
-    assert proc.returncode == 0, (f"mpirun exited {proc.returncode}\nstdout:\n"
-                                  f"{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
 
 
 _CACHE = {}
@@ -239,8 +202,171 @@ def test_failures_leave_every_rank_consistent(tmp_path):
     assert r["bad_extra"] is not None and "JSON" in r["bad_extra"]
     assert r["files_kept"] and r["previous_save_loads"] and r["old_files_removed"]
     assert len(r["files_after_second_save"]) == 3
-    assert r["one_rank_refuses"] is not None and "rank 1" in r["one_rank_refuses"]
+    # the forged file is refused on every rank, naming the rank that read it
+    assert r["one_rank_refuses"] is not None and "rank(s) [1]" in r["one_rank_refuses"]
+    assert "different hyperparameters" in r["one_rank_refuses"]
     assert r["state_unchanged"] == [True, True]
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement at construction and in a step; the lr on load
+# ---------------------------------------------------------------------------------------
+
+@needs_mpi
+def test_disagreements_raise_on_every_rank(tmp_path):
+    """clip_value, callables and broadcast are compared at construction; a bad argument
+    of step() on one rank raises on every rank and changes nothing."""
+    proc, res = mpirun(2, "agree", str(tmp_path / "ck"), timeout=120)
+    check(proc)
+    r = res[0]
+
+    def everywhere(key, *parts):
+        msgs = r[key]
+        assert len(msgs) == 2 and all(m is not None for m in msgs), (key, msgs)
+        for m in msgs:
+            assert all(p in m for p in parts), (key, m)
+
+    everywhere("clip_value_differs", "disagree on clip_value", "rank 0: None",
+               "rank 1: 1.0")
+    everywhere("broadcast_differs", "disagree on broadcast")
+    everywhere("schedules_differ", "disagree on hyperparameters", "'decay_rate': 0.6")
+    assert r["schedules_equal"] == [None, None]           # schedules compare by content
+    # plain callables are refused: two lambdas, or closures of one factory, cannot be
+    # compared (they have the same names)
+    everywhere("two_lambdas", "TypeError: lr is a plain callable", "ch8fast.schedules")
+    everywhere("one_factory", "TypeError: lr is a plain callable", "factory")
+    everywhere("timeout_bad_on_one_rank", "timeout must be a finite number > 0")
+    assert r["no_broadcast_same"] == [None, None]
+    everywhere("no_broadcast_differ", "broadcast=False", "rank(s) [1] differ from rank 0")
+    assert r["bad_local_size"][1] == "ValueError: local_size must be an integer in [0, " \
+                                    "2**62], got -1"
+    assert "rank(s) [1] gave an invalid local_size" in r["bad_local_size"][0]
+    assert r["unchanged_after_bad_step"] == [True, True]
+    assert r["steps_after"] == [1, 1] and r["in_sync_after"] == [True, True]
+
+
+@needs_mpi
+def test_load_restores_the_saved_lr(tmp_path):
+    """dp.load makes the hyperparameters the checkpoint's (as torch's load_state_dict
+    does): a DataParallel made with lr=0.5 has the saved 0.01 after loading; an lr set
+    after loading, on every rank, holds and the ranks stay in sync."""
+    proc, res = mpirun(2, "agree", str(tmp_path / "ck"), timeout=120)
+    check(proc)
+    r = res[0]
+    assert r["lr_after_load"] == [0.01, 0.01]
+    assert r["lr_changed_after_load_steps"] == [2, 2]
+    assert r["lr_changed_in_sync"] == [True, True]
+
+
+@needs_mpi
+@pytest.mark.parametrize("launch", ["python", "mpirun -n 1"])
+def test_one_rank_uses_the_gradients_in_every_mode(launch):
+    """On one process (e.g. resuming a checkpoint alone) every mode, reduce_scatter
+    included, steps on the gradients: the same bits as the plain optimizer."""
+    if launch == "python":
+        out = subprocess.run([sys.executable, WORKER, "single"], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert out.returncode == 0, out.stderr
+        r = [json.loads(line[7:]) for line in out.stdout.splitlines()
+             if line.startswith("RESULT ")][0]
+    else:
+        proc, res = mpirun(1, "single")
+        check(proc)
+        r = res[0]
+    assert r["world"] == 1
+    for mode in ("dp", "zero", "zero_rs"):
+        assert r[mode]["moved"] and r[mode]["bitwise_eq_ref"] and r[mode]["steps"] == 8, \
+            (mode, r[mode])
+
+
+# ---------------------------------------------------------------------------------------
+# Threads per rank
+# ---------------------------------------------------------------------------------------
+
+def test_default_num_threads_is_the_share_of_the_host():
+    from ch8fast.distributed import default_num_threads
+    assert default_num_threads(2, cores=2, affinity=2) == 1
+    assert default_num_threads(2, cores=16, affinity=16) == 8
+    assert default_num_threads(3, cores=16, affinity=16) == 5
+    assert default_num_threads(4, cores=2, affinity=2) == 1       # never 0
+    assert default_num_threads(2, cores=16, affinity=1) == 1      # bound to one core
+    assert default_num_threads(1, cores=8, affinity=8) == 8
+
+
+@needs_mpi
+@pytest.mark.parametrize("setting", ["default", "OMP_NUM_THREADS=2", "set_num_threads(2)"])
+def test_ranks_share_the_cores_unless_told(setting):
+    """Two ranks on this host, not bound to cores: each uses its share of the cores (on 2
+    cores, one thread), instead of OpenMP's default of every core; OMP_NUM_THREADS or
+    ch8fast.set_num_threads wins."""
+    env = {"OMP_NUM_THREADS": "2" if setting.startswith("OMP") else None}
+    args = ["threads"] + (["set", "2"] if setting.startswith("set") else [])
+    mpi_args = (["--bind-to", "none"] if _mpi.is_open_mpi() else [])
+    if setting.startswith("OMP") and _mpi.is_open_mpi():
+        mpi_args += ["-x", "OMP_NUM_THREADS"]
+    proc, res = mpirun(2, *args, env=env, mpi_args=mpi_args)
+    check(proc)
+    ranks = res[0]["ranks"]
+    assert [r["ranks_here"] for r in ranks] == [2, 2]
+    cores = ranks[0]["cpu_count"]
+    for r in ranks:
+        if setting == "default":
+            assert r["omp"] is None
+            assert r["after"] == r["share"] == max(1, cores // 2), r
+        else:
+            assert r["after"] == 2, r
+
+
+# ---------------------------------------------------------------------------------------
+# Temporary files of killed saves
+# ---------------------------------------------------------------------------------------
+
+@needs_mpi
+def test_killed_saves_leave_no_temporary_files(tmp_path):
+    """Each save uses a new id, so the temporary files of killed saves never share a name
+    with a later one: a save removes those of this host whose process is gone, and those
+    of any host older than a day, never a live writer's or an unrelated file."""
+    import socket
+    import time
+    from ch8fast.checkpoint import _host_tag
+    folder = str(tmp_path / "ck")
+    proc, res = mpirun(2, "killsave", folder)
+    check(proc)
+    left = []
+    for _ in range(2):                               # two saves killed mid-write
+        proc, _ = mpirun(2, "killsave", folder, "kill")
+        assert proc.returncode != 0
+        assert "not_reached" not in proc.stdout
+        left.append({n for n in os.listdir(folder) if ".tmp-" in n})
+    assert left[0] and left[1], left                 # each killed save left some
+    assert not left[0] & left[1], left    # the second save removed the first one's
+    host = _host_tag()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fake = {
+        "other_host_old": f".shard-00ff-00000-of-00002.npz.tmp-otherhost-123-abc",
+        "other_host_new": f".shard-00fe-00000-of-00002.npz.tmp-otherhost-123-abd",
+        "live_writer": f".shard-00fd-00001-of-00002.npz.tmp-{host}-{os.getpid()}-abe",
+        "manifest_dead": f".manifest.json.tmp-{host}-{dead.pid}-abf",
+        "unrelated_dead": f".notes.txt.tmp-{host}-{dead.pid}-abg",
+    }
+    for what, name in fake.items():
+        with open(os.path.join(folder, name), "w") as fh:
+            fh.write("x")
+    day = 24 * 3600
+    old = time.time() - day - 60
+    os.utime(os.path.join(folder, fake["other_host_old"]), (old, old))
+    proc, res = mpirun(2, "killsave", folder)              # a save that completes
+    check(proc)
+    names = set(os.listdir(folder))
+    with open(os.path.join(folder, "manifest.json")) as fh:
+        sid = json.load(fh)["save_id"]
+    expected = {"manifest.json", f"shard-{sid}-00000-of-00002.npz",
+                f"shard-{sid}-00001-of-00002.npz",
+                fake["other_host_new"], fake["live_writer"], fake["unrelated_dead"]}
+    assert names == expected, (sorted(names - expected), sorted(expected - names),
+                               socket.gethostname())
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,9 +375,7 @@ def test_failures_leave_every_rank_consistent(tmp_path):
 
 @needs_mpi
 def test_failing_rank_aborts_the_job_quickly():
-    t0 = time.perf_counter()
-    proc, _ = mpirun(2, "fail", timeout=60)
-    elapsed = time.perf_counter() - t0
+    proc, _, elapsed = _mpi.mpirun(2, WORKER, "fail", timeout=60)
     assert proc.returncode != 0
     assert elapsed < 30, f"took {elapsed:.1f} s: the other rank hung?"
     err = proc.stderr + proc.stdout

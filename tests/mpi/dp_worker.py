@@ -5,6 +5,10 @@
     mpirun -n P python tests/mpi/dp_worker.py resume DIR [--shard]  # load, train on, compare
     mpirun -n P python tests/mpi/dp_worker.py fail                  # rank P-1 raises
     mpirun -n 2 python tests/mpi/dp_worker.py robust DIR            # failures stay consistent
+    mpirun -n 2 python tests/mpi/dp_worker.py agree DIR             # disagreements raise
+    mpirun -n P python tests/mpi/dp_worker.py single                # reduce_scatter, 1 rank
+    mpirun -n 2 python tests/mpi/dp_worker.py threads               # threads per rank
+    mpirun -n 2 python tests/mpi/dp_worker.py killsave DIR [kill]   # killed mid-save
 
 Each rank computes the gradient of its share of every minibatch; rank 0 also trains the
 same model on whole minibatches in one process (the reference), and every variant is
@@ -175,6 +179,16 @@ def resume(folder, shard):
            in_sync=dp.check_in_sync(), errors=errors)
 
 
+def construction_error(**kw):
+    """The error DataParallel(SGD, **kw) raises on this rank, or None."""
+    model, arena = new_model(np.float64)
+    try:
+        DataParallel(arena, ch8fast.SGD, COMM, **kw)
+        return None
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def robust(folder):
     """Failures that must leave every rank consistent and no rank hanging (2 ranks)."""
     from ch8fast.checkpoint import _canonical, _checksum
@@ -183,12 +197,7 @@ def robust(folder):
     # A bad argument on one rank, or ranks that disagree: every rank raises.
     for what, kw in (("bad_lr_on_one_rank", dict(lr=-1.0 if RANK == 1 else 0.1)),
                      ("clip_norm_differs", dict(lr=0.1, clip_norm=1.0 + RANK))):
-        model, arena = new_model(np.float64)
-        try:
-            DataParallel(arena, ch8fast.SGD, COMM, **kw)
-            out[what] = None
-        except (TypeError, ValueError) as exc:
-            out[what] = f"{type(exc).__name__}: {exc}"
+        out[what] = construction_error(**kw)
     out = {k: COMM.allgather(v) for k, v in out.items()}
 
     # A gradient whose norm squared overflows float64 (only in rank 1's slice): clipping
@@ -224,7 +233,7 @@ def robust(folder):
     out["old_files_removed"] = not set(first_files) & set(files) - {"manifest.json"}
 
     # A load that one rank refuses (its shard's hyperparameters forged, checksum fixed):
-    # the rank that could load undoes it.
+    # the ranks compare what they read, and every rank refuses before loading.
     COMM.Barrier()
     if RANK == 1:
         name = [f for f in files if f.startswith("shard-") and "-00001-of-" in f][0]
@@ -253,6 +262,124 @@ def robust(folder):
     result(**out)
 
 
+def agree(folder):
+    """Disagreements at construction, bad step arguments on one rank, the lr on load:
+    every rank raises (2 ranks), or loads the same."""
+    from ch8fast import schedules
+    out = {}
+
+    def factory(rate):
+        return lambda k: rate
+
+    cases = {
+        "clip_value_differs": dict(lr=0.1, clip_value=1.0 if RANK == 1 else None),
+        "two_lambdas": dict(lr=(lambda k: 0.1) if RANK == 0 else (lambda k: 0.2)),
+        "one_factory": dict(lr=factory(0.1 + RANK)),
+        "broadcast_differs": dict(lr=0.1, broadcast=RANK == 0),
+        "schedules_differ": dict(lr=schedules.ExponentialDecay(0.1, 0.5 + 0.1 * RANK, 10)),
+        "schedules_equal": dict(lr=schedules.ExponentialDecay(0.1, 0.5, 10)),
+        "timeout_bad_on_one_rank": dict(lr=0.1, timeout=-1.0 if RANK == 1 else 10.0),
+    }
+    for what, kw in cases.items():
+        out[what] = construction_error(**kw)
+    # broadcast=False: the parameters must already be the same
+    for what, seed in (("no_broadcast_same", 3), ("no_broadcast_differ", 3 + RANK)):
+        model, arena = new_model(np.float64, seed=seed)
+        try:
+            DataParallel(arena, ch8fast.SGD, COMM, lr=0.1, broadcast=False)
+            out[what] = None
+        except ValueError as exc:
+            out[what] = str(exc)
+
+    # A bad local_size on one rank: every rank raises, nothing changes, training goes on.
+    X, y = data()
+    model, arena = new_model(np.float64)
+    dp = DataParallel(arena, ch8fast.Adam, COMM, lr=0.01)
+    idx = np.arange(10)
+    mine = split_batch(idx, RANK, WORLD)
+    model.loss_and_grad(X[mine], y[mine])
+    before = (dp.flat.tobytes(), dp.optimizer.state_dict()["param_groups"][0]["step"])
+    try:
+        dp.step(-1 if RANK == 1 else len(mine), len(idx))
+        out["bad_local_size"] = None
+    except (TypeError, ValueError) as exc:
+        out["bad_local_size"] = f"{type(exc).__name__}: {exc}"
+    out["unchanged_after_bad_step"] = (dp.flat.tobytes(), dp.optimizer.state_dict()[
+        "param_groups"][0]["step"]) == before
+    dp.step(len(mine), len(idx))
+    out["steps_after"] = dp.steps
+    out["in_sync_after"] = dp.check_in_sync()
+
+    # dp.load restores the saved lr (as torch does); set after loading, it holds.
+    dp.save(folder)
+    model2, arena2 = new_model(np.float64, seed=5)
+    dp2 = DataParallel(arena2, ch8fast.Adam, COMM, lr=0.5)
+    dp2.load(folder)
+    out["lr_after_load"] = dp2.optimizer.param_groups[0]["lr"]
+    dp2.optimizer.param_groups[0]["lr"] = 0.02          # on every rank alike
+    model2.loss_and_grad(X[mine], y[mine])
+    dp2.step(len(mine), len(idx))
+    out["lr_changed_after_load_steps"] = dp2.steps
+    out["lr_changed_in_sync"] = dp2.check_in_sync()
+    out = {k: COMM.allgather(v) for k, v in out.items()}
+    result(**out)
+
+
+def single():
+    """Every mode on one rank (plain python or mpirun -n 1) equals the plain optimizer."""
+    X, y = data()
+    ref, _ = train_reference(CK_CLS, CK_HYPER, np.float64, X, y, BATCHES)
+    _, start = new_model(np.float64)
+    out = {"world": WORLD}
+    for vname, kw in (("dp", {}), ("zero", dict(shard_state=True)),
+                      ("zero_rs", dict(shard_state=True, grad_sync="reduce_scatter"))):
+        dp, _ = train_dp(CK_CLS, CK_HYPER, np.float64, X, y, BATCHES, **kw)
+        out[vname] = {"moved": dp.flat.tobytes() != start.flat.tobytes(),
+                      "bitwise_eq_ref": dp.flat.tobytes() == ref.tobytes(),
+                      "steps": dp.steps}
+    result(**out)
+
+
+def threads():
+    """The kernel threads each rank uses after DataParallel(), with and without an
+    explicit setting (argv: 'default', 'set 2')."""
+    mode = sys.argv[2] if len(sys.argv) > 2 else "default"
+    if mode == "set":
+        ch8fast.set_num_threads(int(sys.argv[3]))
+    before = ch8fast.get_num_threads()
+    model, arena = new_model(np.float64)
+    DataParallel(arena, ch8fast.SGD, COMM, lr=0.1)
+    from ch8fast.distributed import default_num_threads, ranks_on_this_host
+    here = ranks_on_this_host(COMM)
+    out = COMM.allgather({"before": before, "after": ch8fast.get_num_threads(),
+                          "share": default_num_threads(here), "ranks_here": here,
+                          "cpu_count": os.cpu_count(),
+                          "omp": os.environ.get("OMP_NUM_THREADS")})
+    result(ranks=out)
+
+
+def killsave(folder, kill):
+    """Save; with ``kill``, the last rank is killed (SIGKILL) while it writes its shard,
+    after the data and before the rename: the job dies, leaving temporary files."""
+    import signal
+    X, y = data()
+    dp, model = train_dp(CK_CLS, CK_HYPER, np.float64, X, y, FIRST, shard_state=True)
+    if not kill:
+        dp.save(folder, extra={"epoch": 1})
+        result(saved=True)
+        return
+    if RANK == WORLD - 1:
+        real = np.savez
+
+        def savez_then_die(f, **arrays):
+            real(f, **arrays)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        np.savez = savez_then_die
+    dp.save(folder, extra={"epoch": 2})
+    result(not_reached=True)
+
+
 def fail():
     X, y = data()
     model, arena = new_model(np.float64)
@@ -270,12 +397,17 @@ def fail():
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust"])
+    ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust",
+                                     "agree", "single", "threads", "killsave"])
     ap.add_argument("folder", nargs="?")
+    ap.add_argument("more", nargs="*")
     ap.add_argument("--shard", action="store_true")
     a = ap.parse_args()
     COMM = get_comm()
     RANK, WORLD = COMM.Get_rank(), COMM.Get_size()
+    if a.what == "threads":
+        threads()
+        sys.exit(0)
     ch8fast.set_num_threads(1)
     if a.what == "equivalence":
         equivalence()
@@ -283,5 +415,11 @@ if __name__ == "__main__":
         fail()
     elif a.what == "robust":
         robust(a.folder)
+    elif a.what == "agree":
+        agree(a.folder)
+    elif a.what == "killsave":
+        killsave(a.folder, a.more == ["kill"])
+    elif a.what == "single":
+        single()
     else:
         {"save": save, "resume": resume}[a.what](a.folder, a.shard)

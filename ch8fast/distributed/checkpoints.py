@@ -1,0 +1,209 @@
+"""Sharded checkpoints of a DataParallel: one ch8fast checkpoint file per shard and a
+manifest, written and read with :mod:`ch8fast.checkpoint` (atomic, checksummed).
+
+A folder holds ``manifest.json`` and the files it names, ``shard-<save id>-<r>-of-<p>.npz``
+(one per rank when the state is sharded, one from rank 0 otherwise). A save writes the
+shards, then the manifest, then removes the files of earlier saves: until the new manifest
+is in place the previous save stays complete. Each save also removes the temporary files
+that killed saves left (``.shard-....npz.tmp-<host>-<pid>-...``): those written on this
+host by a process that no longer exists, and those of any host untouched for a day.
+"""
+
+import hashlib
+import json
+import math
+import os
+import secrets
+
+import numpy as np
+
+from ..checkpoint import (atomic_write, canonical_json, read_checkpoint,
+                          remove_stale_temporaries, save_checkpoint)
+from .collectives import collective_check
+
+__all__ = ["DIST_CHECKPOINT_FORMAT", "DIST_CHECKPOINT_VERSION", "MANIFEST",
+           "STALE_TEMPORARY_AGE", "save", "load"]
+
+DIST_CHECKPOINT_FORMAT = "ch8fast-distributed-checkpoint"
+DIST_CHECKPOINT_VERSION = 1
+MANIFEST = "manifest.json"
+STALE_TEMPORARY_AGE = 24 * 3600.0     # seconds: a temporary file older than this is stale
+_OWN_FILES = r"shard-[0-9a-f]+-[0-9]{5}-of-[0-9]{5}\.npz|" + MANIFEST.replace(".", r"\.")
+
+
+def shard_file(save_id, r, world):
+    return f"shard-{save_id}-{r:05d}-of-{world:05d}.npz"
+
+
+def _layout(arena):
+    if all(hasattr(arena, k) for k in ("names", "shapes", "offsets")):
+        return [[n, list(s), int(o)] for n, s, o in zip(arena.names, arena.shapes,
+                                                         arena.offsets)]
+    return None
+
+
+def save(dp, path, extra=None):
+    """:meth:`DataParallel.save`."""
+    coll, rank, world = dp._coll, dp.rank, dp.world
+    save_id = coll.run("the save id broadcast of save()", dp.comm.bcast,
+                       secrets.token_hex(8) if rank == 0 else None, root=0)
+    if dp.shard_state:
+        shards = [{"file": shard_file(save_id, r, world), "lo": dp.bounds[r],
+                   "hi": dp.bounds[r + 1]} for r in range(world)]
+        mine = shards[rank]
+    else:
+        shards = [{"file": shard_file(save_id, 0, 1), "lo": 0, "hi": dp.flat.size}]
+        mine = shards[0] if rank == 0 else None
+    norm = dp.last_grad_norm
+    manifest = {
+        "format": DIST_CHECKPOINT_FORMAT, "format_version": DIST_CHECKPOINT_VERSION,
+        "save_id": save_id, "optimizer": type(dp.optimizer).__name__,
+        "dtype": dp.flat.dtype.str, "size": int(dp.flat.size),
+        "layout": _layout(dp.arena), "world_size": world,
+        "shard_state": dp.shard_state, "shards": shards,
+        "steps": dp.steps, "skipped_steps": dp.skipped_steps,
+        "last_grad_norm": norm if norm is None or math.isfinite(norm) else repr(norm),
+        "extra": extra,
+    }
+    err = None
+    try:                                 # refuse what JSON cannot hold before writing
+        text = canonical_json(manifest, "manifest")
+        if rank == 0:
+            os.makedirs(path, exist_ok=True)
+    except (TypeError, ValueError, OSError) as exc:
+        err = f"cannot save to {path!r}: {type(exc).__name__}: {exc}"
+    collective_check(coll, err, "the argument check of save()")
+    # what killed saves left: every rank removes its own host's (and old ones)
+    remove_stale_temporaries(path, _OWN_FILES, STALE_TEMPORARY_AGE)
+    try:
+        if mine is not None:
+            save_checkpoint(os.path.join(path, mine["file"]), dp.optimizer,
+                            params=[dp.param_view],
+                            extra={"save_id": save_id, "lo": mine["lo"], "hi": mine["hi"]})
+    except Exception as exc:             # report on every rank, never hang
+        err = f"{type(exc).__name__}: {exc}"
+    collective_check(coll, err, "the shard write check of save()")
+    if rank == 0:
+        try:
+            atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(text))
+            keep = {sh["file"] for sh in shards}
+            for name in os.listdir(path):
+                if name.startswith("shard-") and name.endswith(".npz") and name not in keep:
+                    os.remove(os.path.join(path, name))
+        except Exception as exc:
+            err = f"{type(exc).__name__}: {exc}"
+    collective_check(coll, err, "the manifest write check of save()")
+
+
+def load(dp, path):
+    """:meth:`DataParallel.load`."""
+    coll, opt = dp._coll, dp.optimizer
+    err, manifest, pieces = None, None, None
+    try:
+        manifest = _read_manifest(dp, path)
+        pieces = _read_pieces(dp, path, manifest)
+    except Exception as exc:
+        err = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    collective_check(coll, err, "the file check of load()")
+    sd, params = pieces
+    # every rank must load the same hyperparameters and counters (files can differ)
+    meta = hashlib.blake2b(canonical_json({k: v for k, v in sd.items() if k != "state"},
+                                          "state_dict"), digest_size=16).hexdigest()
+    metas = coll.run("the allgather of the loaded hyperparameters in load()",
+                     dp.comm.allgather, meta)
+    if any(m != metas[0] for m in metas):
+        raise ValueError(f"checkpoint {path!r}: the shard files hold different "
+                         f"hyperparameters or step counts: rank(s) "
+                         f"{[r for r, m in enumerate(metas) if m != metas[0]]} read "
+                         f"other ones than rank 0")
+    err, before = None, opt.state_dict()
+    try:
+        opt.load_state_dict(sd)              # checks everything, then applies
+    except Exception as exc:
+        err = f"checkpoint {path!r}: {exc}"
+    try:
+        collective_check(coll, err, "the state check of load()")
+    except ValueError:
+        if err is None:                      # this rank loaded, another refused: undo
+            opt.load_state_dict(before)
+        raise
+    np.copyto(dp.param_view, params)
+    if dp.shard_state and dp.world > 1:
+        dp._allgather()
+    norm = manifest["last_grad_norm"]
+    opt.last_grad_norm = float(norm) if isinstance(norm, str) else norm
+    return manifest["extra"]
+
+
+def _read_manifest(dp, path):
+    where = os.path.join(path, MANIFEST)
+    try:
+        with open(where) as fh:
+            m = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file (not a ch8fast.distributed "
+                         f"checkpoint, or its save did not finish)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: unreadable ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != DIST_CHECKPOINT_FORMAT \
+            or m.get("format_version") != DIST_CHECKPOINT_VERSION:
+        raise ValueError(f"{where}: not a {DIST_CHECKPOINT_FORMAT} version "
+                         f"{DIST_CHECKPOINT_VERSION} manifest")
+    mine = type(dp.optimizer).__name__
+    if m["optimizer"] != mine:
+        raise ValueError(f"{where}: holds {m['optimizer']} state; this optimizer is {mine}")
+    if m["size"] != dp.flat.size or m["dtype"] != dp.flat.dtype.str:
+        raise ValueError(f"{where}: holds {m['size']} parameters of dtype {m['dtype']}, "
+                         f"this arena has {dp.flat.size} of {dp.flat.dtype.str}")
+    layout = _layout(dp.arena)
+    if layout is not None and m["layout"] is not None and m["layout"] != layout:
+        raise ValueError(f"{where}: the arena's names, shapes or offsets differ from the "
+                         f"checkpoint's")
+    lo = 0
+    for s in m["shards"]:
+        if s["lo"] != lo or s["hi"] < s["lo"]:
+            raise ValueError(f"{where}: the shards do not tile the buffer")
+        lo = s["hi"]
+    if lo != dp.flat.size:
+        raise ValueError(f"{where}: the shards do not cover the buffer")
+    return m
+
+
+def _read_pieces(dp, path, m):
+    """(state dict, parameters) of this rank's slice, cut from the overlapping files."""
+    lo, hi = (dp.lo, dp.hi) if dp.shard_state else (0, dp.flat.size)
+    n = hi - lo
+    names = list(dp.optimizer.state[0])
+    state = {k: np.empty(n, dp.flat.dtype) for k in names}
+    params = np.empty(n, dp.flat.dtype)
+    meta = None
+    overlap = [s for s in m["shards"] if max(lo, s["lo"]) < min(hi, s["hi"])]
+    for s in overlap or m["shards"][:1]:      # an empty slice still checks one file
+        a, b = max(lo, s["lo"]), min(hi, s["hi"])
+        fname = os.path.join(path, s["file"])
+        header, arrays = read_checkpoint(fname)
+        ex = header.get("extra") or {}
+        if ex.get("save_id") != m["save_id"] or ex.get("lo") != s["lo"] \
+                or ex.get("hi") != s["hi"]:
+            raise ValueError(f"{fname}: belongs to another save than {MANIFEST} (save id "
+                             f"or slice differ): an interrupted save?")
+        if header["n_params"] != 1 or not header["has_params"]:
+            raise ValueError(f"{fname}: expected one parameter slice with its values")
+        sd = header["state_dict"]
+        if meta is None:
+            meta = sd
+        elif sd != meta:
+            raise ValueError(f"{fname}: hyperparameters or step counts differ from the "
+                             f"other shards'")
+        if a >= b:
+            continue
+        saved_names = sorted(k[len("state.0."):] for k in arrays if k.startswith("state.0."))
+        if saved_names != sorted(names):
+            raise ValueError(f"{fname}: holds state {saved_names}, the optimizer keeps "
+                             f"{sorted(names)}")
+        for k in names:
+            state[k][a - lo:b - lo] = arrays["state.0." + k][a - s["lo"]:b - s["lo"]]
+        params[a - lo:b - lo] = arrays["param.0"][a - s["lo"]:b - s["lo"]]
+    if meta is None:
+        raise ValueError(f"{path}: no shard file to read")
+    return dict(meta, state=[state]), params

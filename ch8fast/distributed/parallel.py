@@ -1,0 +1,577 @@
+"""The data-parallel step: check that the ranks agree, reduce the gradients, let the
+optimizer step, gather the parameters.
+
+One step of :class:`DataParallel` is
+
+1. the step check: one allgather of four integers per rank (the steps this rank's
+   optimizer has made, a hash of its configuration, ``local_size`` and ``global_size``),
+   from which every rank reaches the same verdict: a rank out of step, with another
+   configuration, or calling ``step()`` with other arguments makes every rank raise,
+   naming the ranks, before any array changes;
+2. the gradient reduction: one in-place ``Allreduce`` of ``arena.flat_grad`` (or a
+   ``Reduce_scatter`` into this rank's slice), after weighting each rank's gradient by
+   its share of the batch, or followed by the division by the number of ranks;
+3. the optimizer's own ``step(grads, grad_norm=...)``: with clipping or skipping, the
+   global norm of the averaged gradient (from the norms of every rank's slice, the same
+   bits on every rank and in both modes) decides, with the optimizer's counters and skip
+   logic;
+4. with sharded state, one in-place ``Allgatherv`` of the parameters.
+
+Every collective is bound by the timeout (:mod:`ch8fast.distributed.collectives`).
+"""
+
+import contextlib
+import hashlib
+import math
+import operator
+import os
+import secrets
+
+import numpy as np
+
+from .. import _isa
+from .._validation import count, flag, positive
+from ..clip import global_norm
+from ..optim import Optimizer, encode_hyperparameter
+from . import checkpoints
+from .collectives import (DEFAULT_TIMEOUT, Collectives, get_comm, install_excepthook, mpi,
+                          ranks_on_this_host)
+from .sharding import shard_bounds
+
+__all__ = ["DataParallel", "default_num_threads"]
+
+_NONE, _BAD = -1, -2          # step check: an argument not given, or refused
+
+
+def default_num_threads(ranks_here, cores=None, affinity=None):
+    """The kernel threads of one of ``ranks_here`` ranks on a host: its share of the
+    host's cores (``os.cpu_count()``), at most the cores it may run on
+    (``os.sched_getaffinity``), at least 1."""
+    cores = cores or os.cpu_count() or 1
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            affinity = cores
+    return max(1, min(affinity, cores // max(1, ranks_here)))
+
+
+def _describe_hyperparameter(name, value):
+    if callable(value) and not hasattr(value, "to_dict"):
+        raise TypeError(
+            f"{name} is a plain callable ({getattr(value, '__qualname__', type(value).__name__)}"
+            f"): DataParallel cannot check that every rank has the same one, and a "
+            f"checkpoint cannot save it; use a ch8fast.schedules schedule (compared by "
+            f"content)")
+    return encode_hyperparameter(value)
+
+
+def _by_value(values):
+    """``[(value, [ranks holding it]), ...]``, the most common value first."""
+    groups = {}
+    for r, v in enumerate(values):
+        groups.setdefault(v, []).append(r)
+    return sorted(groups.items(), key=lambda item: (-len(item[1]), item[1]))
+
+
+class DataParallel:
+    """Data-parallel training of the parameters in ``arena`` with a ch8fast optimizer.
+
+    Args:
+        arena: a :class:`ch8fast.FlatParams` (or any object with 1-D C-contiguous
+            ``flat`` and ``flat_grad`` of one float dtype and length). The model's
+            parameters are views of ``arena.flat``; its backward pass writes into
+            ``arena.flat_grad``.
+        optimizer: a ch8fast optimizer class (``ch8fast.Adam``) or its name (``"Adam"``).
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
+        shard_state: keep optimizer state only for this rank's slice (ZeRO stage 1).
+        grad_sync: ``"allreduce"`` (default) or, with ``shard_state``,
+            ``"reduce_scatter"``: each rank receives only the summed gradients of its own
+            slice (half the traffic of an allreduce). ``arena.flat_grad`` then keeps this
+            rank's own gradients, and the summation order of a reduce-scatter may differ
+            from the allreduce's for more than two ranks (equal to rounding, not bitwise).
+            After a step with the allreduce and ``shard_state``, and without sample
+            counts, only this rank's slice of ``arena.flat_grad`` is divided by the
+            number of ranks; the rest holds the summed gradients.
+        broadcast: copy rank 0's parameters to every rank first (default True). With
+            False the parameters must already be identical: construction compares them.
+        timeout: seconds a rank may wait in one collective (default 300) before the job
+            is aborted with a message naming the rank, the step and the operation;
+            None waits forever.
+        check_steps: the per-step check that the ranks agree (default True; it costs one
+            allgather of four integers per step).
+        **opt_kwargs: the optimizer's hyperparameters (``lr=...``; schedules from
+            ``ch8fast.schedules``, compared across ranks by content; plain callables are
+            refused) and ``clip_norm``, ``clip_value``, ``skip_nonfinite``. The norm for
+            ``clip_norm`` and ``skip_nonfinite`` is that of the averaged gradient over the
+            whole buffer, the same on every rank.
+
+    Every rank must make the same calls in the same order (they are collective):
+    ``step``, ``check_in_sync``, ``memory_report``, ``save``, ``load``, ``at_theta``.
+
+    Attributes:
+        optimizer: the ch8fast optimizer over ``[flat]`` or ``[flat[lo:hi]]``.
+        bounds: the slice boundaries of every rank; ``lo, hi`` this rank's.
+        steps, skipped_steps, last_grad_norm: the optimizer's counters and last norm.
+    """
+
+    def __init__(self, arena, optimizer, comm=None, *, shard_state=False,
+                 grad_sync="allreduce", broadcast=True, timeout=DEFAULT_TIMEOUT,
+                 check_steps=True, **opt_kwargs):
+        self._MPI = mpi()
+        self.comm = comm = get_comm(comm)
+        self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        self._in_step = False
+        if self.world > 1:
+            install_excepthook(comm)
+        # Check and build locally, then compare once: a rank whose arguments are bad, or
+        # that disagrees with the others (which would make the collectives mismatch, or
+        # the ranks train apart), makes every rank raise.
+        error, mine = None, None
+        try:
+            timeout = None if timeout is None else positive(timeout, "timeout")
+        except (TypeError, ValueError) as exc:
+            error, timeout = exc, DEFAULT_TIMEOUT
+        self.timeout = timeout
+        self._coll = coll = Collectives(comm, timeout, self._where)
+        if error is None:
+            try:
+                mine = self._setup(arena, optimizer, shard_state, grad_sync, broadcast,
+                                   check_steps, opt_kwargs)
+            except Exception as exc:         # raised below, once every rank knows
+                error = exc
+        token = secrets.randbits(62) if self.rank == 0 else None
+        everyone = coll.run("the agreement check of DataParallel()", comm.allgather,
+                            (None if error is None else f"{type(error).__name__}: {error}",
+                             mine, token))
+        failed = [(r, m) for r, (m, _, _) in enumerate(everyone) if m is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError("DataParallel: " + "; ".join(f"rank {r}: {m}"
+                                                          for r, m in failed))
+        differ = [k for k in mine if any(other[k] != mine[k] for _, other, _ in everyone)]
+        if differ:
+            raise ValueError("DataParallel: the ranks disagree on " + "; ".join(
+                f"{k} ({', '.join(f'rank {r}: {other[k]!r}' for r, (_, other, _) in enumerate(everyone))})"
+                for k in differ))
+        self._token = everyone[0][2]
+        self._config = (None, None)
+        if self.world > 1:
+            here = coll.run("ranks_on_this_host() in DataParallel()", ranks_on_this_host,
+                            comm)
+            if not (_isa.requested_num_threads() or
+                    os.environ.get("OMP_NUM_THREADS", "").strip()):
+                _isa.set_default_num_threads(default_num_threads(here))
+            if broadcast:
+                coll.run("the broadcast of rank 0's parameters in DataParallel()",
+                         comm.Bcast, [self.flat, self._mpi_type], root=0)
+            else:
+                off = self._out_of_sync()
+                if off:
+                    raise ValueError(f"DataParallel(broadcast=False): the parameters of "
+                                     f"rank(s) {off} differ from rank 0's; pass "
+                                     f"broadcast=True to start from rank 0's")
+
+    def _setup(self, arena, optimizer, shard_state, grad_sync, broadcast, check_steps,
+               opt_kwargs):
+        """Check the arguments and build this rank's optimizer; returns what every rank
+        must agree on."""
+        import ch8fast
+        flat, flat_grad = getattr(arena, "flat", None), getattr(arena, "flat_grad", None)
+        for name, a in (("arena.flat", flat), ("arena.flat_grad", flat_grad)):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{name} must be a numpy.ndarray (pass a ch8fast.FlatParams)"
+                                f", got {type(a).__name__}")
+            if a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
+                raise ValueError(f"{name} must be 1-D, C-contiguous and writeable")
+            if a.dtype not in (np.float32, np.float64):
+                raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+        if flat.shape != flat_grad.shape or flat.dtype != flat_grad.dtype:
+            raise ValueError(f"arena.flat ({flat.size} {flat.dtype}) and arena.flat_grad "
+                             f"({flat_grad.size} {flat_grad.dtype}) must match")
+        if np.shares_memory(flat, flat_grad):
+            raise ValueError("arena.flat and arena.flat_grad share memory")
+        if isinstance(optimizer, str):
+            cls = getattr(ch8fast, optimizer, None)
+            if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+                raise ValueError(f"unknown optimizer {optimizer!r}")
+            optimizer = cls
+        if not (isinstance(optimizer, type) and issubclass(optimizer, Optimizer)):
+            raise TypeError(f"optimizer must be a ch8fast optimizer class or its name, got "
+                            f"{optimizer!r}")
+        if grad_sync not in ("allreduce", "reduce_scatter"):
+            raise ValueError(f"grad_sync must be 'allreduce' or 'reduce_scatter', got "
+                             f"{grad_sync!r}")
+        shard_state = flag(shard_state, "shard_state")
+        broadcast = flag(broadcast, "broadcast")
+        self.check_steps = flag(check_steps, "check_steps")
+        if grad_sync == "reduce_scatter" and not shard_state:
+            raise ValueError("grad_sync='reduce_scatter' needs shard_state=True (without "
+                             "sharding every rank needs every averaged gradient)")
+        for k, v in opt_kwargs.items():
+            _describe_hyperparameter(k, v)
+
+        self.arena, self.flat, self.flat_grad = arena, flat, flat_grad
+        self.shard_state, self.grad_sync = shard_state, grad_sync
+        self.bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize)
+        self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self._mpi_type = self._MPI.FLOAT if flat.dtype == np.float32 else self._MPI.DOUBLE
+        self._counts = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
+        self._displs = self.bounds[:-1]
+        if self.shard_state:
+            self.param_view = flat[self.lo:self.hi]
+            self.grad_view = (np.zeros(self.hi - self.lo, flat.dtype)
+                              if grad_sync == "reduce_scatter" and self.world > 1
+                              else flat_grad[self.lo:self.hi])
+        else:
+            self.param_view, self.grad_view = flat, flat_grad
+        self.optimizer = opt = optimizer([self.param_view], **opt_kwargs)
+        self._row = np.zeros(4, np.int64)
+        # the step check's key of a group: its hyperparameters as objects
+        self._hyper_of = operator.itemgetter(*(k for k in opt.param_groups[0]
+                                               if k != "params"))
+        self._table = np.zeros(4 * self.world, np.int64)
+        self._norms = np.zeros(self.world, np.float64)
+        return {"size": flat.size, "dtype": flat.dtype.str, "optimizer": optimizer.__name__,
+                "shard_state": shard_state, "grad_sync": grad_sync, "broadcast": broadcast,
+                "check_steps": self.check_steps, **self._options(opt),
+                "hyperparameters": self._hyperparameters(opt)}
+
+    @staticmethod
+    def _options(opt):
+        return {"clip_norm": opt.clip_norm, "clip_value": opt.clip_value,
+                "skip_nonfinite": opt.skip_nonfinite}
+
+    @staticmethod
+    def _hyperparameters(opt):
+        return [{k: _describe_hyperparameter(k, v) for k, v in g.items() if k != "params"}
+                for g in opt.param_groups]
+
+    def _where(self):
+        """Where this rank is, for the watchdog's message."""
+        opt = getattr(self, "optimizer", None)
+        if opt is None:
+            return "while constructing DataParallel"
+        done = opt.steps[0] + opt.skipped_steps
+        return f"step {done + 1}" if self._in_step else f"after {done} steps"
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def step(self, local_size=None, global_size=None):
+        """Average the gradients in ``arena.flat_grad`` over the ranks and update the
+        parameters on every rank. Collective.
+
+        ``local_size``: the number of samples this rank's gradient (a mean over them) was
+        computed from. Given, each rank's gradient is weighted by ``local_size /
+        global_size``, which gives the exact mean over the whole batch for uneven
+        shards; a rank with no samples contributes zeros. ``global_size`` is the sum of
+        ``local_size`` over the ranks: it is computed if not given (in the step check,
+        at no extra cost), and checked if given. Every rank must pass the same kind of
+        arguments. Without ``local_size`` the gradients are summed and divided by the
+        number of ranks. Returns the global gradient norm when clipping or skipping
+        needed it, else None.
+
+        Raises (on every rank, before anything changes) ValueError when a rank's
+        arguments are bad or differ in kind from the others', RuntimeError when the
+        ranks are out of step or configured differently.
+        """
+        opt, g, world = self.optimizer, self.flat_grad, self.world
+        self._in_step = True
+        try:
+            local_size, global_size = self._agree_on_step(opt, local_size, global_size)
+            if local_size is not None:
+                if local_size == 0:
+                    g[...] = 0
+                elif local_size != global_size:
+                    np.multiply(g, g.dtype.type(local_size / global_size), out=g)
+            if world > 1:
+                self._reduce(g)
+                if local_size is None:
+                    np.divide(self.grad_view, g.dtype.type(world), out=self.grad_view)
+            norm = None
+            if opt.clip_norm is not None or opt.skip_nonfinite:
+                norm = self._global_norm()
+            # the optimizer's own step: clipping and skipping by the global norm, its
+            # counters
+            before = opt.skipped_steps
+            opt.step(self.grad_view, grad_norm=norm)
+            if self.shard_state and world > 1 and opt.skipped_steps == before:
+                self._allgather()
+            return norm
+        finally:
+            self._in_step = False
+
+    def _reduce(self, g):
+        MPI, comm = self._MPI, self.comm
+        if self.grad_sync == "reduce_scatter":
+            self._coll.run("the gradient reduce-scatter", comm.Reduce_scatter,
+                           [g, self._mpi_type], [self.grad_view, self._mpi_type],
+                           self._counts, op=MPI.SUM)
+        else:
+            self._coll.run("the gradient allreduce", comm.Allreduce, MPI.IN_PLACE,
+                           [g, self._mpi_type], op=MPI.SUM)
+
+    # ---- the step check -----------------------------------------------------------------
+
+    def _config_hash(self, opt):
+        """A 62-bit hash of what every rank must share: this DataParallel (a token drawn
+        at construction), the clipping options and the current hyperparameters. Computed
+        again only when one of them changed (the values are compared as objects first:
+        the same objects as at the last step cost a tuple comparison)."""
+        try:
+            key = (opt.clip_norm, opt.clip_value, opt.skip_nonfinite,
+                   *map(self._hyper_of, opt.param_groups))
+        except KeyError:                         # a group lost a key: the step refuses it
+            key = None
+        cached_key, cached = self._config
+        if key is not None and key == cached_key:
+            return cached
+        text = repr((self._token, self._options(opt), self._hyperparameters(opt)))
+        h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+        h &= (1 << 62) - 1
+        self._config = (key, h)
+        return h
+
+    def _agree_on_step(self, opt, local_size, global_size):
+        """The step check; returns ``(local_size, global_size)`` as ints (or None, None)."""
+        errors = {}
+        row = [opt.steps[0] + opt.skipped_steps, 0, _NONE, _NONE]
+        if local_size is not None or global_size is not None:
+            for j, name, v in ((2, "local_size", local_size),
+                               (3, "global_size", global_size)):
+                if v is not None:
+                    try:
+                        row[j] = count(v, name)
+                    except (TypeError, ValueError) as exc:
+                        row[j], errors[name] = _BAD, exc
+        world = self.world
+        if world == 1:
+            return self._verdict([row], errors)
+        if not self.check_steps:
+            if local_size is None or global_size is not None:   # nothing to exchange
+                if errors:
+                    raise next(iter(errors.values()))
+                if local_size is None:
+                    return None, None
+                if not row[2] <= row[3] or row[3] == 0:
+                    raise ValueError(f"step(): need 0 <= local_size <= global_size and "
+                                     f"global_size > 0, got {row[2]} and {row[3]}")
+                return row[2], row[3]
+            row[0] = 0                          # exchange the sizes only
+        else:
+            row[1] = self._config_hash(opt)
+        mine = self._row
+        mine[0], mine[1], mine[2], mine[3] = row
+        T = self._MPI.INT64_T
+        self._coll.run("the step check (allgather)", self.comm.Allgather,
+                       [mine, T], [self._table, T])
+        t = self._table.tolist()
+        # the usual case, decided with a few list operations
+        steps, configs, local, glob = t[0::4], t[1::4], t[2::4], t[3::4]
+        if (not errors and steps.count(steps[0]) == world
+                and configs.count(configs[0]) == world and glob.count(glob[0]) == world):
+            if glob[0] == _NONE and local.count(_NONE) == world:
+                return None, None
+            if _NONE not in local and _BAD not in local:
+                total = sum(local)
+                if total > 0 and glob[0] in (_NONE, total):
+                    return local[self.rank], total
+        return self._verdict([t[i:i + 4] for i in range(0, len(t), 4)], errors)
+
+    def _verdict(self, rows, errors):
+        """The same decision on every rank, from every rank's row."""
+        first = rows[0]
+        if any(r[0] != first[0] or r[1] != first[1] for r in rows):
+            raise RuntimeError(self._out_of_step(rows))
+        local = [r[2] for r in rows]
+        glob = [r[3] for r in rows]
+        me = self.rank
+        for name, col in (("local_size", local), ("global_size", glob)):
+            bad = [r for r, v in enumerate(col) if v == _BAD]
+            if bad:
+                if name in errors:
+                    raise errors[name]
+                raise ValueError(f"step(): rank(s) {bad} gave an invalid {name} (see "
+                                 f"{'their' if len(bad) > 1 else 'its'} error)")
+        if all(v == _NONE for v in local):
+            given = [r for r, v in enumerate(glob) if v != _NONE]
+            if given:
+                raise ValueError(f"step(): global_size given without local_size (rank(s) "
+                                 f"{given})")
+            return None, None
+        missing = [r for r, v in enumerate(local) if v == _NONE]
+        if missing:
+            raise ValueError(self._uneven_calls("local_size", missing, len(rows)))
+        total = sum(local)
+        if total == 0:
+            raise ValueError("step(): local_size is 0 on every rank: no sample to average")
+        missing = [r for r, v in enumerate(glob) if v == _NONE]
+        if missing and len(missing) < len(rows):
+            raise ValueError(self._uneven_calls("global_size", missing, len(rows)))
+        if len(set(glob)) > 1:
+            raise ValueError("step(): the ranks disagree on global_size: " + ", ".join(
+                f"{v} on rank(s) {ranks}" for v, ranks in _by_value(glob))
+                + " (are they on different batches? a rank made an extra step() call, "
+                  "or skipped one)")
+        if glob[0] not in (_NONE, total):
+            raise ValueError(f"step(): global_size is {glob[0]}, but local_size adds up to "
+                             f"{total} over the ranks (it must be their sum)")
+        return local[me if len(rows) > 1 else 0], total
+
+    @staticmethod
+    def _uneven_calls(name, missing, world):
+        given = [r for r in range(world) if r not in missing]
+        return (f"step(): rank(s) {missing} gave no {name}, rank(s) {given} did: every rank "
+                f"must call step() with the same arguments (give {name} on every rank or "
+                f"on none)")
+
+    def _out_of_step(self, rows):
+        steps = _by_value([row[0] for row in rows])
+        configs = _by_value([row[1] for row in rows])
+        parts = []
+        if len(steps) > 1:
+            parts.append("the ranks are out of step: " + ", ".join(
+                f"rank(s) {ranks} had made {s} steps" for s, ranks in steps)
+                + " (every rank must call step() equally often, and load the same "
+                  "checkpoints)")
+        if len(configs) > 1:
+            parts.append("the ranks' configurations differ (hyperparameters, clipping, or "
+                         "a different DataParallel) between " + " and ".join(
+                             f"rank(s) {ranks}" for _, ranks in configs))
+        where = rows[self.rank if len(rows) > 1 else 0][0] + 1
+        return f"DataParallel.step(), step {where} on rank {self.rank}: " + "; ".join(parts)
+
+    # ---- counters -----------------------------------------------------------------------
+
+    @property
+    def steps(self):
+        """The number of steps applied (skipped ones not counted)."""
+        return self.optimizer.steps[0]
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for a non-finite global gradient norm."""
+        return self.optimizer.skipped_steps
+
+    @property
+    def last_grad_norm(self):
+        """The global norm of the last step's averaged gradient, when computed."""
+        return self.optimizer.last_grad_norm
+
+    def _allgather(self):
+        self._coll.run("the parameter allgather", self.comm.Allgatherv, self._MPI.IN_PLACE,
+                       [self.flat, self._counts, self._displs, self._mpi_type])
+
+    def _global_norm(self):
+        """The 2-norm of the averaged gradient, from the norm of every rank's slice:
+        scaled by the largest (so that no square overflows, even for norms above 1e154)
+        and added with math.fsum (one rounding: independent of the order), so both modes
+        and every rank get the same bits."""
+        if self.shard_state and self.world > 1:
+            mine = np.array([global_norm(self.grad_view)])
+            D = self._MPI.DOUBLE
+            self._coll.run("the allgather of the gradient norms", self.comm.Allgather,
+                           [mine, D], [self._norms, D])
+            parts = self._norms.tolist()
+        else:
+            parts = [global_norm(self.flat_grad[self.bounds[r]:self.bounds[r + 1]])
+                     for r in range(self.world)]
+        if any(math.isnan(p) for p in parts):
+            return math.nan
+        top = max(parts)
+        if top == 0.0 or math.isinf(top):
+            return top
+        return top * math.sqrt(math.fsum((p / top) ** 2 for p in parts))
+
+    # ---- reading the parameters ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def at_theta(self):
+        """Inside the block the whole buffer holds theta (for shifted-form Nesterov the
+        arrays otherwise hold the interim point); afterwards exactly what it held.
+        Collective when the state is sharded."""
+        if not self.shard_state or self.world == 1:
+            with self.optimizer.at_theta():
+                yield self.arena
+            return
+        saved = self.flat.copy()
+        try:
+            with self.optimizer.at_theta():
+                self._allgather()
+                yield self.arena
+        finally:
+            np.copyto(self.flat, saved)
+
+    def digest(self):
+        """A hash of this rank's parameter bytes (and step count)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(memoryview(self.flat).cast("B"))
+        h.update(str(self.steps).encode())
+        return h.hexdigest()
+
+    def _out_of_sync(self):
+        digests = self._coll.run("the parameter hash allgather", self.comm.allgather,
+                                 self.digest())
+        return [r for r, d in enumerate(digests) if d != digests[0]]
+
+    def check_in_sync(self, raise_error=False):
+        """Whether every rank holds the same parameter bytes and step count (a hash of
+        them, gathered). The same answer on every rank; ``raise_error=True`` raises a
+        RuntimeError naming the ranks that differ from rank 0. Collective."""
+        off = self._out_of_sync()
+        if off and raise_error:
+            raise RuntimeError(f"parameters out of sync: rank(s) {off} differ from rank 0")
+        return not off
+
+    def state_memory_bytes(self):
+        """Bytes of optimizer state this rank keeps."""
+        return sum(a.nbytes for st in self.optimizer.state for a in st.values())
+
+    def memory_report(self):
+        """``{"per_rank": [bytes of state on each rank], "unsharded": bytes the whole
+        state would take, "params": bytes of the parameters}``. Collective."""
+        per_rank = self._coll.run("the allgather of memory_report()", self.comm.allgather,
+                                  self.state_memory_bytes())
+        per_elem = (self.state_memory_bytes() / self.param_view.size
+                    if self.param_view.size else
+                    max(per_rank) / max(1, max(self._counts)))
+        return {"per_rank": per_rank,
+                "unsharded": int(round(per_elem * self.flat.size)),
+                "params": self.flat.nbytes}
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save(self, path, extra=None):
+        """Write a checkpoint to the folder ``path``. Collective.
+
+        Sharded: every rank writes its slice of the parameters and its optimizer state to
+        ``shard-<save id>-<r>-of-<p>.npz`` (a ch8fast.checkpoint file: atomic,
+        checksummed); not sharded: rank 0 writes one file for the whole buffer. Then rank
+        0 writes ``manifest.json`` (atomically) naming the files, their slices, the save
+        id that every file also carries, the step counters and ``extra`` (JSON), and
+        only then removes the files of earlier saves. Until the new manifest is in place
+        the previous save stays complete and loadable, so a save that fails or is killed
+        loses nothing; the temporary files a killed save leaves are removed by the next
+        save. Needs a folder every rank can write (a shared file system across hosts).
+        """
+        checkpoints.save(self, path, extra)
+
+    def load(self, path):
+        """Restore a checkpoint written by :meth:`save`; returns its ``extra``.
+        Collective.
+
+        The optimizer's state, step counters and hyperparameters become the saved ones
+        (as ``load_state_dict`` does, and torch's): an ``lr`` given to this DataParallel
+        is replaced by the checkpoint's; set it again after loading (on every rank) to
+        change it. ``clip_norm``, ``clip_value`` and ``skip_nonfinite`` stay this
+        DataParallel's. With the same number of ranks and the same mode every rank reads
+        only its own file and the run continues bit for bit. Otherwise (another number of
+        ranks, sharded to unsharded or back) each rank assembles its new slice from the
+        files that overlap it: the state values are copied exactly, only re-cut (so the
+        files must be readable from every rank). Everything is verified on every rank
+        (format, save ids, checksums, optimizer, sizes, the same hyperparameters in every
+        file) before anything changes; any mismatch raises the same ValueError on every
+        rank.
+        """
+        return checkpoints.load(self, path)
