@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from ch8fast.__main__ import main
-from ch8fast.demo import OPTIMIZERS, count_steps, load_dataset
-from ch8fast.mlp import MLP, softmax_cross_entropy
+from ch8fast.apps.cli import main
+from ch8fast.apps.demo import OPTIMIZERS, count_steps, load_dataset
+from ch8fast.apps.mlp import MLP, softmax_cross_entropy
 from ch8fast.schedules import batch_size_schedule, minibatches
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -103,7 +103,7 @@ def test_embedded_digits():
     assert y.shape == (1797,) and list(classes) == list(range(10))
     assert X.min() == 0 and X.max() == 16
     assert np.bincount(y).min() >= 170
-    assert os.path.isfile(os.path.join(ROOT, "ch8fast", "data", "DIGITS_LICENSE.txt"))
+    assert os.path.isfile(os.path.join(ROOT, "ch8fast", "apps", "data", "DIGITS_LICENSE.txt"))
 
 
 # ---------------------------------------------------------------------------------------

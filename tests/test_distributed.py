@@ -130,7 +130,7 @@ def test_split_batch_covers_the_batch_in_order():
 
 
 def test_import_ch8fast_does_not_import_mpi4py():
-    code = ("import sys, ch8fast, ch8fast.distributed, ch8fast.demo; "
+    code = ("import sys, ch8fast, ch8fast.distributed, ch8fast.apps.demo; "
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
@@ -266,7 +266,7 @@ def test_failing_rank_aborts_the_job_quickly():
 
 @needs_mpi
 def test_demo_distributed_matches_the_single_process_demo(tmp_path):
-    from ch8fast.demo import run_demo
+    from ch8fast.apps.demo import run_demo
     args = ["--epochs", "2", "--optimizers", "nesterov,adam", "--no-plot", "--quiet"]
     out = tmp_path / "dist"
     proc, _ = mpirun(2, "ch8fast", "demo", "--distributed", "--shard-state", *args,
@@ -288,7 +288,7 @@ def test_demo_distributed_matches_the_single_process_demo(tmp_path):
 
 
 def test_demo_shard_state_needs_distributed(capsys):
-    from ch8fast.__main__ import main
+    from ch8fast.apps.cli import main
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--shard-state", "--epochs", "1"])
     assert exc.value.code == 2
@@ -296,7 +296,7 @@ def test_demo_shard_state_needs_distributed(capsys):
 
 
 def test_demo_help_lists_distributed(capsys):
-    from ch8fast.__main__ import main
+    from ch8fast.apps.cli import main
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out

@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(HERE))                      # tests/: conftes
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))     # the repository root
 
 import ch8fast                                                     # noqa: E402
-from ch8fast.demo import model_on_arena                            # noqa: E402
+from ch8fast.apps.demo import model_on_arena                            # noqa: E402
 from ch8fast.distributed import (DataParallel, abort_on_error, get_comm,  # noqa: E402
                                  split_batch)
-from ch8fast.mlp import MLP                                        # noqa: E402
+from ch8fast.apps.mlp import MLP                                        # noqa: E402
 from conftest import CONFIGS                                       # noqa: E402
 
 COMM = RANK = WORLD = None        # set in __main__: importing this file starts no MPI

@@ -1,7 +1,7 @@
 """Time per step and bytes communicated per step of ch8fast.distributed.DataParallel.
 
-    python bench/bench_distributed.py                    # 1 and 2 ranks, 1e5..1e7 params
-    python bench/bench_distributed.py --ranks 1 2 4 --sizes 1e6 --optimizer SGD
+    python benchmarks/bench_distributed.py                    # 1 and 2 ranks, 1e5..1e7 params
+    python benchmarks/bench_distributed.py --ranks 1 2 4 --sizes 1e6 --optimizer SGD
 
 Launches itself under mpirun once per number of ranks; each run times ``step()`` (the
 gradient allreduce or reduce-scatter, the fused update, and for sharded state the

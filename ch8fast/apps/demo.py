@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import init as _init
-from .mlp import INITIALIZERS, MLP
-from .schedules import batch_size_schedule, linear_decay, minibatches
+from ch8fast import init as _init
+from ch8fast.apps.mlp import INITIALIZERS, MLP
+from ch8fast.schedules import batch_size_schedule, linear_decay, minibatches
 
 __all__ = ["OPTIMIZERS", "DataError", "load_dataset", "run_demo", "add_arguments", "main"]
 
@@ -56,7 +56,7 @@ class Contender:
 
     def make_distributed(self, dist, lr, total_steps):
         """The same optimizer, data-parallel over ``dist.comm`` (ch8fast.distributed)."""
-        from .distributed import DataParallel
+        from ch8fast.distributed import DataParallel
         rate = linear_decay(lr, max(1, total_steps)) if self.decay else lr
         return DataParallel(dist.arena, self.cls_name, dist.comm,
                             shard_state=dist.shard_state, lr=rate, **dict(self.kwargs))
@@ -306,7 +306,7 @@ def model_on_arena(model):
     """Move ``model``'s parameters and gradients into a :class:`ch8fast.FlatParams`
     (values copied; the model's lists then hold views of ``arena.flat`` and
     ``arena.flat_grad``), as data-parallel training needs; returns the arena."""
-    from .flat import FlatParams
+    from ch8fast.flat import FlatParams
     arena = FlatParams({f"p{i}": p.shape for i, p in enumerate(model.params)}, model.dtype)
     for view, p in zip(arena.params, model.params):
         np.copyto(view, p)
@@ -329,7 +329,7 @@ def train_one(contender, model, data, *, lr, epochs, batch_size, seed, target_lo
     if dist is None:
         opt = contender.make(model.params, lr, total_steps)
     else:
-        from .distributed import split_batch
+        from ch8fast.distributed import split_batch
         opt = contender.make_distributed(dist, lr, total_steps)
     curve = {k: [] for k in ("epoch", "iteration", "seconds", "train_loss", "train_acc",
                              "val_loss", "val_acc")}
@@ -406,7 +406,7 @@ def train_one(contender, model, data, *, lr, epochs, batch_size, seed, target_lo
 def _auto_lr(contender, model, Xt, yt, batch_size, seed, iters=100):
     """The initial rate ch8fast.choose_lr recommends from short trials of this optimizer."""
     import ch8fast
-    from .lr_finder import choose_lr, default_lr_grid
+    from ch8fast.lr_finder import choose_lr, default_lr_grid
     sampler = minibatches(len(Xt), batch_size, rng=seed + 2)
 
     def loss_and_grad(params):
@@ -449,7 +449,7 @@ def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_grow
     stream = stream or sys.stdout
     dist_comm, rank, world = None, 0, 1
     if distributed:
-        from .distributed import get_comm, ranks_on_this_host
+        from ch8fast.distributed import get_comm, ranks_on_this_host
         dist_comm = get_comm()
         rank, world = dist_comm.Get_rank(), dist_comm.Get_size()
         if threads is None:               # share the cores of this host among its ranks
@@ -773,7 +773,7 @@ def main(args, parser=None):
     guard = contextlib.nullcontext()
     if distributed:
         try:
-            from .distributed import abort_on_error
+            from ch8fast.distributed import abort_on_error
             guard = abort_on_error()
         except ImportError as exc:
             print(f"ch8fast demo: error: --distributed: {exc}", file=sys.stderr)

@@ -3,16 +3,16 @@ in-place NumPy, at 1e3 elements (call overhead) and 16e6 elements (memory bandwi
 the cost of the same step through ``ch8fast.functional`` (a framework keeping its own
 state), as a ratio to the class step.
 
-    python bench/bench_update.py [--threads N] [--repeats R]
+    python benchmarks/bench_update.py [--threads N] [--repeats R]
 
-All are timed in the same run, round-robin (see ch8fast.bench.measure); the ratios are
+All are timed in the same run, round-robin (see ch8fast.apps.bench.measure); the ratios are
 medians over rounds: NumPy's time over ch8fast's (> 1 when ch8fast is faster) and the
 functional call's over the class step's.
 """
 import argparse
 
 import ch8fast
-from ch8fast import bench
+from ch8fast.apps import bench
 
 
 def main(argv=None):

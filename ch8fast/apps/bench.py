@@ -15,7 +15,8 @@ same sizes, each updating its own parameters and state from the same gradient va
 * ``flat`` (many-tensor layouts only): ``ch8fast`` on ONE array of the same total size;
 * ``numpy``: a careful in-place NumPy update (``out=``, preallocated temporaries, no
   allocation per step);
-* ``textbook``: the book's formulas written with NumPy temporaries;
+* ``reference``: the tests' reference rules (:mod:`ch8fast.apps.reference`), the book's
+  formulas written with NumPy temporaries;
 * ``torch_fused`` / ``torch_foreach``: ``torch.optim`` with ``fused=True`` /
   ``foreach=True`` on tensors of the same sizes (where torch has the rule).
 
@@ -40,169 +41,158 @@ import time
 
 import numpy as np
 
-from . import functional, optim, rules
-from .roofline import Roofline
-from ._isa import get_num_threads, isa, set_num_threads
+from ch8fast import functional, optim
+from ch8fast.apps import reference
+from ch8fast.roofline import Roofline
+from ch8fast import get_num_threads, isa, set_num_threads
 
-__all__ = ["RULES", "DEFAULT_RULES", "DEFAULT_SIZES", "DEFAULT_LAYOUTS", "NumpyOptimizer",
+__all__ = ["CASES", "RULES", "DEFAULT_RULES", "DEFAULT_SIZES", "DEFAULT_LAYOUTS",
+           "hyperparameters", "state_names", "NumpyOptimizer", "reference_optimizer",
            "machine_info", "make_contenders", "measure", "run_case", "main"]
 
 # ---------------------------------------------------------------------------------------
-# The rules and their hyperparameters (every implementation below uses these)
+# The cases and their hyperparameters (every implementation below reads these)
 # ---------------------------------------------------------------------------------------
 
-# The benchmark's choices: one learning rate (AdaDelta keeps its own, 1) and momentum;
+# The benchmark's choices: one learning rate (AdaDelta keeps its own, 1) and one momentum;
 # every other hyperparameter is the rule's default, read from its specification.
 LR = 1e-3
 MOMENTUM = 0.9
 
-
-def _default(rule, name):
-    return rule.hyper[name].default
-
-
-RHO = _default(rules.RMSPROP, "rho")
-EPS_ADAGRAD = _default(rules.ADAGRAD, "eps")
-EPS_RMSPROP = _default(rules.RMSPROP, "eps")
-BETAS = _default(rules.ADAM, "betas")
-EPS_ADAM = _default(rules.ADAM, "eps")
-WD_ADAMW = _default(rules.ADAMW, "weight_decay")
-RHO_ADADELTA = _default(rules.ADADELTA, "rho")
-EPS_ADADELTA = _default(rules.ADADELTA, "eps")
-LR_ADADELTA = _default(rules.ADADELTA, "lr")
-
-
-def _ch8fast(rule, params):
-    if rule == "sgd":
-        return optim.SGD(params, lr=LR)
-    if rule == "momentum":
-        return optim.SGD(params, lr=LR, momentum=MOMENTUM)
-    if rule == "nesterov":
-        return optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True)
-    if rule == "adagrad":
-        return optim.AdaGrad(params, lr=LR, eps=EPS_ADAGRAD)
-    if rule == "rmsprop":
-        return optim.RMSProp(params, lr=LR, rho=RHO, eps=EPS_RMSPROP)
-    if rule == "rmsprop_nesterov":
-        return optim.RMSProp(params, lr=LR, rho=RHO, eps=EPS_RMSPROP, momentum=MOMENTUM,
-                             nesterov=True)
-    if rule == "adam":
-        return optim.Adam(params, lr=LR, betas=BETAS, eps=EPS_ADAM)
-    if rule == "adamw":
-        return optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS_ADAM, weight_decay=WD_ADAMW)
-    if rule == "adadelta":
-        return optim.AdaDelta(params, lr=LR_ADADELTA, rho=RHO_ADADELTA, eps=EPS_ADADELTA)
-    raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
+# case -> (optimizer class, the hyperparameters that differ from its rule's defaults)
+CASES = {
+    "sgd": (optim.SGD, {"lr": LR}),
+    "momentum": (optim.SGD, {"lr": LR, "momentum": MOMENTUM}),
+    "nesterov": (optim.SGD, {"lr": LR, "momentum": MOMENTUM, "nesterov": True}),
+    "adagrad": (optim.AdaGrad, {"lr": LR}),
+    "rmsprop": (optim.RMSProp, {"lr": LR}),
+    "rmsprop_nesterov": (optim.RMSProp, {"lr": LR, "momentum": MOMENTUM,
+                                         "nesterov": True}),
+    "adam": (optim.Adam, {"lr": LR}),
+    "adamw": (optim.AdamW, {"lr": LR}),
+    "adadelta": (optim.AdaDelta, {}),
+}
+RULES = tuple(CASES)
 
 
-def _torch(torch, rule, params, impl):
-    """A torch.optim optimizer for ``rule`` with ``impl`` ("fused" or "foreach"), or None
+def hyperparameters(case):
+    """Every hyperparameter of ``case``: the rule's defaults and the benchmark's choices."""
+    cls, given = CASES[case]
+    return dict(cls.rule.defaults(), **given)
+
+
+def state_names(case):
+    """The names of the state arrays the case keeps per parameter (from its rule)."""
+    return CASES[case][0].rule.state(hyperparameters(case))
+
+
+def _ch8fast(case, params):
+    cls, given = CASES[case]
+    return cls(params, **given)
+
+
+def _torch(torch, case, params, impl):
+    """A torch.optim optimizer for ``case`` with ``impl`` ("fused" or "foreach"), or None
     where torch has no such rule or implementation. torch's RMSprop puts eps outside the
     root and its Nesterov SGD is written differently; the memory traffic is the same."""
     o = torch.optim
+    h = hyperparameters(case)
     kw = {impl: True}
     try:
-        if rule == "sgd":
-            return o.SGD(params, lr=LR, **kw)
-        if rule == "momentum":
-            return o.SGD(params, lr=LR, momentum=MOMENTUM, **kw)
-        if rule == "nesterov":
-            return o.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, **kw)
-        if rule == "adagrad":
-            return o.Adagrad(params, lr=LR, eps=EPS_ADAGRAD, **kw)
-        if rule == "rmsprop":
-            return o.RMSprop(params, lr=LR, alpha=RHO, eps=EPS_RMSPROP, **kw)
-        if rule == "adam":
-            return o.Adam(params, lr=LR, betas=BETAS, eps=EPS_ADAM, **kw)
-        if rule == "adamw":
-            return o.AdamW(params, lr=LR, betas=BETAS, eps=EPS_ADAM,
-                           weight_decay=WD_ADAMW, **kw)
-        if rule == "adadelta":
-            return o.Adadelta(params, lr=LR_ADADELTA, rho=RHO_ADADELTA, eps=EPS_ADADELTA,
-                              **kw)
+        if case in ("sgd", "momentum", "nesterov"):
+            return o.SGD(params, lr=h["lr"], momentum=h["momentum"],
+                         nesterov=h["nesterov"], **kw)
+        if case == "adagrad":
+            return o.Adagrad(params, lr=h["lr"], eps=h["eps"], **kw)
+        if case == "rmsprop":
+            return o.RMSprop(params, lr=h["lr"], alpha=h["rho"], eps=h["eps"], **kw)
+        if case in ("adam", "adamw"):
+            cls = o.AdamW if case == "adamw" else o.Adam
+            return cls(params, lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                       weight_decay=h["weight_decay"], **kw)
+        if case == "adadelta":
+            return o.Adadelta(params, lr=h["lr"], rho=h["rho"], eps=h["eps"], **kw)
     except (TypeError, RuntimeError, ValueError):    # no such implementation
         return None
     return None                                       # rmsprop_nesterov: no equivalent
 
 
 # ---------------------------------------------------------------------------------------
-# The NumPy peers: the same update, in place with preallocated temporaries, or as the
-# book writes it. The Nesterov rules use the shifted form of ch8fast's step(grads):
-# the arrays hold phi = theta + alpha v, and phi' = phi - alpha v + (1 + alpha) v'.
+# The in-place NumPy peer: the same update with ``out=`` and two preallocated temporaries,
+# the same IEEE operations in the same order as the kernel. The Nesterov rules use the
+# shifted form of ch8fast's step(grads): the arrays hold phi = theta + alpha v, and
+# phi' = phi - alpha v + (1 + alpha) v'. (The other NumPy peer, the formulas as written, is
+# the tests' reference, ch8fast.apps.reference.)
 # ---------------------------------------------------------------------------------------
 
-def _inplace_sgd(p, g, st, a, b, t):
-    np.multiply(g, LR, out=a)
+def _inplace_sgd(h, p, g, st, a, b, t):
+    np.multiply(g, h["lr"], out=a)
     p -= a
 
 
-def _inplace_momentum(p, g, st, a, b, t):
-    v = st["v"]
-    v *= MOMENTUM
-    np.multiply(g, LR, out=a)
+def _inplace_momentum(h, p, g, st, a, b, t):
+    v = st["velocity"]
+    v *= h["momentum"]
+    np.multiply(g, h["lr"], out=a)
     v -= a                                   # v <- alpha v - eps g          (8.15)
     p += v                                   # theta <- theta + v           (8.16)
 
 
-def _inplace_nesterov(p, g, st, a, b, t):
-    v = st["v"]
-    np.multiply(v, MOMENTUM, out=a)          # alpha v
+def _inplace_nesterov(h, p, g, st, a, b, t):
+    v, alpha = st["velocity"], h["momentum"]
+    np.multiply(v, alpha, out=a)             # alpha v
     p -= a
-    np.multiply(g, LR, out=b)
+    np.multiply(g, h["lr"], out=b)
     np.subtract(a, b, out=v)                 # v' = alpha v - eps g
-    np.multiply(v, 1.0 + MOMENTUM, out=a)
+    np.multiply(v, 1.0 + alpha, out=a)
     p += a                                   # phi - alpha v + (1 + alpha) v'
 
 
-def _inplace_adagrad(p, g, st, a, b, t):
-    r = st["r"]
+def _inplace_adagrad(h, p, g, st, a, b, t):
+    r = st["sum"]
     np.multiply(g, g, out=a)
     r += a                                   # r <- r + g*g
     np.sqrt(r, out=a)
-    a += EPS_ADAGRAD
+    a += h["eps"]
     np.divide(g, a, out=a)
-    a *= LR
+    a *= h["lr"]
     p -= a                                   # theta - eps g / (delta + sqrt(r))
 
 
-def _rms_scaled(g, r, a):
+def _rms_scaled(h, g, r, a):
     """r <- rho r + (1 - rho) g*g; a = eps g / sqrt(delta + r)."""
-    r *= RHO
+    rho = h["rho"]
+    r *= rho
     np.multiply(g, g, out=a)
-    a *= 1.0 - RHO
+    a *= 1.0 - rho
     r += a
-    np.add(r, EPS_RMSPROP, out=a)
+    np.add(r, h["eps"], out=a)
     np.sqrt(a, out=a)
     np.divide(g, a, out=a)
-    a *= LR
+    a *= h["lr"]
 
 
-def _inplace_rmsprop(p, g, st, a, b, t):
-    _rms_scaled(g, st["r"], a)
+def _inplace_rmsprop(h, p, g, st, a, b, t):
+    _rms_scaled(h, g, st["square_avg"], a)
     p -= a
 
 
-def _inplace_rmsprop_nesterov(p, g, st, a, b, t):
-    v = st["v"]
-    _rms_scaled(g, st["r"], a)
-    np.multiply(v, MOMENTUM, out=b)          # alpha v
+def _inplace_rmsprop_nesterov(h, p, g, st, a, b, t):
+    v, alpha = st["velocity"], h["momentum"]
+    _rms_scaled(h, g, st["square_avg"], a)
+    np.multiply(v, alpha, out=b)             # alpha v
     p -= b
     np.subtract(b, a, out=v)                 # v' = alpha v - eps g / sqrt(delta + r)
-    np.multiply(v, 1.0 + MOMENTUM, out=a)
+    np.multiply(v, 1.0 + alpha, out=a)
     p += a
 
 
-def _adam_scalars(t):
-    b1, b2 = BETAS
-    return LR / (1.0 - b1 ** t), 1.0 / math.sqrt(1.0 - b2 ** t)
-
-
-def _inplace_adam(p, g, st, a, b, t, decay=None):
-    b1, b2 = BETAS
-    step_size, c2 = _adam_scalars(t)
-    m, v = st["m"], st["v"]
-    if decay is not None:
-        p *= decay                           # AdamW: theta (1 - eps lambda) first
+def _inplace_adam(h, p, g, st, a, b, t):
+    b1, b2 = h["betas"]
+    step_size, c2 = h["lr"] / (1.0 - b1 ** t), 1.0 / math.sqrt(1.0 - b2 ** t)
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    if h["decoupled_weight_decay"]:
+        p *= 1.0 - h["lr"] * h["weight_decay"]   # AdamW: theta (1 - eps lambda) first
     m *= b1
     np.multiply(g, 1.0 - b1, out=a)
     m += a                                   # s <- b1 s + (1 - b1) g
@@ -212,103 +202,37 @@ def _inplace_adam(p, g, st, a, b, t, decay=None):
     v += a                                   # r <- b2 r + (1 - b2) g*g
     np.sqrt(v, out=a)
     a *= c2
-    a += EPS_ADAM
+    a += h["eps"]
     np.divide(m, a, out=a)
     a *= step_size
     p -= a                                   # theta - eps s_hat / (sqrt(r_hat) + delta)
 
 
-def _inplace_adamw(p, g, st, a, b, t):
-    _inplace_adam(p, g, st, a, b, t, decay=1.0 - LR * WD_ADAMW)
-
-
-def _inplace_adadelta(p, g, st, a, b, t):
-    eg, ed = st["eg"], st["ed"]
-    eg *= RHO_ADADELTA
+def _inplace_adadelta(h, p, g, st, a, b, t):
+    eg, ed, rho, eps = st["square_avg"], st["acc_delta"], h["rho"], h["eps"]
+    eg *= rho
     np.multiply(g, g, out=a)
-    a *= 1.0 - RHO_ADADELTA
+    a *= 1.0 - rho
     eg += a                                  # E[g^2]
-    np.add(ed, EPS_ADADELTA, out=a)
+    np.add(ed, eps, out=a)
     np.sqrt(a, out=a)
-    np.add(eg, EPS_ADADELTA, out=b)
+    np.add(eg, eps, out=b)
     np.sqrt(b, out=b)
     np.divide(a, b, out=a)
     a *= g                                   # d = sqrt(E[dx^2] + delta) / sqrt(E[g^2] + delta) g
-    ed *= RHO_ADADELTA
+    ed *= rho
     np.multiply(a, a, out=b)
-    b *= 1.0 - RHO_ADADELTA
+    b *= 1.0 - rho
     ed += b                                  # E[dx^2]
-    a *= LR_ADADELTA
+    a *= h["lr"]
     p -= a
 
 
-def _textbook_sgd(p, g, st, t):
-    p -= LR * g
-
-
-def _textbook_momentum(p, g, st, t):
-    st["v"] = MOMENTUM * st["v"] - LR * g
-    p += st["v"]
-
-
-def _textbook_nesterov(p, g, st, t):
-    v = st["v"]
-    v_new = MOMENTUM * v - LR * g
-    p += -MOMENTUM * v + (1.0 + MOMENTUM) * v_new
-    st["v"] = v_new
-
-
-def _textbook_adagrad(p, g, st, t):
-    st["r"] = st["r"] + g * g
-    p += -LR / (EPS_ADAGRAD + np.sqrt(st["r"])) * g
-
-
-def _textbook_rmsprop(p, g, st, t):
-    st["r"] = RHO * st["r"] + (1.0 - RHO) * g * g
-    p += -LR / np.sqrt(EPS_RMSPROP + st["r"]) * g
-
-
-def _textbook_rmsprop_nesterov(p, g, st, t):
-    st["r"] = RHO * st["r"] + (1.0 - RHO) * g * g
-    v = st["v"]
-    v_new = MOMENTUM * v - LR / np.sqrt(EPS_RMSPROP + st["r"]) * g
-    p += -MOMENTUM * v + (1.0 + MOMENTUM) * v_new
-    st["v"] = v_new
-
-
-def _textbook_adam(p, g, st, t, decay=None):
-    b1, b2 = BETAS
-    if decay is not None:
-        p *= decay
-    st["m"] = b1 * st["m"] + (1.0 - b1) * g
-    st["v"] = b2 * st["v"] + (1.0 - b2) * g * g
-    m_hat = st["m"] / (1.0 - b1 ** t)
-    v_hat = st["v"] / (1.0 - b2 ** t)
-    p += -LR * m_hat / (np.sqrt(v_hat) + EPS_ADAM)
-
-
-def _textbook_adamw(p, g, st, t):
-    _textbook_adam(p, g, st, t, decay=1.0 - LR * WD_ADAMW)
-
-
-def _textbook_adadelta(p, g, st, t):
-    st["eg"] = RHO_ADADELTA * st["eg"] + (1.0 - RHO_ADADELTA) * g * g
-    d = -np.sqrt(st["ed"] + EPS_ADADELTA) / np.sqrt(st["eg"] + EPS_ADADELTA) * g
-    st["ed"] = RHO_ADADELTA * st["ed"] + (1.0 - RHO_ADADELTA) * d * d
-    p += LR_ADADELTA * d
-
-
-# rule -> (state names, in-place update, textbook update)
-RULES = {
-    "sgd": ((), _inplace_sgd, _textbook_sgd),
-    "momentum": (("v",), _inplace_momentum, _textbook_momentum),
-    "nesterov": (("v",), _inplace_nesterov, _textbook_nesterov),
-    "adagrad": (("r",), _inplace_adagrad, _textbook_adagrad),
-    "rmsprop": (("r",), _inplace_rmsprop, _textbook_rmsprop),
-    "rmsprop_nesterov": (("r", "v"), _inplace_rmsprop_nesterov, _textbook_rmsprop_nesterov),
-    "adam": (("m", "v"), _inplace_adam, _textbook_adam),
-    "adamw": (("m", "v"), _inplace_adamw, _textbook_adamw),
-    "adadelta": (("eg", "ed"), _inplace_adadelta, _textbook_adadelta),
+_INPLACE = {
+    "sgd": _inplace_sgd, "momentum": _inplace_momentum, "nesterov": _inplace_nesterov,
+    "adagrad": _inplace_adagrad, "rmsprop": _inplace_rmsprop,
+    "rmsprop_nesterov": _inplace_rmsprop_nesterov, "adam": _inplace_adam,
+    "adamw": _inplace_adam, "adadelta": _inplace_adadelta,
 }
 DEFAULT_RULES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 DEFAULT_SIZES = (100, 1000, 10_000, 100_000, 1_000_000, 4_000_000, 16_000_000, 32_000_000)
@@ -318,31 +242,33 @@ QUICK_LAYOUTS = ((100, 1000),)
 
 
 class NumpyOptimizer:
-    """One rule in NumPy over a list of arrays, updated in place: ``inplace=True`` uses
-    ``out=`` and two temporaries allocated here (sized to the largest array), so a step
-    allocates nothing; ``inplace=False`` writes the book's formulas with temporaries."""
+    """One case in NumPy over a list of arrays, updated in place with ``out=`` and two
+    temporaries allocated here (sized to the largest array): a step allocates nothing.
+    The hyperparameters and state names are the case's (:func:`hyperparameters`)."""
 
-    def __init__(self, rule, params, inplace=True):
-        names, self._inplace, self._textbook = RULES[rule]
+    def __init__(self, case, params):
+        self._update = _INPLACE[case]
+        self.hyper = hyperparameters(case)
         self.params = list(params)
-        self.inplace = inplace
-        self.state = [{n: np.zeros_like(p) for n in names} for p in self.params]
+        self.state = [{n: np.zeros_like(p) for n in state_names(case)} for p in self.params]
         self.t = 0
-        if inplace:
-            big = max(p.size for p in self.params)
-            dtype = self.params[0].dtype
-            self._tmp = (np.zeros(big, dtype), np.zeros(big, dtype))
-            self._views = [(self._tmp[0][:p.size].reshape(p.shape),
-                            self._tmp[1][:p.size].reshape(p.shape)) for p in self.params]
+        big = max(p.size for p in self.params)
+        dtype = self.params[0].dtype
+        self._tmp = (np.zeros(big, dtype), np.zeros(big, dtype))
+        self._views = [(self._tmp[0][:p.size].reshape(p.shape),
+                        self._tmp[1][:p.size].reshape(p.shape)) for p in self.params]
 
     def step(self, grads):
         self.t += 1
-        if self.inplace:
-            for p, g, st, (a, b) in zip(self.params, grads, self.state, self._views):
-                self._inplace(p, g, st, a, b, self.t)
-        else:
-            for p, g, st in zip(self.params, grads, self.state):
-                self._textbook(p, g, st, self.t)
+        h, t, update = self.hyper, self.t, self._update
+        for p, g, st, (a, b) in zip(self.params, grads, self.state, self._views):
+            update(h, p, g, st, a, b, t)
+
+
+def reference_optimizer(case, params):
+    """The tests' reference of ``case`` (:mod:`ch8fast.apps.reference`) over copies of
+    ``params``, with every hyperparameter of the case."""
+    return reference.for_rule(CASES[case][0].rule)(params, **hyperparameters(case))
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,10 +362,11 @@ def make_contenders(rule, dtype, tensors, size, which, seed=0):
         flat = _ch8fast(rule, [flat_p])
         flat.step([flat_grad])
         fns["flat"] = functools.partial(flat.step, [flat_grad])
-    for name, inplace in (("numpy", True), ("textbook", False)):
-        if name in which:
-            fns[name] = functools.partial(NumpyOptimizer(rule, params(), inplace).step,
-                                          grads)
+    if "numpy" in which:
+        fns["numpy"] = functools.partial(NumpyOptimizer(rule, params()).step, grads)
+    if "reference" in which:
+        fns["reference"] = functools.partial(reference_optimizer(rule, params()).step,
+                                             grads)
     torch = _import_torch() if {"torch_fused", "torch_foreach"} & set(which) else None
     if torch is not None:
         for impl in ("fused", "foreach"):
@@ -481,24 +408,35 @@ def _calibrate(fn, min_time, max_steps=1 << 20):
         k = min(max_steps, max(2 * k, int(k * 1.2 * min_time / max(t, 1e-9)) + 1))
 
 
-def measure(fns, repeats, min_time, max_seconds=None):
+def measure(fns, repeats, min_time, max_seconds=None, *, base="ch8fast",
+            max_rounds=None):
     """Interleaved timing: ``repeats`` rounds, each one sample of every contender, the
     order rotated every round. Returns (samples, steps): seconds per step of every
-    sample, by contender, and the steps per sample. With ``max_seconds``, stops after the
-    round that passes it (at least 3 rounds)."""
+    sample, by contender, and the steps per sample.
+
+    With ``max_seconds``, stops after the round that passes it (at least 3 rounds). While
+    a ratio to ``base`` is not yet trustworthy (:func:`ratio`), more rounds are added, up
+    to ``max_rounds`` (default ``3 * repeats``, at least 15) and within ``max_seconds``:
+    on a loaded machine the benchmark measures longer rather than report noise."""
     names = list(fns)
     steps = {n: _calibrate(fns[n], min_time) for n in names}
     samples = {n: [] for n in names}
+    limit = max(3 * repeats, 15) if max_rounds is None else max_rounds
     enabled = gc.isenabled()
     gc.disable()
     t_start = time.perf_counter()
     try:
-        for r in range(repeats):
+        r = 0
+        while True:
             for j in range(len(names)):
                 n = names[(r + j) % len(names)]
                 samples[n].append(_time(fns[n], steps[n]) / steps[n])
-            if (max_seconds is not None and r >= 2
-                    and time.perf_counter() - t_start > max_seconds):
+            r += 1
+            late = (max_seconds is not None and r >= 3
+                    and time.perf_counter() - t_start > max_seconds)
+            if r >= repeats and (late or r >= limit or _all_trusted(samples, base)):
+                break
+            if r < repeats and late:
                 break
     finally:
         if enabled:
@@ -506,11 +444,36 @@ def measure(fns, repeats, min_time, max_seconds=None):
     return samples, steps
 
 
-def _median_ratio(num, den):
-    return float(np.median(np.asarray(num) / np.asarray(den)))
+# A ratio of two contenders' times is reported when its estimates agree: the median over
+# rounds of the ratio within each round, and the ratio of the two fastest samples (noise
+# only ever adds time), within TRUST of each other, and the in-round ratios not spread
+# wider than SPREAD (interquartile range over median), over at least 3 rounds.
+TRUST = 1.25
+SPREAD = 0.5
 
 
-PEERS = ("numpy", "textbook", "torch_fused", "torch_foreach")
+def ratio(num, den):
+    """``(value, trusted)`` of the time ratio ``num / den`` of two contenders' samples
+    (taken in the same rounds): the median of the in-round ratios, and whether it can be
+    trusted (see ``TRUST`` and ``SPREAD``)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    within = num / den
+    med = float(np.median(within))
+    fastest = float(num.min() / den.min())
+    q75, q25 = np.percentile(within, [75, 25])
+    trusted = bool(len(within) >= 3 and med > 0 and fastest > 0
+                   and max(med, fastest) / min(med, fastest) <= TRUST
+                   and (q75 - q25) / med <= SPREAD)
+    return med, trusted
+
+
+def _all_trusted(samples, base):
+    if base not in samples:
+        return True
+    return all(ratio(s, samples[base])[1] for n, s in samples.items() if n != base)
+
+
+PEERS = ("numpy", "reference", "torch_fused", "torch_foreach")
 CONTENDERS = ("ch8fast", "roofline", "flat") + PEERS
 # also measured on request: "functional", the same update through ch8fast.functional
 
@@ -518,7 +481,8 @@ CONTENDERS = ("ch8fast", "roofline", "flat") + PEERS
 def run_case(rule, dtype, tensors, size, threads, which=CONTENDERS, repeats=7,
              min_time=2e-3, max_seconds=None, seed=0):
     """Time one case; returns a plain dict (see ``main``'s JSON). Arrays are freed on
-    return."""
+    return. A ratio that cannot be trusted (:func:`ratio`) is kept, and named in
+    ``"withheld"``."""
     dtype = np.dtype(dtype)
     set_num_threads(threads)
     torch = _import_torch() if {"torch_fused", "torch_foreach"} & set(which) else None
@@ -532,7 +496,12 @@ def run_case(rule, dtype, tensors, size, threads, which=CONTENDERS, repeats=7,
     bytes_per_step = dtype.itemsize * (2 * ncols - 1) * n
     times = {c: float(np.median(s)) for c, s in samples.items()}
     ch8 = samples["ch8fast"]
-    out = {
+    ratios = {c: ratio(samples[c], ch8) for c in PEERS + ("functional",) if c in samples}
+    if "roofline" in samples:
+        ratios["roofline"] = ratio(samples["roofline"], ch8)
+    if "flat" in samples:
+        ratios["flat"] = ratio(ch8, samples["flat"])
+    return {
         "rule": rule, "dtype": dtype.name, "tensors": tensors, "size": size,
         "elements": n, "layout": f"{tensors}x{size}", "threads": threads,
         "ncols": ncols, "bytes_per_step": bytes_per_step,
@@ -542,13 +511,12 @@ def run_case(rule, dtype, tensors, size, threads, which=CONTENDERS, repeats=7,
         # (75th - 25th percentile) / median of ch8fast's samples: how noisy the case was
         "spread": float(np.subtract(*np.percentile(ch8, [75, 25])) / np.median(ch8)),
         "gbps": {c: bytes_per_step / t / 1e9 for c, t in times.items()},
-        "roofline_fraction": (_median_ratio(samples["roofline"], ch8)
-                              if "roofline" in samples else None),
-        "speedup": {c: _median_ratio(samples[c], ch8) for c in PEERS + ("functional",)
-                    if c in samples},
-        "vs_flat": (_median_ratio(ch8, samples["flat"]) if "flat" in samples else None),
+        "roofline_fraction": ratios["roofline"][0] if "roofline" in ratios else None,
+        "speedup": {c: ratios[c][0] for c in PEERS + ("functional",) if c in ratios},
+        "vs_flat": ratios["flat"][0] if "flat" in ratios else None,
+        # the ratios whose estimates disagree: printed as "?", kept here
+        "withheld": sorted(c for c, (_, ok) in ratios.items() if not ok),
     }
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,7 +552,7 @@ def machine_info(threads):
     except OSError:
         load = None
     torch = _import_torch()
-    from . import __version__
+    from ch8fast import __version__
     return {
         "cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "caches": caches,
         "load_average": load, "isa": isa(),
@@ -624,27 +592,40 @@ def _fmt_size(n):
     return f"{m:.3g}e{e}" if m != 1 else f"1e{e}"
 
 
-def _fmt_x(r, digits=2):
-    return "-" if r is None else f"{r:.{digits}f}"
+def _fmt_x(r, digits=2, withheld=False):
+    if r is None:
+        return "-"
+    return "?" if withheld else f"{r:.{digits}f}"
 
 
 COLUMNS = ["rule", "dtype", "layout", "thr", "step", "spread", "GB/s", "roofline",
-           "x numpy", "x textbook", "x torch fused", "x torch foreach", "/ flat"]
+           "x numpy", "x reference", "x torch fused", "x torch foreach", "/ flat"]
+
+WITHHELD_NOTE = ("?: ratio withheld: its estimates disagree (the median of the in-round "
+                 "ratios and the ratio of the fastest samples differ by more than "
+                 f"{TRUST - 1:.0%}, or the in-round ratios spread wider than "
+                 f"{SPREAD:.0%}) after the extra rounds the case's time allowed; the "
+                 "machine was too busy. Rerun when it is quieter, or with more --repeats "
+                 "and --max-case-time; the JSON keeps every sample.")
 
 
 def _cells(row):
     layout = (_fmt_size(row["size"]) if row["tensors"] == 1
               else f"{row['tensors']}x{_fmt_size(row['size'])}")
     sp = row["speedup"]
+    out = set(row.get("withheld", ()))
     return [row["rule"], row["dtype"], layout, str(row["threads"]),
             _fmt_time(row["time"]["ch8fast"]), f"{100 * row['spread']:.0f}%",
             f"{row['gbps']['ch8fast']:.1f}",
-            _fmt_x(row["roofline_fraction"]), _fmt_x(sp.get("numpy"), 1),
-            _fmt_x(sp.get("textbook"), 1), _fmt_x(sp.get("torch_fused")),
-            _fmt_x(sp.get("torch_foreach")), _fmt_x(row["vs_flat"])]
+            _fmt_x(row["roofline_fraction"], 2, "roofline" in out),
+            _fmt_x(sp.get("numpy"), 1, "numpy" in out),
+            _fmt_x(sp.get("reference"), 1, "reference" in out),
+            _fmt_x(sp.get("torch_fused"), 2, "torch_fused" in out),
+            _fmt_x(sp.get("torch_foreach"), 2, "torch_foreach" in out),
+            _fmt_x(row["vs_flat"], 2, "flat" in out)]
 
 
-_WIDTHS = [16, 7, 12, 3, 9, 6, 6, 8, 7, 10, 13, 15, 6]
+_WIDTHS = [16, 7, 12, 3, 9, 6, 6, 8, 7, 11, 13, 15, 6]
 
 
 def text_line(cells):
@@ -657,11 +638,13 @@ def markdown(info, rows):
              "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    if any(r.get("withheld") for r in rows):
+        lines += ["", WITHHELD_NOTE]
     return "\n".join(lines) + "\n"
 
 
 PLOT_STYLE = {"ch8fast": ("C0", "-", "o"), "numpy": ("C1", "-", "s"),
-              "textbook": ("C2", "-", "^"), "torch_fused": ("C3", "-", "D"),
+              "reference": ("C2", "-", "^"), "torch_fused": ("C3", "-", "D"),
               "torch_foreach": ("C4", "-", "v")}
 
 
@@ -768,7 +751,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="ch8fast bench",
         description="Time one optimizer step of each rule against the traffic-matched "
-                    "roofline kernel, in-place and textbook NumPy, and torch.optim "
+                    "roofline kernel, in-place NumPy, the reference rules in NumPy, and torch.optim "
                     "(fused and foreach), interleaved in one run.")
     p.add_argument("--rules", type=lambda s: _parse_list(s, _rule, "rule"),
                    default=list(DEFAULT_RULES),
@@ -788,7 +771,9 @@ def build_parser():
                                       "(default: the current setting, "
                                       f"{get_num_threads()})")
     p.add_argument("--repeats", type=_count, default=None,
-                   help="interleaved rounds per case (default 9; --quick 3)")
+                   help="interleaved rounds per case, at least (default 9; --quick 3); "
+                        "while a ratio's estimates disagree, rounds are added (up to "
+                        "3x, at least 15) within --max-case-time")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds per timing sample: small arrays run many steps per "
                         "sample (default 0.002; --quick 0.001)")
@@ -828,7 +813,7 @@ def main(argv=None):
     threads = args.threads or [old_threads]
     which = ["ch8fast", "roofline", "flat"]
     if not args.no_peers:
-        which += ["numpy", "textbook"]
+        which += ["numpy", "reference"]
         if not args.no_torch:
             if _import_torch() is None:
                 print("ch8fast bench: torch is not installed; no torch columns",
@@ -866,6 +851,8 @@ def main(argv=None):
         set_num_threads(old_threads)
         if torch is not None:
             torch.set_num_threads(torch_threads)
+    if any(r["withheld"] for r in rows):
+        print(WITHHELD_NOTE)
     try:
         info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -2,7 +2,7 @@
 parallel cutoff disabled, for sizes around the cutoff, interleaving the two so that noise
 hits both alike. The cutoff in the kernels (``set_parallel_min_bytes``) is chosen from this.
 
-    python bench/cutoff.py [--rule adam] [--dtype float32] [--repeats 400]
+    python benchmarks/cutoff.py [--rule adam] [--dtype float32] [--repeats 400]
 """
 
 import argparse

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import init as _init
+from ch8fast import init as _init
 
 __all__ = ["MLP", "softmax_cross_entropy", "INITIALIZERS"]
 

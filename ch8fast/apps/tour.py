@@ -124,7 +124,7 @@ def _sgd_strong(rng, n_runs, kmax, lam=1.0):
     r"""SGD on the strongly convex J(theta) = lam theta^2 / 2 with gradient noise N(0, 1),
     eps_k = 1 / (lam (k + 1)) (ch8fast.schedules.inverse_time)."""
     import ch8fast
-    from .schedules import inverse_time
+    from ch8fast.schedules import inverse_time
     th = np.ones(n_runs)
     g = np.empty(n_runs)
     opt = ch8fast.SGD([th], lr=inverse_time(0.5 / lam, 2.0))    # 1 / (lam (2 + step))
@@ -339,7 +339,7 @@ def init_scales(depth=20, width=128, batch=256, seed=0):
     initialization, on a batch of standard normal inputs, under each initializer; and
     after ``ch8fast.init.calibrate`` on one minibatch (from fan_in_uniform), measured on
     that minibatch and on a fresh one."""
-    from . import init
+    from ch8fast import init
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, width))
     x_fresh = rng.standard_normal((batch, width))
@@ -383,10 +383,10 @@ def init_scales(depth=20, width=128, batch=256, seed=0):
 def lr_choice(seed=0, quick=False):
     """``ch8fast.choose_lr`` for SGD on the demo's MLP and digits: the short trials and the
     pick, checked by a longer run at the recommended and at the best short-trial rate."""
-    from .demo import load_dataset, split_standardize
-    from .lr_finder import choose_lr, default_lr_grid
-    from .mlp import MLP
-    from .schedules import minibatches
+    from ch8fast.apps.demo import load_dataset, split_standardize
+    from ch8fast.lr_finder import choose_lr, default_lr_grid
+    from ch8fast.apps.mlp import MLP
+    from ch8fast.schedules import minibatches
     import ch8fast
     X, y, classes, _ = load_dataset(None)
     Xt, yt, Xv, yv = split_standardize(X, y, seed)
