@@ -18,9 +18,10 @@ import numpy as np
 
 from ._isa import K
 
-__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "check_param",
-           "nonnegative", "positive", "unit_interval", "betas_pair", "flag", "step_count",
-           "count"]
+__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "OneOf", "Callable",
+           "Generator", "FloatArray", "check_param", "nonnegative", "positive", "finite",
+           "unit_interval", "betas_pair", "flag", "step_count", "count", "at_least_one",
+           "generator", "function", "fillable_array"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32 = np.dtype(np.float32)
@@ -89,10 +90,13 @@ class Real:
 
 
 class Integer:
-    """An integer (not a bool) in [lo, hi]; returns it as a Python int."""
+    """An integer (not a bool) in [lo, hi] (``hi=None``: no upper bound); returns it as a
+    Python int."""
 
-    def __init__(self, lo, hi, what):
-        self.lo, self.hi, self.what = lo, hi, what
+    def __init__(self, lo, hi=None, what=None):
+        self.lo, self.hi = lo, math.inf if hi is None else hi
+        self.what = what or (f"an integer >= {lo}" if hi is None
+                             else f"an integer in [{lo}, {hi}]")
 
     def __call__(self, value, name):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -153,6 +157,73 @@ class Exactly:
         pass
 
 
+class OneOf:
+    """One of a few strings, e.g. ``mode`` of an initializer; returns it."""
+
+    def __init__(self, *options):
+        self.options = options
+        self.what = "one of " + ", ".join(repr(o) for o in options)
+
+    def __call__(self, value, name):
+        if isinstance(value, str) and value in self.options:
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be {self.what}, got {_kind(value)}")
+        raise ValueError(f"{name} must be {self.what}, got {value!r}")
+
+
+class Callable:
+    """A callable, e.g. ``forward`` or ``loss_and_grad``; ``what`` says what it computes."""
+
+    def __init__(self, what="a callable"):
+        self.what = what
+
+    def __call__(self, value, name):
+        if not callable(value):
+            raise TypeError(f"{name} must be {self.what}, got {_kind(value)}")
+        return value
+
+
+class Generator:
+    """A source of random numbers, returned as a :class:`numpy.random.Generator`: None
+    (fresh OS entropy), an int seed >= 0, a SeedSequence, a bit generator, or a Generator
+    (returned as it is, so that the caller's generator advances)."""
+
+    what = ("None, an int seed, a numpy.random.SeedSequence, a bit generator or a "
+            "numpy.random.Generator")
+
+    def __call__(self, value, name):
+        if isinstance(value, np.random.Generator):
+            return value
+        if isinstance(value, (bool, np.bool_)) or not (
+                value is None or isinstance(value, (numbers.Integral, np.random.SeedSequence,
+                                                    np.random.BitGenerator))):
+            raise TypeError(f"{name} must be {self.what}, got {_kind(value)}")
+        if isinstance(value, numbers.Integral) and value < 0:
+            raise ValueError(f"{name} must be an int seed >= 0, got {value}")
+        return np.random.default_rng(value)
+
+
+class FloatArray:
+    """A NumPy array of dtype float32 or float64, writeable when ``writeable`` (it is to be
+    filled in place); returns it (never a copy)."""
+
+    def __init__(self, writeable=True):
+        self.writeable = writeable
+
+    def __call__(self, value, name):
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64"
+                            f"{' (it is filled in place)' if self.writeable else ''}, got "
+                            f"{_kind(value)}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+        if self.writeable and not value.flags.writeable:
+            raise ValueError(f"{name} must be writeable (it is filled in place), got a "
+                             f"read-only array")
+        return value
+
+
 nonnegative = Real(0.0, math.inf)
 positive = Real(0.0, math.inf, lo_open=True)
 unit_interval = Real(0.0, 1.0, hi_open=True)      # a decay rate or a momentum
@@ -162,3 +233,8 @@ flag = Flag()
 # still an exact int64.
 step_count = Integer(1, 2 ** 62, "an integer in [1, 2**62] (the number of this update)")
 count = Integer(0, 2 ** 62, "an integer in [0, 2**62]")
+at_least_one = Integer(1)
+finite = Real()
+generator = Generator()
+function = Callable()
+fillable_array = FloatArray(writeable=True)

@@ -170,3 +170,61 @@ def test_no_contender_writes_the_shared_gradient(rule):
     for g, b in zip(grads, before):
         np.testing.assert_array_equal(g, b)
     assert ncols == 2 + len(bench.state_names(rule))
+
+
+# ---- untrustworthy ratios are measured longer, then withheld --------------------------
+
+def test_ratio_trusts_agreeing_estimates_only():
+    quiet = bench.ratio([2.0, 2.1, 1.9, 2.0], [1.0, 1.05, 0.95, 1.0])
+    assert quiet == (pytest.approx(2.0), True)
+    # one round disturbed on the ch8fast side: the median still agrees with the fastest
+    assert bench.ratio([2.0, 2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 50.0, 1.0, 1.0])[1]
+    # disturbed in most rounds (the x numpy 0.0 and 8,000 % spread of a loaded machine)
+    value, trusted = bench.ratio([2.0, 2.0, 2.0], [1.0, 90.0, 80.0])
+    assert value < 0.05 and not trusted
+    assert not bench.ratio([2.0, 2.0], [1.0, 1.0])[1]          # fewer than 3 rounds
+
+
+def test_noisy_cases_get_more_rounds_then_a_question_mark(monkeypatch):
+    """A loaded machine: two ch8fast samples in three are 90x slower. The benchmark adds
+    rounds (up to 15), then withholds the ratio: printed as "?", kept in the JSON."""
+    def ch8(): pass
+    def peer(): pass
+    seen = {"ch8fast": 0}
+
+    def fake_time(fn, k):
+        if fn is peer:
+            return 2e-6 * k
+        seen["ch8fast"] += 1
+        return (90e-6 if seen["ch8fast"] % 3 else 1e-6) * k
+    monkeypatch.setattr(bench, "_time", fake_time)
+    samples, _ = bench.measure({"ch8fast": ch8, "numpy": peer}, repeats=3, min_time=1e-9)
+    assert len(samples["ch8fast"]) == 15                  # measured longer, to the limit
+    value, trusted = bench.ratio(samples["numpy"], samples["ch8fast"])
+    assert not trusted
+
+    row = {"rule": "sgd", "dtype": "float32", "tensors": 1, "size": 100, "threads": 1,
+           "time": {"ch8fast": 1e-6}, "spread": 44.0, "gbps": {"ch8fast": 1.0},
+           "roofline_fraction": 0.5, "speedup": {"numpy": value}, "vs_flat": None,
+           "withheld": ["numpy"]}
+    cells = dict(zip(bench.COLUMNS, bench._cells(row)))
+    assert cells["x numpy"] == "?" and cells["roofline"] == "0.50"
+    md = bench.markdown({"ch8fast": "0", "cpu": "x", "cores": 2, "usable_cores": 2,
+                         "isa": "baseline", "threads": [1], "python": "3", "numpy": "2",
+                         "torch": None}, [row])
+    assert "| ? |" in md and bench.WITHHELD_NOTE in md
+
+
+def test_quiet_cases_stop_at_the_requested_rounds(monkeypatch):
+    def ch8(): pass
+    def peer(): pass
+    monkeypatch.setattr(bench, "_time", lambda fn, k: (2e-6 if fn is peer else 1e-6) * k)
+    samples, _ = bench.measure({"ch8fast": ch8, "numpy": peer}, repeats=4, min_time=1e-9)
+    assert len(samples["ch8fast"]) == 4
+    assert bench.ratio(samples["numpy"], samples["ch8fast"]) == (pytest.approx(2.0), True)
+
+
+def test_quiet_samples_are_not_withheld():
+    fns = {"ch8fast": lambda: None, "numpy": lambda: None}
+    samples, _ = bench.measure(fns, repeats=3, min_time=1e-4)
+    assert len(samples["ch8fast"]) >= 3

@@ -644,7 +644,8 @@ def markdown(info, rows):
 
 
 PLOT_STYLE = {"ch8fast": ("C0", "-", "o"), "numpy": ("C1", "-", "s"),
-              "reference": ("C2", "-", "^"), "torch_fused": ("C3", "-", "D"),
+              "reference": ("C2", "-", "^"), "textbook": ("C2", "-", "^"),
+              "torch_fused": ("C3", "-", "D"),
               "torch_foreach": ("C4", "-", "v")}
 
 
@@ -663,6 +664,7 @@ def plot(rows, path, info):
     nrow = math.ceil(len(keys) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False,
                              sharex=True)
+    layout_markers = {}
     for ax, key in zip(axes.flat, keys):
         case = [r for r in rows if (r["rule"], r["dtype"], r["threads"]) == key]
         single = sorted((r for r in case if r["tensors"] == 1), key=lambda r: r["elements"])
@@ -677,11 +679,11 @@ def plot(rows, path, info):
             if pts:
                 ax.plot(*zip(*pts), color=color, ls=ls, marker=mk, ms=3.5, lw=1.2,
                         label=c.replace("_", " "))
-        for i, r in enumerate(multi):
+        for r in multi:           # a marker per layout, named in the legend (no labels)
             y = r["time"]["ch8fast"] / r["elements"] * 1e9
-            ax.plot(r["elements"], y, "x", color="C0", ms=8, mew=2)
-            ax.annotate(r["layout"], (r["elements"], y), fontsize=6,
-                        xytext=(5, 6 if i % 2 == 0 else -10), textcoords="offset points")
+            mk = layout_markers.setdefault(r["layout"], "xP*D^v"[len(layout_markers) % 6])
+            ax.plot(r["elements"], y, mk, color="C0", ms=8, mew=2, ls="none",
+                    label=f"ch8fast, {r['tensors']} arrays of {_fmt_size(r['size'])}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{key[0]} {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''}",
@@ -694,11 +696,17 @@ def plot(rows, path, info):
         ax.set_xlabel("elements", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("time per element per step (ns)", fontsize=8)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
-               frameon=False)
-    fig.suptitle(header(info), fontsize=7, y=0.005, va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    legend = {}
+    for ax in axes.flat[:len(keys)]:          # every name once, whichever panel has it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    ncol = min(len(legend), 5)
+    rows_of_legend = math.ceil(len(legend) / ncol)
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=ncol,
+               fontsize=8, frameon=False)
+    fig.suptitle(header(info), fontsize=7, y=0.005, va="bottom", wrap=True)
+    height = fig.get_size_inches()[1]            # room for the legend: ~0.22 in a row
+    fig.tight_layout(rect=(0, 0.25 / height, 1, 1 - (0.1 + 0.22 * rows_of_legend) / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -451,8 +451,10 @@ def _plot_canyon(c, path):
         ax.plot(p[:, 0], p[:, 1], ls, color=color, marker=".", ms=3, lw=1,
                 label=f"{name} (lr {r['lr']:.3g}, α {r['momentum']:g}): "
                       f"{r['steps_to_tol']} steps to tol")
-    ax.plot(0, 0, "k*", ms=10)
+    ax.plot(0, 0, "k*", ms=10, label="the minimum")
     ax.set_aspect("equal")
+    ax.set_xlabel("θ₁")
+    ax.set_ylabel("θ₂")
     ax.set_title(f"The first 80 steps on a canyon (condition number {c['kappa']:g})")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()

@@ -1,38 +1,17 @@
-"""Parameter initialization (Goodfellow, Bengio & Courville, *Deep Learning*, section 8.4).
+"""Initializers: weights, biases and precisions filled in place (Deep Learning, 8.4).
 
-Design
-------
-Every initializer fills a NumPy array **in place** and returns that same array. Each takes
-``rng``: ``None`` (fresh OS entropy), an ``int`` seed, a :class:`numpy.random.SeedSequence`,
-a bit generator or a :class:`numpy.random.Generator`; the same seed gives the same values.
-A ``Generator`` is advanced by the call, as with any other use of it.
-
-Random values are drawn in float64 and written with ``arr[...] = values``, so the array keeps
-its dtype, its memory and every view onto it, and a float32 array receives exactly the
-float64 values rounded to float32. Arrays must be float32 or float64 (``TypeError``
-otherwise) and writeable (``ValueError`` otherwise); a strided view is filled through the
-view. All checks happen before anything is written.
-
-Shape conventions (all of ch8fast follows them)
------------------------------------------------
-* Dense weight: shape ``(m, n) = (fan_in, fan_out)``, used as ``y = x @ W``: rows are
-  inputs, columns are outputs, so a *unit* is a column.
-* Convolution kernel: shape ``(out_channels, in_channels, *kernel_size)``, so
-  ``fan_in = in_channels * prod(kernel_size)`` and
-  ``fan_out = out_channels * prod(kernel_size)``; a unit is an output channel, whose
-  ``fan_in`` weights are ``arr[c].ravel()``.
-
-See :func:`fans`.
+Every initializer fills a NumPy array **in place** and returns that same array; see
+:mod:`ch8fast.init` for the conventions (random sources, dtypes, shapes).
 """
 from __future__ import annotations
 
 import math
 import numbers
-import os
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
+
+from .._validation import OneOf, at_least_one, fillable_array, finite, generator, positive
 
 __all__ = [
     # shapes and gains
@@ -56,77 +35,20 @@ __all__ = [
     "relu_bias",
     "lstm_forget_bias",
     "precision_init",
-    # initialization from another model
-    "load_matching",
-    "LoadReport",
-    # data-driven scale
-    "calibrate",
-    "CalibrationReport",
-    "LayerCalibration",
 ]
 
 RngLike = Union[None, int, np.integer, np.random.SeedSequence, np.random.BitGenerator,
                 np.random.Generator]
 
 # ---------------------------------------------------------------------------------------
-# Argument checks: run once, before any write.
+# Argument checks (ch8fast._validation): run once, before any write.
 # ---------------------------------------------------------------------------------------
 
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _check_array(arr, name: str = "arr") -> np.ndarray:
-    """Return ``arr`` if it is a writeable float32 or float64 ndarray, else raise."""
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(
-            f"{name} must be a numpy.ndarray to be filled in place, got {type(arr).__name__}")
-    if arr.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
-    if not arr.flags.writeable:
-        raise ValueError(f"{name} is not writeable; initializers fill arrays in place")
-    return arr
-
-
-def _as_generator(rng: RngLike) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, bool) or not (
-        rng is None
-        or isinstance(rng, (numbers.Integral, np.random.SeedSequence, np.random.BitGenerator))
-    ):
-        raise TypeError(
-            "rng must be None, an int seed, a numpy.random.SeedSequence, a bit generator or "
-            f"a numpy.random.Generator, got {type(rng).__name__}")
-    try:
-        return np.random.default_rng(rng)
-    except ValueError as exc:  # e.g. a negative seed
-        raise ValueError(f"invalid rng seed {rng!r}: {exc}") from None
-
-
-def _positive(value, name: str) -> float:
-    """A finite, strictly positive real scalar, as a Python float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"Invalid {name}: {value} (must be finite and > 0)")
-    return value
-
-
-def _finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value} (must be finite)")
-    return value
-
-
-def _choice(value, name: str, options: Sequence[str]) -> str:
-    if value not in options:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(options)})")
-    return value
+_nonlinearity = OneOf("linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+_walk_nonlinearity = OneOf("linear", "relu")
+_mode = OneOf("fan_in", "fan_out", "fan_avg")
+_he_mode = OneOf("fan_in", "fan_out")
+_distribution = OneOf("uniform", "normal", "truncated_normal")
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,9 +87,6 @@ def fans(shape) -> Tuple[int, int]:
     return int(dims[1]) * receptive, int(dims[0]) * receptive
 
 
-_GAINS = ("linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
-
-
 def gain(nonlinearity: str, param: Optional[float] = None) -> float:
     """Recommended scale factor for weights feeding a nonlinearity.
 
@@ -188,9 +107,10 @@ def gain(nonlinearity: str, param: Optional[float] = None) -> float:
     or a uniform limit by the gain (variance by its square). ``param`` is accepted only
     by ``leaky_relu``.
     """
-    _choice(nonlinearity, "nonlinearity", _GAINS)
+    _nonlinearity(nonlinearity, "nonlinearity")
     if param is not None and nonlinearity != "leaky_relu":
-        raise ValueError(f"param is only used by leaky_relu, not {nonlinearity!r}")
+        raise ValueError(f"param must be None for {nonlinearity!r} (only leaky_relu takes a "
+                         f"slope), got {param!r}")
     if nonlinearity in ("linear", "sigmoid"):
         return 1.0
     if nonlinearity == "tanh":
@@ -199,7 +119,7 @@ def gain(nonlinearity: str, param: Optional[float] = None) -> float:
         return math.sqrt(2.0)
     if nonlinearity == "selu":
         return 0.75
-    slope = 0.01 if param is None else _finite(param, "param")
+    slope = 0.01 if param is None else finite(param, "param")
     return math.sqrt(2.0 / (1.0 + slope * slope))
 
 
@@ -223,9 +143,8 @@ def random_walk_gain(n, nonlinearity: str = "linear") -> float:
     References: D. Sussillo and L. F. Abbott, "Random Walk Initialization for Training
     Very Deep Feedforward Networks", arXiv:1412.6558 (2014); Deep Learning, section 8.4.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"Invalid n: {n!r} (must be an int >= 1)")
-    _choice(nonlinearity, "nonlinearity", ("linear", "relu"))
+    n = at_least_one(n, "n")
+    _walk_nonlinearity(nonlinearity, "nonlinearity")
     if nonlinearity == "linear":
         return math.exp(1.0 / (2.0 * n))
     return math.sqrt(2.0) * math.exp(1.2 / (max(n, 6) - 2.4))
@@ -235,8 +154,6 @@ def random_walk_gain(n, nonlinearity: str = "linear") -> float:
 # Random weights
 # ---------------------------------------------------------------------------------------
 
-_MODES = ("fan_in", "fan_out", "fan_avg")
-_DISTRIBUTIONS = ("uniform", "normal", "truncated_normal")
 _TRUNCATE = 2.0  # truncated normal: cut at +-2 standard deviations of the underlying normal
 
 
@@ -290,11 +207,11 @@ def variance_scaling(arr, rng: RngLike = None, *, scale: float = 1.0, mode: str 
     initialization (eq. 8.23) is ``scale=1, mode="fan_avg", distribution="uniform"``;
     He is ``scale=2, mode="fan_in"``. Fans follow :func:`fans`. Deep Learning, section 8.4.
     """
-    arr = _check_array(arr)
-    scale = _positive(scale, "scale")
-    _choice(mode, "mode", _MODES)
-    _choice(distribution, "distribution", _DISTRIBUTIONS)
-    gen = _as_generator(rng)
+    arr = fillable_array(arr, "arr")
+    scale = positive(scale, "scale")
+    _mode(mode, "mode")
+    _distribution(distribution, "distribution")
+    gen = generator(rng, "rng")
     fan_in, fan_out = fans(arr.shape)
     if arr.size == 0:
         return arr
@@ -308,8 +225,8 @@ def fan_in_uniform(arr, rng: RngLike = None) -> np.ndarray:
     The heuristic of section 8.4 for a fully connected layer with ``m`` inputs; the
     variance is ``1 / (3 m)``. For a convolution kernel ``m = in_channels * prod(kernel)``.
     """
-    arr = _check_array(arr)
-    gen = _as_generator(rng)
+    arr = fillable_array(arr, "arr")
+    gen = generator(rng, "rng")
     fan_in, _ = fans(arr.shape)
     if arr.size == 0:
         return arr
@@ -329,7 +246,7 @@ def glorot_uniform(arr, rng: RngLike = None, *, gain: float = 1.0) -> np.ndarray
     (``1/m``) and the gradient variance (``1/n``) equal across layers.
     Also known as Xavier uniform.
     """
-    g = _positive(gain, "gain")
+    g = positive(gain, "gain")
     return variance_scaling(arr, rng, scale=g * g, mode="fan_avg", distribution="uniform")
 
 
@@ -340,12 +257,12 @@ def glorot_normal(arr, rng: RngLike = None, *, gain: float = 1.0) -> np.ndarray:
     torch); Keras' ``glorot_normal`` truncates. For a truncated variant use
     ``variance_scaling(arr, rng, scale=g**2, mode="fan_avg")``.
     """
-    g = _positive(gain, "gain")
+    g = positive(gain, "gain")
     return variance_scaling(arr, rng, scale=g * g, mode="fan_avg", distribution="normal")
 
 
 def _he_scale(negative_slope) -> float:
-    a = _finite(negative_slope, "negative_slope")
+    a = finite(negative_slope, "negative_slope")
     return 2.0 / (1.0 + a * a)
 
 
@@ -362,7 +279,7 @@ def he_uniform(arr, rng: RngLike = None, *, negative_slope: float = 0.0,
     and ``n`` the fan-in (``mode="fan_in"``, keeps the forward variance) or the fan-out
     (``mode="fan_out"``, keeps the backward variance). Also known as Kaiming uniform.
     """
-    _choice(mode, "mode", ("fan_in", "fan_out"))
+    _he_mode(mode, "mode")
     return variance_scaling(arr, rng, scale=_he_scale(negative_slope), mode=mode,
                             distribution="uniform")
 
@@ -373,7 +290,7 @@ def he_normal(arr, rng: RngLike = None, *, negative_slope: float = 0.0,
 
     Not truncated (as in torch; Keras' ``he_normal`` truncates). See :func:`he_uniform`.
     """
-    _choice(mode, "mode", ("fan_in", "fan_out"))
+    _he_mode(mode, "mode")
     return variance_scaling(arr, rng, scale=_he_scale(negative_slope), mode=mode,
                             distribution="normal")
 
@@ -409,9 +326,9 @@ def orthogonal(arr, rng: RngLike = None, *, gain: float = 1.0) -> np.ndarray:
     Haar-distributed: the QR factor of a Gaussian matrix with the signs of ``diag(R)``
     folded in. Deep Learning, section 8.4.
     """
-    arr = _check_array(arr)
-    g = _positive(gain, "gain")
-    gen = _as_generator(rng)
+    arr = fillable_array(arr, "arr")
+    g = positive(gain, "gain")
+    gen = generator(rng, "rng")
     fan_in, _ = fans(arr.shape)
     if arr.size == 0:
         return arr
@@ -436,10 +353,10 @@ def random_walk(arr, rng: RngLike = None, *, nonlinearity: str = "linear") -> np
     ``E[ln |delta_in|^2 - ln |delta_out|^2] = 0`` for any layer shape. With ReLU units
     use zero biases (the 0.1 of :func:`relu_bias` would add drift). Deep Learning, 8.4.
     """
-    arr = _check_array(arr)
-    gen = _as_generator(rng)
+    arr = fillable_array(arr, "arr")
+    gen = generator(rng, "rng")
     fan_in, _ = fans(arr.shape)
-    _choice(nonlinearity, "nonlinearity", ("linear", "relu"))
+    _walk_nonlinearity(nonlinearity, "nonlinearity")
     if arr.size == 0:
         return arr
     g = random_walk_gain(fan_in, nonlinearity)
@@ -458,14 +375,13 @@ def sparse(arr, rng: RngLike = None, *, k: int = 15, std: float = 1.0) -> np.nda
     This is not torch's ``sparse_`` (which zeroes a fraction of each column).
     Requires ``1 <= k <= fan_in``.
     """
-    arr = _check_array(arr)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    std = _positive(std, "std")
-    gen = _as_generator(rng)
+    arr = fillable_array(arr, "arr")
+    k = at_least_one(k, "k")
+    std = positive(std, "std")
+    gen = generator(rng, "rng")
     fan_in, units = _unit_matrix(arr)
     if k < 1 or (arr.size and k > fan_in):
-        raise ValueError(f"Invalid k: {k} (must satisfy 1 <= k <= fan_in = {fan_in})")
+        raise ValueError(f"k must be an integer in [1, fan_in] = [1, {fan_in}], got {k}")
     if arr.size == 0:
         return arr
     # k distinct inputs per unit: the positions of the k smallest of fan_in uniform keys.
@@ -485,12 +401,13 @@ def _as_float_array(values, name: str) -> np.ndarray:
     try:
         v = np.asarray(values)
     except Exception as exc:  # noqa: BLE001 - report any conversion failure by name
-        raise TypeError(f"{name} must be array-like: {exc}") from None
+        raise TypeError(f"{name} must be array-like, got {type(values).__name__} ({exc})") \
+            from None
     if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     v = v.astype(np.float64)
     if not np.all(np.isfinite(v)):
-        raise ValueError(f"{name} must be finite")
+        raise ValueError(f"{name} must be finite, got a NaN or an infinity")
     return v
 
 
@@ -508,22 +425,23 @@ def softmax_bias(b, c) -> np.ndarray:
     ``b`` is 1-D of length ``K``; ``c`` has the same shape, positive entries, and sums to
     1 (to within ``max(1e-6, K * eps)``).
     """
-    b = _check_array(b, "b")
+    b = fillable_array(b, "b")
     cv = _as_float_array(c, "c")
     if b.ndim != 1:
         raise ValueError(f"b must be 1-D (one bias per class), got shape {b.shape}")
     if cv.shape != b.shape:
-        raise ValueError(f"c has shape {cv.shape}, b has shape {b.shape}; they must match")
+        raise ValueError(f"c must have b's shape {b.shape}, got shape {cv.shape}")
     if b.size == 0:
-        raise ValueError("b must have at least one class")
+        raise ValueError("b must have at least one class, got an empty array")
     if not np.all(cv > 0):
-        raise ValueError("c must be strictly positive (log 0 is -inf)")
+        raise ValueError(f"c must be strictly positive (log 0 is -inf), got minimum "
+                         f"{cv.min()!r}")
     c_dtype = np.asarray(c).dtype
     eps = float(np.finfo(c_dtype).eps) if np.issubdtype(c_dtype, np.floating) else 0.0
     tol = max(1e-6, cv.size * eps)
     total = math.fsum(cv.tolist())
     if abs(total - 1.0) > tol:
-        raise ValueError(f"c must sum to 1 (class frequencies), sums to {total!r}")
+        raise ValueError(f"c must sum to 1 (class frequencies), got a sum of {total!r}")
     logc = np.log(cv)
     return _fill(b, logc - logc.mean())
 
@@ -538,15 +456,16 @@ def sigmoid_bias(b, p) -> np.ndarray:
     ``p`` (the marginal frequency of each output being 1) must lie in the open interval
     (0, 1) and broadcast to ``b``'s shape. Deep Learning, section 8.4.
     """
-    b = _check_array(b, "b")
+    b = fillable_array(b, "b")
     pv = _as_float_array(p, "p")
     try:
         pv = np.broadcast_to(pv, b.shape)
     except ValueError:
-        raise ValueError(f"p of shape {pv.shape} does not broadcast to b's shape {b.shape}") \
+        raise ValueError(f"p must broadcast to b's shape {b.shape}, got shape {pv.shape}") \
             from None
     if not np.all((pv > 0.0) & (pv < 1.0)):
-        raise ValueError("p must lie strictly within (0, 1)")
+        raise ValueError(f"p must lie strictly within (0, 1), got values in "
+                         f"[{pv.min()!r}, {pv.max()!r}]")
     return _fill(b, np.log(pv) - np.log1p(-pv))
 
 
@@ -556,7 +475,7 @@ def linear_bias(b, y) -> np.ndarray:
     ``y`` has shape ``(n_samples, *b.shape)``. With zero weights the model then predicts
     the marginal mean. Deep Learning, section 8.4.
     """
-    b = _check_array(b, "b")
+    b = fillable_array(b, "b")
     yv = _as_float_array(y, "y")
     if yv.ndim != b.ndim + 1 or yv.shape[1:] != b.shape or yv.shape[0] == 0:
         raise ValueError(
@@ -571,8 +490,8 @@ def relu_bias(b, value: float = 0.1) -> np.ndarray:
     Learning, section 8.4). Not for use with random-walk initialization, which assumes
     zero biases.
     """
-    b = _check_array(b, "b")
-    return _fill(b, _finite(value, "value"))
+    b = fillable_array(b, "b")
+    return _fill(b, finite(value, "value"))
 
 
 def lstm_forget_bias(b, *, gate_order: str = "ifgo", forget_gate: str = "f",
@@ -588,14 +507,16 @@ def lstm_forget_bias(b, *, gate_order: str = "ifgo", forget_gate: str = "f",
     Frameworks with two bias vectors (torch's ``bias_ih`` and ``bias_hh``) add them: set
     only one of them, or the effective forget bias is doubled.
     """
-    b = _check_array(b, "b")
-    value = _finite(value, "value")
+    b = fillable_array(b, "b")
+    value = finite(value, "value")
     if not isinstance(gate_order, str) or not gate_order \
             or len(set(gate_order)) != len(gate_order):
-        raise ValueError(f"Invalid gate_order: {gate_order!r} (distinct one-letter gate names)")
+        raise ValueError(f"gate_order must be a string of distinct one-letter gate names, "
+                         f"got {gate_order!r}")
     if not isinstance(forget_gate, str) or len(forget_gate) != 1 \
             or forget_gate not in gate_order:
-        raise ValueError(f"Invalid forget_gate: {forget_gate!r} (not in {gate_order!r})")
+        raise ValueError(f"forget_gate must be one of the letters of gate_order "
+                         f"({gate_order!r}), got {forget_gate!r}")
     if b.ndim != 1 or b.size % len(gate_order):
         raise ValueError(
             f"b must be 1-D with a length divisible by {len(gate_order)} "
@@ -611,284 +532,5 @@ def precision_init(arr, value: float = 1.0) -> np.ndarray:
 
     E.g. ``beta`` in ``p(y | x) = N(y | w^T x + b, 1 / beta)``. ``value`` must be > 0.
     """
-    arr = _check_array(arr)
-    return _fill(arr, _positive(value, "value"))
-
-
-# ---------------------------------------------------------------------------------------
-# Initialization from another model (section 8.4, last paragraphs)
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What :func:`load_matching` did, by array name.
-
-    ``loaded``: names copied (``cast``: the subset copied with a dtype conversion);
-    ``skipped``: name -> reason, present in both but not copied;
-    ``missing``: in the model (target) but not in the source;
-    ``unused``: in the source but not in the model.
-    """
-
-    loaded: Tuple[str, ...] = ()
-    cast: Tuple[str, ...] = ()
-    skipped: Mapping[str, str] = field(default_factory=dict)
-    missing: Tuple[str, ...] = ()
-    unused: Tuple[str, ...] = ()
-
-    @property
-    def complete(self) -> bool:
-        """True when every array on both sides was matched and copied."""
-        return not (self.skipped or self.missing or self.unused)
-
-    def __str__(self) -> str:
-        lines = [f"loaded  {len(self.loaded)}: {', '.join(self.loaded) or '-'}"]
-        if self.cast:
-            lines.append(f"cast    {len(self.cast)}: {', '.join(self.cast)}")
-        lines.append(f"skipped {len(self.skipped)}:" + ("" if self.skipped else " -"))
-        lines += [f"  {k}: {v}" for k, v in self.skipped.items()]
-        lines.append(f"missing {len(self.missing)} (in model, not in source): "
-                     f"{', '.join(self.missing) or '-'}")
-        lines.append(f"unused  {len(self.unused)} (in source, not in model): "
-                     f"{', '.join(self.unused) or '-'}")
-        return "\n".join(lines)
-
-
-def load_matching(target: Mapping[str, np.ndarray],
-                  source: Union[Mapping[str, np.ndarray], str, os.PathLike], *,
-                  allow_cast: bool = False, strict: bool = False) -> LoadReport:
-    """Initialize a model from another model's parameters, by name, in place.
-
-    Section 8.4 of Deep Learning ends with initialization by learning: take the
-    parameters of a model trained on the same inputs (e.g. unsupervised) or on a related
-    task. ``target`` maps names to the model's arrays, which are overwritten in place
-    (``np.copyto``); ``source`` is a mapping of names to arrays or the path of an ``.npz``
-    file (read with ``allow_pickle=False``).
-
-    An array is copied when the name is on both sides, the shapes are equal and the dtypes
-    are equal; with ``allow_cast=True`` a different dtype is converted when NumPy's
-    ``same_kind`` casting allows it (e.g. float64 -> float32, not float -> int). Anything
-    else is *skipped* with its reason. Names on one side only are *missing* (model only)
-    or *unused* (source only).
-
-    With ``strict=True`` any skipped, missing or unused name raises ``ValueError`` and no
-    array is changed. All checks run before the first copy. Returns a :class:`LoadReport`.
-    """
-    if not isinstance(target, Mapping):
-        raise TypeError(f"target must be a mapping name -> array, got {type(target).__name__}")
-    for name, arr in target.items():
-        _check_array(arr, f"target[{name!r}]")
-    skipped = {}
-    if isinstance(source, (str, os.PathLike)):
-        npz = np.load(source, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise ValueError(f"source {os.fspath(source)!r} holds a single array, not an .npz")
-        with npz:
-            names = list(npz.files)
-            src = {}
-            for k in names:
-                if k in target:
-                    try:
-                        src[k] = npz[k]
-                    except ValueError as exc:  # e.g. an object array with allow_pickle=False
-                        src[k] = None
-                        skipped[k] = f"unreadable in source: {exc}"
-    elif isinstance(source, Mapping):
-        names = list(source.keys())
-        src = {k: source[k] for k in names if k in target}
-    else:
-        raise TypeError(
-            f"source must be a mapping name -> array or an .npz path, got {type(source).__name__}")
-
-    plan, cast = [], []
-    for name, dst in target.items():
-        if name not in src or name in skipped:
-            continue
-        value = src[name]
-        if not isinstance(value, np.ndarray):
-            skipped[name] = f"source value is {type(value).__name__}, not an ndarray"
-        elif value.shape != dst.shape:
-            skipped[name] = f"shape {value.shape} in source, {dst.shape} in model"
-        elif value.dtype != dst.dtype:
-            if not allow_cast:
-                skipped[name] = f"dtype {value.dtype} in source, {dst.dtype} in model " \
-                                "(allow_cast=False)"
-            elif not np.can_cast(value.dtype, dst.dtype, casting="same_kind"):
-                skipped[name] = f"dtype {value.dtype} cannot be cast to {dst.dtype}"
-            else:
-                plan.append(name)
-                cast.append(name)
-        else:
-            plan.append(name)
-    report = LoadReport(
-        loaded=tuple(plan), cast=tuple(cast), skipped=skipped,
-        missing=tuple(k for k in target if k not in src),
-        unused=tuple(k for k in names if k not in target))
-    if strict and not report.complete:
-        raise ValueError("load_matching(strict=True): nothing was copied\n" + str(report))
-    for name in plan:
-        np.copyto(target[name], src[name], casting="same_kind")
-    return report
-
-
-# ---------------------------------------------------------------------------------------
-# Data-driven scale calibration on one minibatch (section 8.4)
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerCalibration:
-    """One layer of a :class:`CalibrationReport`: total ``scale`` applied to its weights,
-    output standard deviation before and after calibration."""
-
-    layer: int
-    scale: float
-    std_before: float
-    std_after: float
-
-
-@dataclass(frozen=True)
-class CalibrationReport:
-    """Result of :func:`calibrate`; ``str(report)`` is a table."""
-
-    layers: Tuple[LayerCalibration, ...]
-    target_std: float
-    tol: float
-    passes: int
-    converged: bool
-
-    @property
-    def scales(self) -> np.ndarray:
-        return np.array([layer.scale for layer in self.layers])
-
-    @property
-    def std_after(self) -> np.ndarray:
-        return np.array([layer.std_after for layer in self.layers])
-
-    @property
-    def std_before(self) -> np.ndarray:
-        return np.array([layer.std_before for layer in self.layers])
-
-    def __str__(self) -> str:
-        state = "converged" if self.converged else "NOT converged"
-        head = (f"calibrate: target std {self.target_std:g}, tol {self.tol:g}, "
-                f"{state} after {self.passes} pass{'es' if self.passes != 1 else ''}")
-        rows = [head, f"{'layer':>5}  {'scale':>11}  {'std before':>11}  {'std after':>11}"]
-        for r in self.layers:
-            off = "" if abs(r.std_after / self.target_std - 1.0) <= self.tol else "  (off)"
-            rows.append(f"{r.layer:>5}  {_fmt(r.scale)}  {_fmt(r.std_before)}  "
-                        f"{_fmt(r.std_after)}{off}")
-        return "\n".join(rows)
-
-
-def _fmt(v: float) -> str:
-    """Fixed-point where readable, scientific otherwise; always 11 characters wide."""
-    return f"{v:>11.6f}" if 1e-3 <= abs(v) < 1e4 else f"{v:>11.4e}"
-
-
-def _layer_stds(outputs, n_layers: int) -> np.ndarray:
-    if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
-        raise ValueError(
-            f"forward(x) must return a list of {n_layers} per-layer outputs, "
-            f"got {type(outputs).__name__}")
-    if len(outputs) != n_layers:
-        raise ValueError(
-            f"forward(x) returned {len(outputs)} outputs for {n_layers} weight arrays; "
-            "it must return one output per layer")
-    stds = np.empty(n_layers)
-    for i, out in enumerate(outputs):
-        o = np.asarray(out)
-        if not (np.issubdtype(o.dtype, np.floating) or np.issubdtype(o.dtype, np.integer)):
-            raise ValueError(f"output of layer {i} has non-numeric dtype {o.dtype}")
-        if o.size < 2:
-            raise ValueError(f"output of layer {i} has {o.size} values; need at least 2")
-        if not np.all(np.isfinite(o)):
-            raise ValueError(f"output of layer {i} has non-finite values (inf or nan)")
-        s = float(np.std(o, dtype=np.float64))
-        if not (math.isfinite(s) and s > 0.0):
-            raise ValueError(
-                f"output of layer {i} is constant (std {s}); no scale of its weights can "
-                "reach the target")
-        stds[i] = s
-    return stds
-
-
-def calibrate(weights: Sequence[np.ndarray], forward: Callable, x, target_std: float = 1.0,
-              *, tol: float = 0.02, max_passes: int = 10) -> CalibrationReport:
-    """Rescale each layer's weights so its output on one minibatch has a target std.
-
-    Section 8.4 of Deep Learning: look at the standard deviation of activations on a
-    single minibatch and rescale the weights; "this procedure can in principle be
-    automated". ``forward(x)`` must return a list with one array per entry of
-    ``weights`` (each layer's pre-activations, or activations), computed from the arrays
-    in ``weights`` themselves, which are rescaled in place. Layers are processed in
-    order, layer 0 first, since each output depends on all earlier layers:
-
-    .. math::
-
-        W_l \\leftarrow W_l \\cdot \\frac{\\sigma^*}{\\operatorname{std}(h_l(x))}
-        \\quad\\text{for } l = 0, 1, \\ldots, L - 1
-
-    one forward pass per layer. A pass that rescales no layer (every
-    ``|std / target_std - 1| <= tol``) ends the loop; otherwise another pass follows, up to
-    ``max_passes``. Passes are needed when outputs are not linear in the weights (biases,
-    saturating activations). The result reports ``converged=False`` if the budget ran out.
-    This is layer-sequential unit-variance initialization (Mishkin & Matas, 2016) with
-    ``target_std = 1``.
-
-    A constant output (std 0), non-finite outputs, a wrong number of outputs, an output
-    that ignores its weights, non-writeable weights or an exception in ``forward`` raise
-    (``ValueError`` for bad values) and leave the weights exactly as they were.
-    """
-    if isinstance(weights, np.ndarray) or not isinstance(weights, Sequence) or not weights:
-        raise TypeError("weights must be a non-empty list of weight arrays")
-    ws = [_check_array(w, f"weights[{i}]") for i, w in enumerate(weights)]
-    if not callable(forward):
-        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    target = _positive(target_std, "target_std")
-    tol = _positive(tol, "tol")
-    if isinstance(max_passes, bool) or not isinstance(max_passes, numbers.Integral) \
-            or max_passes < 1:
-        raise ValueError(f"Invalid max_passes: {max_passes!r} (must be an int >= 1)")
-
-    if len({id(w) for w in ws}) != len(ws):
-        raise ValueError("weights lists the same array more than once")
-
-    saved = [w.copy() for w in ws]
-    n = len(ws)
-    scales = np.ones(n)
-
-    def within(s: np.ndarray) -> bool:
-        return bool(np.all(np.abs(s / target - 1.0) <= tol))
-
-    try:
-        stds = _layer_stds(forward(x), n)
-        before = stds.copy()
-        passes, converged = 0, within(stds)
-        while not converged and passes < max_passes:
-            passes += 1
-            for i in range(n):
-                if abs(stds[i] / target - 1.0) <= tol:
-                    continue
-                factor = target / stds[i]
-                if not (math.isfinite(factor) and factor > 0.0):
-                    raise ValueError(f"layer {i} would need a scale of {factor}, out of range")
-                ws[i] *= factor
-                scales[i] *= factor
-                if not np.all(np.isfinite(ws[i])):
-                    raise ValueError(f"rescaling weights[{i}] by {factor:g} overflowed")
-                old = stds[i]
-                stds = _layer_stds(forward(x), n)
-                if stds[i] == old:
-                    raise ValueError(
-                        f"output of layer {i} did not change when weights[{i}] was rescaled: "
-                        "forward must compute it from the arrays in weights, and it must "
-                        "depend on their scale")
-            converged = within(stds)
-    except BaseException:
-        for w, s in zip(ws, saved):
-            w[...] = s
-        raise
-    layers = tuple(LayerCalibration(i, float(scales[i]), float(before[i]), float(stds[i]))
-                   for i in range(n))
-    return CalibrationReport(layers, target, tol, passes, converged)
+    arr = fillable_array(arr, "arr")
+    return _fill(arr, positive(value, "value"))
