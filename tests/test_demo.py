@@ -419,3 +419,16 @@ def test_demo_figure_colours_follow_the_optimizer_and_legend_names_the_rate(tmp_
         assert any(label == "Adam, lr 0.001" for label, _ in drawn)
         if subset == "sgd,adam":
             assert ("SGD + linear decay, lr 0.1 \u2192 0.001", demo.COLORS["sgd"]) in drawn
+
+
+def test_distributed_without_mpi4py_is_a_one_line_error(tmp_path):
+    code = ("import sys; sys.modules['mpi4py'] = None\n"
+            "from ch8fast.apps.cli import main\n"
+            f"sys.exit(main(['demo', '--distributed', '--quiet', '--out', {str(tmp_path)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ch8fast demo: error: --distributed:")
+    assert "mpi4py" in lines[0] and "Traceback" not in proc.stderr

@@ -8,6 +8,8 @@
 import argparse
 import sys
 
+from ch8fast import __version__
+
 __all__ = ["main", "build_parser"]
 
 
@@ -17,6 +19,7 @@ def build_parser():
         prog="ch8fast",
         description="Fused, in-place NumPy optimizers for chapter 8.3-8.5 of Goodfellow, "
                     "Bengio & Courville, Deep Learning.")
+    parser.add_argument("--version", action="version", version=f"ch8fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser(
         "demo", help="train a small MLP with SGD, momentum, Nesterov, AdaGrad, RMSProp, "

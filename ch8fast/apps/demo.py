@@ -841,7 +841,8 @@ def main(args, parser=None):
     guard = contextlib.nullcontext()
     if distributed:
         try:
-            from ch8fast.distributed import abort_on_error
+            from ch8fast.distributed import abort_on_error, get_comm
+            get_comm()                         # mpi4py and an MPI library, or one line
             guard = abort_on_error()
         except ImportError as exc:
             print(f"ch8fast demo: error: --distributed: {exc}", file=sys.stderr)
