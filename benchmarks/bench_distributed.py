@@ -1,6 +1,6 @@
 """Time per step and bytes communicated per step of ch8fast.distributed.DataParallel.
 
-    python benchmarks/bench_distributed.py                    # 1 and 2 ranks, 1e5..1e7 params
+    python benchmarks/bench_distributed.py              # 1 and 2 ranks, 1e5..1e7 params
     python benchmarks/bench_distributed.py --ranks 1 2 4 --sizes 1e6 --optimizer SGD
 
 Launches itself under mpirun once per number of ranks; each run times ``step()`` (the

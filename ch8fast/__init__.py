@@ -16,15 +16,17 @@ def _without_kernels(exc):
     repository root after a plain ``pip install .``, whose ``ch8fast/`` folder Python
     imports instead of the installed copy."""
     here = _os.path.dirname(_os.path.abspath(__file__))
-    built = any(name.startswith("_kernels") and name.endswith(tuple(_machinery.EXTENSION_SUFFIXES))
+    suffixes = tuple(_machinery.EXTENSION_SUFFIXES)
+    built = any(name.startswith("_kernels") and name.endswith(suffixes)
                 for name in _os.listdir(here))
     if built:
         return exc
     return ImportError(
         f"ch8fast's compiled kernels are not in {here}: Python is importing the source "
-        f"folder (the current directory shadows an installed ch8fast), which has not been "
-        f"built. Either build it in place, `pip install -e .` from the repository root (the "
-        f"README's set-up), or run Python from another folder to use the installed copy.")
+        f"folder (the current directory shadows an installed ch8fast), which has not "
+        f"been built. Either build it in place, `pip install -e .` from the repository "
+        f"root (the README's set-up), or run Python from another folder to use the "
+        f"installed copy.")
 
 
 try:

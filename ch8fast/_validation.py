@@ -18,10 +18,10 @@ import numpy as np
 
 from ._isa import K
 
-__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "OneOf", "Callable",
-           "Generator", "FloatArray", "check_param", "nonnegative", "positive", "finite",
-           "unit_interval", "betas_pair", "flag", "step_count", "count", "at_least_one",
-           "generator", "function", "fillable_array"]
+__all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "OneOf",
+           "Callable", "Generator", "FloatArray", "check_param", "nonnegative", "positive",
+           "finite", "unit_interval", "betas_pair", "flag", "step_count", "count",
+           "at_least_one", "generator", "function", "fillable_array"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32 = np.dtype(np.float32)
@@ -59,8 +59,8 @@ class Real:
     def __call__(self, value, name):
         v = value if type(value) is float else self._as_float(value, name)
         lo, hi = self.lo, self.hi
-        if not ((v > lo if self.lo_open else v >= lo) and (v < hi if self.hi_open else v <= hi)
-                and -math.inf < v < math.inf):
+        if not ((v > lo if self.lo_open else v >= lo)
+                and (v < hi if self.hi_open else v <= hi) and -math.inf < v < math.inf):
             if v != v:
                 raise ValueError(f"{name} must not be NaN")
             raise ValueError(f"{name} must be {self.what}, got {v}")
@@ -195,9 +195,9 @@ class Generator:
     def __call__(self, value, name):
         if isinstance(value, np.random.Generator):
             return value
-        if isinstance(value, (bool, np.bool_)) or not (
-                value is None or isinstance(value, (numbers.Integral, np.random.SeedSequence,
-                                                    np.random.BitGenerator))):
+        kinds = (numbers.Integral, np.random.SeedSequence, np.random.BitGenerator)
+        if isinstance(value, (bool, np.bool_)) or not (value is None
+                                                      or isinstance(value, kinds)):
             raise TypeError(f"{name} must be {self.what}, got {_kind(value)}")
         if isinstance(value, numbers.Integral) and value < 0:
             raise ValueError(f"{name} must be an int seed >= 0, got {value}")

@@ -85,8 +85,8 @@ def _plain(obj, where="extra"):
                                 f"are strings (or numbers, booleans, None)")
             key = k if isinstance(k, str) else json.dumps(k)
             if key in out:
-                raise ValueError(f"{where}: keys {key!r} and {k!r} both become the JSON key "
-                                 f"{key!r}")
+                raise ValueError(f"{where}: keys {key!r} and {k!r} both become the JSON "
+                                 f"key {key!r}")
             out[key] = _plain(v, f"{where}[{key!r}]")
         return out
     if isinstance(obj, (list, tuple)):
@@ -97,6 +97,9 @@ def _plain(obj, where="extra"):
 def _canonical(header):
     return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False, default=_json_default).encode("utf-8")
+
+
+canonical_json = _canonical    # the checksummed JSON encoding, for other writers
 
 
 def _checksum(header_wo_checksum, arrays):
@@ -388,7 +391,8 @@ def read_checkpoint(path):
                 f"array {e['name']!r} is listed in the header but missing from the file")
         a = arrays[e["name"]]
         _expect(a.dtype.str == e["dtype"], path,
-                f"array {e['name']!r} has dtype {a.dtype.str}, the header says {e['dtype']}")
+                f"array {e['name']!r} has dtype {a.dtype.str}, the header says "
+                f"{e['dtype']}")
         _expect(list(a.shape) == e["shape"], path,
                 f"array {e['name']!r} has shape {tuple(a.shape)}, the header says "
                 f"{tuple(e['shape'])}")
@@ -464,8 +468,8 @@ def load_checkpoint(path, optimizer, params=None):
         for i, p in enumerate(params):
             b = arrays[f"param.{i}"]
             _expect(b.shape == p.shape and b.dtype == p.dtype, path,
-                    f"array 'param.{i}' has shape {b.shape} and dtype {b.dtype}, params[{i}] "
-                    f"is {p.shape} {p.dtype}")
+                    f"array 'param.{i}' has shape {b.shape} and dtype {b.dtype}, "
+                    f"params[{i}] is {p.shape} {p.dtype}")
             if not p.flags.writeable:
                 raise ValueError(f"load_checkpoint: params[{i}] is read-only")
     sd = dict(header["state_dict"], state=state)

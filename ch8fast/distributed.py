@@ -29,7 +29,8 @@ training inside :func:`abort_on_error`, which prints the error with the rank and
 ``MPI_Abort``, ending the whole job.
 
 mpi4py is imported only when a function here is first called, so ``import ch8fast`` works
-without it. Run with e.g. ``mpirun -n 2 python train.py`` (see the README, "Training on several processes or hosts").
+without it. Run with e.g. ``mpirun -n 2 python train.py`` (see the documentation,
+"Training on several processes or hosts", docs/distributed.rst).
 """
 
 import contextlib
@@ -44,7 +45,7 @@ import traceback
 import numpy as np
 
 from .clip import global_norm
-from .flat import _ALIGN_BYTES
+from .flat import ALIGN_BYTES
 
 __all__ = ["DataParallel", "abort_on_error", "shard_bounds", "split_batch", "get_comm",
            "ranks_on_this_host",
@@ -73,7 +74,7 @@ def get_comm(comm=None):
     return _mpi().COMM_WORLD
 
 
-def shard_bounds(n, world, itemsize=4, align_bytes=_ALIGN_BYTES):
+def shard_bounds(n, world, itemsize=4, align_bytes=ALIGN_BYTES):
     """The ``world + 1`` boundaries that cut ``n`` elements into contiguous slices, one per
     rank: every boundary but the last is a multiple of ``align_bytes // itemsize``
     elements, and the slices differ by at most one aligned block (the first ranks get the
@@ -221,8 +222,8 @@ class DataParallel:
         flat, flat_grad = getattr(arena, "flat", None), getattr(arena, "flat_grad", None)
         for name, a in (("arena.flat", flat), ("arena.flat_grad", flat_grad)):
             if not isinstance(a, np.ndarray):
-                raise TypeError(f"{name} must be a numpy.ndarray (pass a ch8fast.FlatParams)"
-                                f", got {type(a).__name__}")
+                raise TypeError(f"{name} must be a numpy.ndarray (pass a "
+                                f"ch8fast.FlatParams), got {type(a).__name__}")
             if a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
                 raise ValueError(f"{name} must be 1-D, C-contiguous and writeable")
             if a.dtype not in (np.float32, np.float64):
@@ -438,7 +439,7 @@ class DataParallel:
         loses nothing. Needs a folder every rank can write (a shared file system across
         hosts).
         """
-        from .checkpoint import _canonical, atomic_write, save_checkpoint
+        from .checkpoint import atomic_write, canonical_json, save_checkpoint
         comm = self.comm
         save_id = comm.bcast(secrets.token_hex(8) if self.rank == 0 else None, root=0)
         if self.shard_state:
@@ -463,7 +464,7 @@ class DataParallel:
         }
         err = None
         try:                                 # refuse what JSON cannot hold before writing
-            text = _canonical(manifest)
+            text = canonical_json(manifest)
             if self.rank == 0:
                 os.makedirs(path, exist_ok=True)
         except (TypeError, ValueError, OSError) as exc:
@@ -509,7 +510,8 @@ class DataParallel:
             manifest = self._read_manifest(path)
             pieces = self._read_pieces(path, manifest, read_checkpoint)
         except Exception as exc:
-            err = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            err = (str(exc) if isinstance(exc, ValueError)
+                   else f"{type(exc).__name__}: {exc}")
         _collective_check(comm, err)
         sd, params = pieces
         err, before = None, self.optimizer.state_dict()
@@ -549,8 +551,9 @@ class DataParallel:
             raise ValueError(f"{where}: holds {m['optimizer']} state; this optimizer is "
                              f"{mine}")
         if m["size"] != self.flat.size or m["dtype"] != self.flat.dtype.str:
-            raise ValueError(f"{where}: holds {m['size']} parameters of dtype {m['dtype']}, "
-                             f"this arena has {self.flat.size} of {self.flat.dtype.str}")
+            raise ValueError(f"{where}: holds {m['size']} parameters of dtype "
+                             f"{m['dtype']}, this arena has {self.flat.size} of "
+                             f"{self.flat.dtype.str}")
         layout = self._layout()
         if layout is not None and m["layout"] is not None and m["layout"] != layout:
             raise ValueError(f"{where}: the arena's names, shapes or offsets differ from "

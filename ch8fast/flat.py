@@ -18,9 +18,10 @@ import numpy as np
 
 from ._validation import FLOAT_DTYPES
 
-__all__ = ["FlatParams"]
+__all__ = ["FlatParams", "ALIGN_BYTES"]
 
-_ALIGN_BYTES = 64          # each view starts on a cache line: whole vectors, no splits
+ALIGN_BYTES = 64           # each view starts on a cache line: whole vectors, no splits
+_ALIGN_BYTES = ALIGN_BYTES
 
 
 def _aligned_zeros(n, dtype):

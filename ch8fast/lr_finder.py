@@ -26,8 +26,9 @@ _loss_and_grad = _CallableCheck("a callable params -> (loss, grads)")
 _optimizer = _CallableCheck("a class built as optimizer(params, lr=..., ...)")
 
 
-def default_lr_grid(low: float = 1e-5, high: float = 1.0, per_decade: int = 4) -> np.ndarray:
-    """Log-spaced candidate rates from ``low`` to ``high``, ``per_decade`` points per decade.
+def default_lr_grid(low: float = 1e-5, high: float = 1.0,
+                    per_decade: int = 4) -> np.ndarray:
+    """Log-spaced candidate rates from ``low`` to ``high``, ``per_decade`` a decade.
 
     The default gives 21 rates: 1e-5, 1.78e-5, 3.16e-5, 5.62e-5, 1e-4, ..., 1.
     """
@@ -67,7 +68,7 @@ class LRFinderResult:
         return self.reasoning
 
     def plot(self, path) -> None:
-        """Write the learning curves and the final cost against the rate to a PNG at ``path``.
+        """Write the learning curves and the final cost against the rate to a PNG file.
 
         Diverged trials are drawn red and dashed, and marked with a red cross on the right
         panel. Needs matplotlib (``pip install matplotlib``); raises ImportError without it.
@@ -76,7 +77,8 @@ class LRFinderResult:
             from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError(
-                "LRFinderResult.plot needs matplotlib; install it with `pip install matplotlib`"
+                "LRFinderResult.plot needs matplotlib; install it with "
+                "`pip install matplotlib`"
             ) from exc
         fig = Figure(figsize=(11, 4.5))
         ax1, ax2 = fig.subplots(1, 2)
@@ -113,7 +115,8 @@ class LRFinderResult:
             for lr in self.lrs[self.diverged]:
                 ax2.axvline(lr, color="red", alpha=0.5, lw=1, ls="--")
         if self.best_short_trial is not None:
-            ax2.axvline(self.best_short_trial, color="gray", ls="--", label="best short trial")
+            ax2.axvline(self.best_short_trial, color="gray", ls="--",
+                        label="best short trial")
         if self.recommended is not None:
             ax2.axvline(self.recommended, color="green", lw=2, label="recommended")
         ax2.set_xscale("log")
@@ -128,7 +131,8 @@ class LRFinderResult:
 
 def _check_params(params):
     if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
-        raise TypeError(f"params must be a list of numpy arrays, got {type(params).__name__}")
+        raise TypeError(f"params must be a list of numpy arrays, got "
+                        f"{type(params).__name__}")
     if len(params) == 0:
         raise ValueError("params must hold at least one array, got an empty list")
     for i, p in enumerate(params):
@@ -137,8 +141,8 @@ def _check_params(params):
         if not np.issubdtype(p.dtype, np.floating):
             raise TypeError(f"params[{i}] must have a floating dtype, got {p.dtype}")
         if not p.flags.writeable:
-            raise ValueError(f"params[{i}] must be writeable (it is updated in place), got a "
-                             f"read-only array")
+            raise ValueError(f"params[{i}] must be writeable (it is updated in place), "
+                             f"got a read-only array")
     return list(params)
 
 
@@ -183,7 +187,8 @@ def _trial(params, saved, loss_and_grad, optimizer, lr, iters, blowup, kwargs):
 
 
 def choose_lr(params: Sequence[np.ndarray],
-              loss_and_grad: Callable[[List[np.ndarray]], Tuple[float, Sequence[np.ndarray]]],
+              loss_and_grad: Callable[[List[np.ndarray]],
+                                      Tuple[float, Sequence[np.ndarray]]],
               optimizer: Optional[Callable[..., Any]] = None,
               lrs: Optional[Sequence[float]] = None, iters: int = 100, *,
               blowup: float = 10.0, rise: float = 2.0, refine: int = 4,
@@ -219,8 +224,9 @@ def choose_lr(params: Sequence[np.ndarray],
     succeeds, no higher rate has been shown to be safe, and the best short-trial rate
     itself is recommended; the reasoning then says which finer or wider grid to try.
 
-    A candidate above the smallest rate that diverged counts as diverged too: stability is taken to be monotone in the rate, and a noisy short trial
-    above the stability limit can end low by chance.
+    A candidate above the smallest rate that diverged counts as diverged too: stability is
+    taken to be monotone in the rate, and a noisy short trial above the stability limit can
+    end low by chance.
 
     Args:
         params: the parameter arrays, updated in place by the optimizer during the trials.
@@ -264,7 +270,8 @@ def choose_lr(params: Sequence[np.ndarray],
         smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
         end, low = float(smooth[-1]), float(smooth.min())
         if _above(end, low, rise):
-            return True, math.inf, f"ended at {end:.3g}, above {rise:g}x its minimum {low:.3g}"
+            return (True, math.inf,
+                    f"ended at {end:.3g}, above {rise:g}x its minimum {low:.3g}")
         return False, end, None
 
     saved = [p.copy() for p in params]
@@ -272,7 +279,8 @@ def choose_lr(params: Sequence[np.ndarray],
 
     def mark_above_diverged():
         """Stability is taken to be monotone in the rate: a rate above one that diverged
-        is not trusted, however its own trial ended (a noisy trial can end low by chance)."""
+        is not trusted, however its own trial ended (a noisy trial can end low by
+        chance)."""
         first = min((lr for lr in trials if trials[lr][1]), default=None)
         for lr in trials:
             if first is not None and lr > first and not trials[lr][1]:
@@ -329,7 +337,8 @@ def choose_lr(params: Sequence[np.ndarray],
             [head, "Every candidate diverged:"] + div_lines
             + [f"No recommendation: try rates below {lrs[0]:.3g}."]
         )
-        return LRFinderResult(lrs, curves, diverged, final, None, None, reasoning, iters, initial)
+        return LRFinderResult(lrs, curves, diverged, final, None, None, reasoning, iters,
+                              initial)
 
     b = int(np.flatnonzero(lrs == best)[0])      # the grid's best; probes lie above it
     higher_div = [i for i in np.flatnonzero(diverged) if i > b]

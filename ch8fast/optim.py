@@ -39,8 +39,9 @@ _FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
 _FORM_CODES = {v: k for k, v in _FORMS.items()}
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite")
-_OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` when their global 2-norm
-        exceeds it (keyword only; the norm is kept in ``last_grad_norm``).
+_OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` when their
+        global 2-norm exceeds it (keyword only; the norm is kept in
+        ``last_grad_norm``).
     clip_value: clamp every gradient element to [-clip_value, clip_value] (after
         ``clip_norm``, before weight decay; keyword only).
     skip_nonfinite: a step whose gradients hold a NaN or an Inf changes nothing
@@ -118,7 +119,8 @@ def _as_param_list(value):
     if isinstance(value, np.ndarray):
         return [value]
     if isinstance(value, (str, bytes, dict)):
-        raise TypeError(f"'params' must be a sequence of arrays, got {type(value).__name__}")
+        raise TypeError(f"'params' must be a sequence of arrays, got "
+                        f"{type(value).__name__}")
     try:
         return list(value)
     except TypeError:
@@ -139,7 +141,8 @@ class ParamGroup(dict):
         self.changed = True
         self._edits = edits
         if "params" in self:
-            dict.__setitem__(self, "params", ParamList(_as_param_list(self["params"]), self))
+            dict.__setitem__(self, "params",
+                             ParamList(_as_param_list(self["params"]), self))
 
     def _touch(self, keys):
         self.changed = True
@@ -373,7 +376,8 @@ class Optimizer:
     def __init__(self, params, *args, **kwargs):
         rule = self.rule
         if rule is None:
-            raise TypeError("Optimizer is the base class: use ch8fast.SGD, ch8fast.Adam, ...")
+            raise TypeError("Optimizer is the base class: use ch8fast.SGD, ch8fast.Adam, "
+                            "...")
         try:
             bound = self.__signature__.bind(params, *args, **kwargs)
         except TypeError as exc:
@@ -430,8 +434,8 @@ class Optimizer:
         """A new group as a plain dict: the defaults, then the group's own entries."""
         unknown = sorted(k for k in group if k != "params" and k not in self.rule.hyper)
         if unknown:
-            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter {unknown[0]!r} for "
-                            f"{type(self).__name__} (expected one of "
+            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter {unknown[0]!r} "
+                            f"for {type(self).__name__} (expected one of "
                             f"{sorted(self.rule.hyper)})")
         out = dict(self.defaults)
         out.update(group)
@@ -507,8 +511,9 @@ class Optimizer:
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
-                raise ValueError(f"params[{i}] is params[{seen[id(p)]}] again (they share memory): a "
-                                 f"parameter can be in one param group only, once")
+                raise ValueError(f"params[{i}] is params[{seen[id(p)]}] again (they share "
+                                 f"memory): a parameter can be in one param group only, "
+                                 f"once")
             seen[id(p)] = i
         kept = {}
         if old is not None:
@@ -596,7 +601,7 @@ class Optimizer:
     def _owners(engine):
         return engine.groups
 
-    # ---- properties -----------------------------------------------------------------------
+    # ---- properties ---------------------------------------------------------------------
 
     @property
     def state(self):
@@ -619,7 +624,7 @@ class Optimizer:
         """The number of completed steps of each param group."""
         return list(self._core.engine.steps)
 
-    # ---- the momentum hand-change hook ------------------------------------------------------
+    # ---- the momentum hand-change hook --------------------------------------------------
 
     def _group_changed(self, group, keys):
         """Called as a group is edited. Setting the momentum of a Nesterov group whose
@@ -650,7 +655,8 @@ class Optimizer:
             delta = alpha - engine.interim[gi]
             if delta:
                 for i in core.rows[gi]:
-                    target = self._phi.get(i, core.params[i]) if self._phi else core.params[i]
+                    target = (self._phi.get(i, core.params[i]) if self._phi
+                              else core.params[i])
                     target += core.state[i]["velocity"] * target.dtype.type(delta)
             engine.interim[gi] = alpha
 

@@ -238,7 +238,8 @@ def _adagrad_scalars(s, h, h_next):
 
 ADAGRAD = Rule(
     name="AdaGrad",
-    summary="AdaGrad (Algorithm 8.4): per-parameter rates scaled by the accumulated squares.",
+    summary="AdaGrad (Algorithm 8.4): per-parameter rates scaled by the accumulated "
+            "squares.",
     math=r"""
 .. math::
 

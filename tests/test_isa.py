@@ -42,7 +42,7 @@ def test_adam_loop_uses_packed_square_roots():
         asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path],
                              capture_output=True, text=True, check=True).stdout
         assert "sqrtps" in asm and "sqrtpd" in asm, isa
-        assert "call" not in "".join(l for l in asm.splitlines() if "<sqrt" in l), isa
+        assert "call" not in "".join(ln for ln in asm.splitlines() if "<sqrt" in ln), isa
         if isa == "avx512":
             assert "zmm" in asm
 

@@ -124,3 +124,22 @@ def test_a_source_folder_without_kernels_says_what_to_do(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "compiled kernels are not in" in last and "pip install -e ." in last
     assert "circular import" not in last
+
+
+PRIVATE_MODULES = {"_isa", "_validation", "_kernels", "_kernels_avx2", "_kernels_avx512"}
+
+
+@pytest.mark.parametrize("module", library_modules())
+def test_no_library_module_imports_another_modules_private_name(module):
+    """``from .checkpoint import _canonical`` couples two modules through a name that
+    either may change: use a public name (ruff's PLC2701 checks imports from outside the
+    package only)."""
+    path = os.path.join(ROOT, *module.split("."))
+    path = os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    bad = [f"from {'.' * n.level}{n.module or ''} import {a.name}"
+           for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+           for a in n.names
+           if a.name.startswith("_") and not a.name.startswith("__")
+           and a.name not in PRIVATE_MODULES]
+    assert not bad, f"{module}: {bad}"

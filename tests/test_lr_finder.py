@@ -1,5 +1,5 @@
-import math
 """choose_lr on problems whose stable range of learning rates is known in closed form."""
+import math
 import sys
 
 import numpy as np

@@ -219,7 +219,7 @@ def _inplace_adadelta(h, p, g, st, a, b, t):
     np.add(eg, eps, out=b)
     np.sqrt(b, out=b)
     np.divide(a, b, out=a)
-    a *= g                                   # d = sqrt(E[dx^2] + delta) / sqrt(E[g^2] + delta) g
+    a *= g                                   # d = sqrt(E[dx^2] + d) / sqrt(E[g^2] + d) g
     ed *= rho
     np.multiply(a, a, out=b)
     b *= 1.0 - rho
@@ -374,7 +374,8 @@ def make_contenders(rule, dtype, tensors, size, which, seed=0):
                 continue
             # torch gets gradients of its own: its foreach Nesterov SGD writes into them
             own = flat_grad.copy()
-            tgrads = [torch.from_numpy(own[i * size:(i + 1) * size]) for i in range(tensors)]
+            tgrads = [torch.from_numpy(own[i * size:(i + 1) * size])
+                      for i in range(tensors)]
             tparams = [torch.nn.Parameter(torch.from_numpy(p)) for p in params()]
             for p, g in zip(tparams, tgrads):
                 p.grad = g
@@ -524,6 +525,7 @@ def run_case(rule, dtype, tensors, size, threads, which=CONTENDERS, repeats=7,
 # ---------------------------------------------------------------------------------------
 
 def machine_info(threads):
+    """The machine, the load and the versions, as a JSON-able dict."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -759,8 +761,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="ch8fast bench",
         description="Time one optimizer step of each rule against the traffic-matched "
-                    "roofline kernel, in-place NumPy, the reference rules in NumPy, and torch.optim "
-                    "(fused and foreach), interleaved in one run.")
+                    "roofline kernel, in-place NumPy, the reference rules in NumPy, "
+                    "and torch.optim (fused and foreach), interleaved in one run.")
     p.add_argument("--rules", type=lambda s: _parse_list(s, _rule, "rule"),
                    default=list(DEFAULT_RULES),
                    help=f"comma-separated, of {', '.join(RULES)} "
@@ -801,6 +803,7 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run ``ch8fast bench`` with the command-line arguments ``argv``; returns 0."""
     args = build_parser().parse_args(argv)
     sizes = args.sizes if args.sizes is not None else list(
         QUICK_SIZES if args.quick else DEFAULT_SIZES)
@@ -811,7 +814,8 @@ def main(argv=None):
                                                                  else 2e-3)
     max_case = args.max_case_time if args.max_case_time is not None else 4.0
     if not (0 < min_time < math.inf and 0 < max_case < math.inf):
-        print("ch8fast bench: --min-time and --max-case-time must be finite and > 0", file=sys.stderr)
+        print("ch8fast bench: --min-time and --max-case-time must be finite and > 0",
+              file=sys.stderr)
         return 2
     if not args.rules or not args.dtype or not (sizes or layouts):
         print("ch8fast bench: nothing to run (no rule, dtype, size or layout)",

@@ -1,9 +1,10 @@
 """The ``ch8fast`` command (also ``python -m ch8fast``): the applications' command line.
 
-    ch8fast demo    train a small MLP with every optimizer of the chapter and compare them
-                    (`mpirun -n 2 ch8fast demo --distributed`: data parallel over MPI)
-    ch8fast tour    reproduce the chapter's claims as figures and a Markdown report
-    ch8fast bench   benchmark the fused kernels
+* ``ch8fast demo``: train a small MLP with every optimizer of the chapter and compare
+  them (``mpirun -n 2 ch8fast demo --distributed``: data parallel over MPI);
+* ``ch8fast tour``: reproduce the chapter's claims as figures and a Markdown report;
+* ``ch8fast bench``: benchmark the fused kernels;
+* ``ch8fast --version``.
 """
 import argparse
 import sys
@@ -14,6 +15,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser():
+    """The parser of ``ch8fast demo`` and ``ch8fast tour`` (``bench`` parses its own)."""
     from ch8fast.apps import demo, tour
     parser = argparse.ArgumentParser(
         prog="ch8fast",
@@ -32,7 +34,8 @@ def build_parser():
     p.set_defaults(run=demo.main, subparser=p)
     p = sub.add_parser(
         "tour", help="reproduce the chapter's claims (momentum, rates, drag, AdaGrad vs "
-                     "RMSProp, initialization, learning-rate choice) as figures and tour.md",
+                     "RMSProp, initialization, learning-rate choice) as figures and "
+                     "tour.md",
         description="Reproduce the claims of sections 8.3-8.5 with ch8fast's optimizers; "
                     "write figures and a Markdown report with each measured number beside "
                     "the book's statement.")
@@ -44,6 +47,7 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run the command ``argv`` (default: the process's arguments); returns 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])

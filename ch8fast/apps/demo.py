@@ -111,7 +111,8 @@ def _read_npz(path):
     with f:
         missing = [k for k in ("X", "y") if k not in f.files]
         if missing:
-            raise DataError(f"{path}: missing array(s) {', '.join(repr(m) for m in missing)}; "
+            names = ", ".join(repr(m) for m in missing)
+            raise DataError(f"{path}: missing array(s) {names}; "
                             f"found {f.files or 'none'} (expected 'X' of shape "
                             f"(n_samples, n_features) and 'y' of shape (n_samples,))")
         try:
@@ -145,11 +146,13 @@ def _read_csv(path):
                 continue
             bad = next(c for c in cells if not _is_number(c))
             raise DataError(f"{path}, line {lineno}: non-numeric value {bad!r} (every "
-                            f"value must be a number; the last column is the label)") from None
+                            f"value must be a number; the last column is the label)") \
+                from None
         if width is None:
             width = len(values)
         if len(values) != width:
-            raise DataError(f"{path}, line {lineno}: {len(values)} columns, expected {width}")
+            raise DataError(f"{path}, line {lineno}: {len(values)} columns, expected "
+                            f"{width}")
         rows.append(values)
     if not rows:
         raise DataError(f"{path}: no data rows")
@@ -180,7 +183,8 @@ def _check_xy(X, y, where):
     if y.ndim != 1:
         raise DataError(f"{where}: y must be 1-D (n_samples,), got shape {y.shape}")
     if X.shape[0] != y.shape[0]:
-        raise DataError(f"{where}: X has {X.shape[0]} samples but y has {y.shape[0]} labels")
+        raise DataError(f"{where}: X has {X.shape[0]} samples but y has {y.shape[0]} "
+                        f"labels")
     if X.shape[1] < 1:
         raise DataError(f"{where}: X has no features")
     if X.shape[0] < MIN_SAMPLES:
@@ -202,7 +206,8 @@ def _check_xy(X, y, where):
 def load_dataset(path=None):
     """(X float32, y int64 class indices 0..C-1, classes, description) from ``path``
     (.npz with arrays ``X``, ``y``, or .csv with the label in the last column), or the
-    embedded digits when ``path`` is None. Raises :class:`DataError` with a clear message."""
+    embedded digits when ``path`` is None. Raises :class:`DataError` with a clear
+    message."""
     if path is None:
         X, y, desc = _default_dataset()
         where = "digits.npz"
@@ -387,7 +392,8 @@ def train_one(contender, model, data, *, lr, epochs, batch_size, seed, target_lo
     if bar is not None:
         bar.close()
 
-    reached = [e for e, l in zip(curve["epoch"], curve["train_loss"]) if l <= target_loss]
+    reached = [e for e, loss in zip(curve["epoch"], curve["train_loss"])
+               if loss <= target_loss]
     extra = {}
     if dist is not None:
         extra["distributed"] = {"ranks": dist.world, "shard_state": dist.shard_state,
@@ -441,7 +447,8 @@ def _auto_lr(contender, model, Xt, yt, *, batch_size, bs, epochs, seed, target_l
     finder = choose_lr(model.params, loss_and_grad,
                        optimizer=getattr(ch8fast, contender.cls_name), lrs=grid,
                        iters=iters, **dict(contender.kwargs))
-    report = {"recommended": finder.recommended, "best_short_trial": finder.best_short_trial,
+    report = {"recommended": finder.recommended,
+              "best_short_trial": finder.best_short_trial,
               "reasoning": finder.reasoning, "selection": []}
     if finder.recommended is None:
         report["chosen"] = contender.lr
@@ -471,8 +478,8 @@ def _auto_lr(contender, model, Xt, yt, *, batch_size, bs, epochs, seed, target_l
     tried = ", ".join(f"{e['lr']:.3g}: {e['selection_loss']:.4f}"
                       for e in report["selection"])
     report["why"] = (f"trained {epochs} epochs on {len(fit)} of the {len(Xt)} training "
-                     f"samples at the recommendation and the grid rates below it; mean loss "
-                     f"over the last third of the epochs on the other {len(sel)} (lr: "
+                     f"samples at the recommendation and the grid rates below it; mean "
+                     f"loss over the last third of the epochs on the other {len(sel)} (lr: "
                      f"loss): {tried}; lowest at lr="
                      f"{best['lr']:.3g}")
     return best["lr"], report
@@ -488,9 +495,10 @@ def _initial_model(sizes, init_name, seed, Xt, yt, batch_size):
     if init_name == "calibrated":
         rng = np.random.default_rng(seed + 3)
         xb = Xt[rng.choice(len(Xt), size=min(len(Xt), max(batch_size, 128)), replace=False)]
-        report = _init.calibrate(model.weights, lambda x: model.forward(x), xb, target_std=1.0)
-        note = (f"glorot_uniform, then calibrated on one minibatch of {len(xb)}: each layer's "
-                f"pre-activation std set to 1 (scales "
+        report = _init.calibrate(model.weights, lambda x: model.forward(x), xb,
+                                 target_std=1.0)
+        note = (f"glorot_uniform, then calibrated on one minibatch of {len(xb)}: each "
+                f"layer's pre-activation std set to 1 (scales "
                 f"{', '.join(f'{s:.3g}' for s in report.scales)})")
     return model, note
 
@@ -645,9 +653,9 @@ def format_table(results, target_loss):
     rows = [[_cell(r, k, f) + (" (diverged)" if k == "optimizer" and r["diverged"] else "")
              for _, k, f in COLUMNS] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(   # noqa: E731
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) \
-        + " |"
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
     sep = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
                          for i, w in enumerate(widths)) + "|"
     notes = (f"epochs to target: first epoch whose training loss is <= {target_loss:g}. "
@@ -696,7 +704,8 @@ def plot_curves(results, path, target_loss):
         axes[1].plot(c["seconds"], c["train_loss"], color=color, lw=1.4)
         axes[2].plot(c["epoch"], c["val_loss"], color=color, lw=1.4)
     for ax, xl, t in zip(axes, ["iteration", "training time (s)", "epoch"],
-                         ["training loss", "training loss against time", "validation loss"]):
+                         ["training loss", "training loss against time",
+                          "validation loss"]):
         ax.set_yscale("log")
         ax.set_xlabel(xl)
         ax.set_title(t)
@@ -718,7 +727,8 @@ def _positive_int(s):
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") \
+            from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return v
@@ -753,7 +763,8 @@ def _lr(s):
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}") \
+            from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"the learning rate must be > 0, got {s!r}")
     return v
@@ -769,7 +780,8 @@ def _growth(s):
             f"expected FACTOR[:EVERY[:MAX]], e.g. 2:200:512, got {s!r}") from None
     if len(rest) > 2 or factor < 1 or any(v < 1 for v in rest):
         raise argparse.ArgumentTypeError(
-            f"expected FACTOR[:EVERY[:MAX]] with FACTOR >= 1 and positive integers, got {s!r}")
+            f"expected FACTOR[:EVERY[:MAX]] with FACTOR >= 1 and positive integers, got "
+            f"{s!r}")
     rest += [None] * (2 - len(rest))
     return (factor, rest[0], rest[1])
 
@@ -782,6 +794,7 @@ def _init_name(s):
 
 
 def add_arguments(p):
+    """Add the options of ``ch8fast demo`` to the argparse parser ``p``; returns it."""
     p.add_argument("--data", metavar="FILE",
                    help="train on FILE.npz (arrays X, y) or FILE.csv (last column the "
                         "label) instead of the embedded digits")

@@ -123,7 +123,8 @@ class MLP:
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
-            raise ValueError(f"input must have shape (batch, {self.sizes[0]}), got {x.shape}")
+            raise ValueError(f"input must have shape (batch, {self.sizes[0]}), got "
+                             f"{x.shape}")
         return x
 
     def forward(self, x):

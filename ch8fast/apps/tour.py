@@ -198,7 +198,8 @@ def rates(seed=0, quick=False):
 
 def terminal_speed(alphas=(0.5, 0.9, 0.99), lr=0.01, steps=3000):
     """Momentum under a constant gradient g (norm 1): the step length approaches the
-    terminal size lr * |g| / (1 - alpha) (the book: alpha = 0.9 multiplies the speed by 10)."""
+    terminal size lr * |g| / (1 - alpha) (the book: alpha = 0.9 multiplies the speed by
+    10)."""
     import ch8fast
     g = np.array([0.6, 0.8])                  # |g| = 1
     out = {}
@@ -218,8 +219,9 @@ def terminal_speed(alphas=(0.5, 0.9, 0.99), lr=0.01, steps=3000):
 
 
 def drag(dt=0.1, t_end=60.0, x0=1.0, viscous=0.5, turbulent=0.5, dry=0.3):
-    r"""A unit-mass particle in the bowl J(x) = x^2/2 from rest at ``x0``, with one of three
-    drag forces, integrated by semi-implicit Euler (v += dt F; x += dt v):
+    r"""A unit-mass particle in the bowl J(x) = x^2/2 from rest at ``x0``, with drag.
+
+    One of three drag forces, integrated by semi-implicit Euler (v += dt F; x += dt v):
 
     * viscous ``-c v``: the book's choice, and exactly momentum SGD with
       alpha = 1 - c dt and lr = dt^2, which is checked by running ch8fast.SGD alongside;
@@ -270,7 +272,8 @@ def drag(dt=0.1, t_end=60.0, x0=1.0, viscous=0.5, turbulent=0.5, dry=0.3):
         opt.step([g])
         sgd.append(float(th[0]))
     out["viscous"]["sgd_x"] = np.array(sgd)
-    out["viscous"]["max_diff_vs_sgd"] = float(np.max(np.abs(np.array(sgd) - out["viscous"]["x"])))
+    out["viscous"]["max_diff_vs_sgd"] = float(
+        np.max(np.abs(np.array(sgd) - out["viscous"]["x"])))
     tail = max(1, int(round(10.0 / dt)))          # the last 10 time units
     for d in out.values():
         d["amplitude_last"] = float(np.max(np.abs(d["x"][-tail:])))
@@ -526,7 +529,8 @@ def _plot_adagrad(a, path):
     ax1, ax2 = fig.subplots(1, 2)
     for name in ("AdaGrad", "RMSProp"):
         d = a[name]
-        ax1.semilogy(d["loss"], label=f"{name} (lr {d['lr']:g}): final {d['final_loss']:.3g}")
+        ax1.semilogy(d["loss"],
+                     label=f"{name} (lr {d['lr']:g}): final {d['final_loss']:.3g}")
         ax2.semilogy(d["effective_lr"], label=name)
     ax1.set_xlabel("step")
     ax1.set_ylabel("Rosenbrock loss")
@@ -595,8 +599,8 @@ def _report(res, figs):
           "", "| method | lr | α | steps to tolerance | cross-canyon sign changes in the "
           "first 50 steps |", "|---|---:|---:|---:|---:|"]
     for name, d in runs.items():
-        L.append(f"| {name} | {d['lr']:.3g} | {d['momentum']:g} | {_g(d['steps_to_tol'])} | "
-                 f"{d['sign_changes_50']} |")
+        L.append(f"| {name} | {d['lr']:.3g} | {d['momentum']:g} | "
+                 f"{_g(d['steps_to_tol'])} | {d['sign_changes_50']} |")
     L += ["", f"Measured: momentum needs {mo['steps_to_tol']} steps against "
           f"{gd['steps_to_tol']} for gradient descent at its best rate "
           f"({_g(c['speedup'], 3)}× fewer); gradient descent's cross-canyon coordinate "
@@ -604,8 +608,8 @@ def _report(res, figs):
           f"{mo['sign_changes_50']}.", ""] + fig("canyon")
 
     L += ["## 2. Rates of convergence (8.3.1, 8.3.3)", "",
-          "> Book: the excess error of SGD after k steps is O(1/√k) on a convex problem and "
-          "O(1/k) on a strongly convex one; in the convex batch case Nesterov momentum "
+          "> Book: the excess error of SGD after k steps is O(1/√k) on a convex problem "
+          "and O(1/k) on a strongly convex one; in the convex batch case Nesterov momentum "
           "improves O(1/k) to O(1/k²).", "",
           "| problem | book | fitted slope of log error vs log k | fit range |",
           "|---|---|---:|---|"]
@@ -630,7 +634,8 @@ def _report(res, figs):
     p = dr["params"]
     L += ["", f"Particle in J(x) = x²/2 from rest at x = {p['x0']:g}, t = 0…{p['t_end']:g} "
           f"(dt = {p['dt']:g}):", "",
-          "| drag | final position | final speed | max \\|x\\| over the last 10 time units |",
+          "| drag | final position | final speed | max \\|x\\| over the last 10 time "
+          "units |",
           "|---|---:|---:|---:|"]
     for name, what in (("viscous", f"viscous −{p['viscous']:g}v"),
                        ("turbulent", f"turbulent −{p['turbulent']:g}v\\|v\\|"),
@@ -639,10 +644,11 @@ def _report(res, figs):
         L.append(f"| {what} | {d['final_x']:.3g} | {abs(d['final_v']):.3g} | "
                  f"{d['amplitude_last']:.3g} |")
     L += ["", f"Viscous drag comes to rest at the minimum; turbulent drag is still "
-          f"oscillating with amplitude {dr['turbulent']['amplitude_last']:.3g}; dry friction "
-          f"stopped the particle at x = {dr['dry']['final_x']:.3g}, short of the minimum. "
-          f"The viscous particle is momentum SGD with α = 1 − c·dt and ε = dt²: ch8fast.SGD "
-          f"reproduces its path to {dr['viscous']['max_diff_vs_sgd']:.1e}.", ""] \
+          f"oscillating with amplitude {dr['turbulent']['amplitude_last']:.3g}; dry "
+          f"friction stopped the particle at x = {dr['dry']['final_x']:.3g}, short of the "
+          f"minimum. The viscous particle is momentum SGD with α = 1 − c·dt and ε = dt²: "
+          f"ch8fast.SGD reproduces its path to {dr['viscous']['max_diff_vs_sgd']:.1e}.",
+          ""] \
         + fig("momentum")
 
     A, R = ad["AdaGrad"], ad["RMSProp"]
@@ -655,9 +661,10 @@ def _report(res, figs):
           "| optimizer | best lr | final loss | effective rate at step 100 | at the end |",
           "|---|---:|---:|---:|---:|"]
     for name, d in (("AdaGrad", A), ("RMSProp", R)):
-        L.append(f"| {name} | {d['lr']:g} | {d['final_loss']:.3g} | {d['eff_lr_at_100']:.3g} "
-                 f"| {d['eff_lr_final']:.3g} |")
-    L += ["", f"AdaGrad's final loss is {A['final_loss'] / R['final_loss']:.3g}× RMSProp's. "
+        L.append(f"| {name} | {d['lr']:g} | {d['final_loss']:.3g} | "
+                 f"{d['eff_lr_at_100']:.3g} | {d['eff_lr_final']:.3g} |")
+    ratio = A["final_loss"] / R["final_loss"]
+    L += ["", f"AdaGrad's final loss is {ratio:.3g}× RMSProp's. "
           "Final loss at every rate tried: " + "; ".join(
               f"{n}: " + ", ".join(f"{lr:g} → {v:.3g}" for lr, v in g.items())
               for n, g in ad["grid"].items()) + ".", ""] + fig("adagrad")
@@ -674,9 +681,10 @@ def _report(res, figs):
     cal = ini["calibration"]
     fr = ini["calibrated_fresh"]
     L += ["", f"`ch8fast.init.calibrate` (from fan_in_uniform) reached target std 1 in "
-          f"{cal.passes} pass(es) (converged: {cal.converged}); every layer's std is within "
-          f"{np.max(np.abs(cal.std_after - 1)):.2g} of 1 on the calibration minibatch and "
-          f"within {np.max(np.abs(fr - 1)):.2g} on a fresh one.", ""] + fig("init")
+          f"{cal.passes} pass(es) (converged: {cal.converged}); every layer's std is "
+          f"within {np.max(np.abs(cal.std_after - 1)):.2g} of 1 on the calibration "
+          f"minibatch and within {np.max(np.abs(fr - 1)):.2g} on a fresh one.",
+          ""] + fig("init")
 
     res_lr = lrc["result"]
     L += ["## 6. Choosing the initial learning rate (8.3.1)", "",
@@ -801,6 +809,7 @@ def _json_default(o):
 
 
 def add_arguments(p):
+    """Add the options of ``ch8fast tour`` to the argparse parser ``p``; returns it."""
     p.add_argument("--out", default="ch8fast_out", help="output folder (default "
                    "ch8fast_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random experiments")
@@ -810,5 +819,6 @@ def add_arguments(p):
 
 
 def main(args, parser=None):
+    """Run ``ch8fast tour`` from parsed arguments; returns 0."""
     run_tour(out=args.out, seed=args.seed, quick=args.quick, plot=not args.no_plot)
     return 0

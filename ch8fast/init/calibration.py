@@ -100,7 +100,7 @@ def _layer_stds(outputs, n_layers: int) -> np.ndarray:
 
 def calibrate(weights: Sequence[np.ndarray], forward: Callable, x, target_std: float = 1.0,
               *, tol: float = 0.02, max_passes: int = 10) -> CalibrationReport:
-    """Rescale each layer's weights so its output on one minibatch has a target std.
+    r"""Rescale each layer's weights so its output on one minibatch has a target std.
 
     Section 8.4 of Deep Learning: look at the standard deviation of activations on a
     single minibatch and rescale the weights; "this procedure can in principle be
@@ -111,8 +111,8 @@ def calibrate(weights: Sequence[np.ndarray], forward: Callable, x, target_std: f
 
     .. math::
 
-        W_l \\leftarrow W_l \\cdot \\frac{\\sigma^*}{\\operatorname{std}(h_l(x))}
-        \\quad\\text{for } l = 0, 1, \\ldots, L - 1
+        W_l \leftarrow W_l \cdot \frac{\sigma^*}{\operatorname{std}(h_l(x))}
+        \quad\text{for } l = 0, 1, \ldots, L - 1
 
     one forward pass per layer. A pass that rescales no layer (every
     ``|std / target_std - 1| <= tol``) ends the loop; otherwise another pass follows, up to
@@ -126,7 +126,8 @@ def calibrate(weights: Sequence[np.ndarray], forward: Callable, x, target_std: f
     (``ValueError`` for bad values) and leave the weights exactly as they were.
     """
     if isinstance(weights, np.ndarray) or not isinstance(weights, Sequence) or not weights:
-        got = "an empty sequence" if isinstance(weights, Sequence) else type(weights).__name__
+        got = ("an empty sequence" if isinstance(weights, Sequence)
+               else type(weights).__name__)
         raise TypeError(f"weights must be a non-empty list of weight arrays, got {got}")
     ws = [fillable_array(w, f"weights[{i}]") for i, w in enumerate(weights)]
     _forward(forward, "forward")
@@ -155,7 +156,8 @@ def calibrate(weights: Sequence[np.ndarray], forward: Callable, x, target_std: f
                     continue
                 factor = target / stds[i]
                 if not (math.isfinite(factor) and factor > 0.0):
-                    raise ValueError(f"layer {i} would need a scale of {factor}, out of range")
+                    raise ValueError(f"layer {i} would need a scale of {factor}, out of "
+                                     f"range")
                 ws[i] *= factor
                 scales[i] *= factor
                 if not np.all(np.isfinite(ws[i])):
@@ -164,9 +166,9 @@ def calibrate(weights: Sequence[np.ndarray], forward: Callable, x, target_std: f
                 stds = _layer_stds(forward(x), n)
                 if stds[i] == old:
                     raise ValueError(
-                        f"output of layer {i} did not change when weights[{i}] was rescaled: "
-                        "forward must compute it from the arrays in weights, and it must "
-                        "depend on their scale")
+                        f"output of layer {i} did not change when weights[{i}] was "
+                        "rescaled: forward must compute it from the arrays in weights, and "
+                        "it must depend on their scale")
             converged = within(stds)
     except BaseException:
         for w, s in zip(ws, saved):

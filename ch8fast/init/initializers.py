@@ -73,7 +73,8 @@ def fans(shape) -> Tuple[int, int]:
     try:
         dims = tuple(shape)
     except TypeError:
-        raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}") from None
+        raise TypeError(f"shape must be a tuple of ints, got "
+                        f"{type(shape).__name__}") from None
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0:
             raise ValueError(f"shape must hold non-negative ints, got {dims}")
@@ -109,8 +110,8 @@ def gain(nonlinearity: str, param: Optional[float] = None) -> float:
     """
     _nonlinearity(nonlinearity, "nonlinearity")
     if param is not None and nonlinearity != "leaky_relu":
-        raise ValueError(f"param must be None for {nonlinearity!r} (only leaky_relu takes a "
-                         f"slope), got {param!r}")
+        raise ValueError(f"param must be None for {nonlinearity!r} (only leaky_relu "
+                         f"takes a slope), got {param!r}")
     if nonlinearity in ("linear", "sigmoid"):
         return 1.0
     if nonlinearity == "tanh":
@@ -124,7 +125,7 @@ def gain(nonlinearity: str, param: Optional[float] = None) -> float:
 
 
 def random_walk_gain(n, nonlinearity: str = "linear") -> float:
-    """Gain of random-walk initialization (Sussillo & Abbott, 2014) for width ``n``.
+    r"""Gain of random-walk initialization (Sussillo & Abbott, 2014) for width ``n``.
 
     With ``W`` of i.i.d. entries ``N(0, g^2 / N)``, the log of the squared norm of the
     back-propagated vector performs a random walk across layers: each layer adds
@@ -134,8 +135,8 @@ def random_walk_gain(n, nonlinearity: str = "linear") -> float:
 
     .. math::
 
-        g_{\\text{linear}} = \\exp\\left(\\frac{1}{2N}\\right), \\qquad
-        g_{\\text{ReLU}} = \\sqrt{2}\\,\\exp\\left(\\frac{1.2}{\\max(N, 6) - 2.4}\\right)
+        g_{\text{linear}} = \exp\left(\frac{1}{2N}\right), \qquad
+        g_{\text{ReLU}} = \sqrt{2}\,\exp\left(\frac{1.2}{\max(N, 6) - 2.4}\right)
 
     The linear gain follows from ``E[ln(chi^2_N / N)] = -1/N + O(1/N^2)``; the ReLU gain is
     the paper's fit, where half the units pass no gradient. ``N`` is the layer's fan-in.
@@ -187,13 +188,13 @@ def _fill(arr: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def variance_scaling(arr, rng: RngLike = None, *, scale: float = 1.0, mode: str = "fan_in",
                      distribution: str = "truncated_normal") -> np.ndarray:
-    """Fill ``arr`` with zero-mean values of variance ``scale / n``.
+    r"""Fill ``arr`` with zero-mean values of variance ``scale / n``.
 
     .. math::
 
-        \\operatorname{Var}[W_{ij}] = \\frac{\\text{scale}}{n},\\qquad
-        n = \\begin{cases} \\text{fan\\_in} \\\\ \\text{fan\\_out} \\\\
-        (\\text{fan\\_in} + \\text{fan\\_out}) / 2 \\end{cases}
+        \operatorname{Var}[W_{ij}] = \frac{\text{scale}}{n},\qquad
+        n = \begin{cases} \text{fan\_in} \\ \text{fan\_out} \\
+        (\text{fan\_in} + \text{fan\_out}) / 2 \end{cases}
 
     for ``mode`` ``"fan_in"``, ``"fan_out"``, ``"fan_avg"``. ``distribution``:
 
@@ -235,11 +236,12 @@ def fan_in_uniform(arr, rng: RngLike = None) -> np.ndarray:
 
 
 def glorot_uniform(arr, rng: RngLike = None, *, gain: float = 1.0) -> np.ndarray:
-    """Normalized initialization of Glorot & Bengio (2010), Deep Learning eq. 8.23.
+    r"""Normalized initialization of Glorot & Bengio (2010), Deep Learning eq. 8.23.
 
     .. math::
 
-        W_{ij} \\sim U\\left(-g\\sqrt{\\frac{6}{m + n}},\\; g\\sqrt{\\frac{6}{m + n}}\\right)
+        W_{ij} \sim U\left(-g\sqrt{\frac{6}{m + n}},\; g\sqrt{\frac{6}{m +
+        n}}\right)
 
     with ``m, n`` = fan-in, fan-out and ``g = gain`` (1 in the book). The variance
     ``2 g^2 / (m + n)`` is a compromise between keeping the activation variance
@@ -268,12 +270,12 @@ def _he_scale(negative_slope) -> float:
 
 def he_uniform(arr, rng: RngLike = None, *, negative_slope: float = 0.0,
                mode: str = "fan_in") -> np.ndarray:
-    """He et al. (2015) initialization for ReLU-family units, uniform.
+    r"""He et al. (2015) initialization for ReLU-family units, uniform.
 
     .. math::
 
-        W_{ij} \\sim U\\left(-\\sqrt{\\frac{3 \\cdot 2}{(1 + a^2)\\, n}},\\;
-        \\sqrt{\\frac{3 \\cdot 2}{(1 + a^2)\\, n}}\\right)
+        W_{ij} \sim U\left(-\sqrt{\frac{3 \cdot 2}{(1 + a^2)\, n}},\;
+        \sqrt{\frac{3 \cdot 2}{(1 + a^2)\, n}}\right)
 
     with ``a = negative_slope`` (0 for ReLU; the slope of leaky ReLU or PReLU otherwise)
     and ``n`` the fan-in (``mode="fan_in"``, keeps the forward variance) or the fan-out
@@ -310,7 +312,7 @@ def _write_units(arr: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def orthogonal(arr, rng: RngLike = None, *, gain: float = 1.0) -> np.ndarray:
-    """Fill ``arr`` with a random (semi-)orthogonal matrix times ``gain`` (Saxe et al., 2014).
+    r"""Fill ``arr`` with a random (semi-)orthogonal matrix times ``gain`` (Saxe et al.).
 
     A dense ``(m, n)`` weight is treated as a matrix; a conv kernel
     ``(out_channels, in_channels, *kernel)`` is flattened to ``(out_channels, fan_in)``.
@@ -412,7 +414,7 @@ def _as_float_array(values, name: str) -> np.ndarray:
 
 
 def softmax_bias(b, c) -> np.ndarray:
-    """Set a softmax output bias so that ``softmax(b) = c`` (Deep Learning, 8.4).
+    r"""Set a softmax output bias so that ``softmax(b) = c`` (Deep Learning, 8.4).
 
     With zero weights the output distribution is then the marginal class distribution
     ``c``. The solution is ``log c`` up to an additive constant; the constant is chosen
@@ -420,7 +422,7 @@ def softmax_bias(b, c) -> np.ndarray:
 
     .. math::
 
-        b_i = \\log c_i - \\frac{1}{K} \\sum_{j=1}^{K} \\log c_j .
+        b_i = \log c_i - \frac{1}{K} \sum_{j=1}^{K} \log c_j .
 
     ``b`` is 1-D of length ``K``; ``c`` has the same shape, positive entries, and sums to
     1 (to within ``max(1e-6, K * eps)``).
@@ -447,11 +449,11 @@ def softmax_bias(b, c) -> np.ndarray:
 
 
 def sigmoid_bias(b, p) -> np.ndarray:
-    """Set sigmoid output biases so that ``sigmoid(b) = p`` for independent binary outputs.
+    r"""Set sigmoid output biases so that ``sigmoid(b) = p`` for independent binary outputs.
 
     .. math::
 
-        b_i = \\log \\frac{p_i}{1 - p_i}
+        b_i = \log \frac{p_i}{1 - p_i}
 
     ``p`` (the marginal frequency of each output being 1) must lie in the open interval
     (0, 1) and broadcast to ``b``'s shape. Deep Learning, section 8.4.

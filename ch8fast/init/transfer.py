@@ -72,7 +72,8 @@ def load_matching(target: Mapping[str, np.ndarray],
     array is changed. All checks run before the first copy. Returns a :class:`LoadReport`.
     """
     if not isinstance(target, Mapping):
-        raise TypeError(f"target must be a mapping name -> array, got {type(target).__name__}")
+        raise TypeError(f"target must be a mapping name -> array, got "
+                        f"{type(target).__name__}")
     allow_cast = flag(allow_cast, "allow_cast")
     strict = flag(strict, "strict")
     for name, arr in target.items():
@@ -90,7 +91,7 @@ def load_matching(target: Mapping[str, np.ndarray],
                 if k in target:
                     try:
                         src[k] = npz[k]
-                    except ValueError as exc:  # e.g. an object array with allow_pickle=False
+                    except ValueError as exc:  # e.g. an object array (no pickle)
                         src[k] = None
                         skipped[k] = f"unreadable in source: {exc}"
     elif isinstance(source, Mapping):

@@ -50,15 +50,15 @@ def _tail_constant(value, what):
         return (
             True,
             False,
-            f"{what} ends at the constant {value:g} > 0: the sum of ε_k diverges, so (8.12) "
-            "holds, but the sum of ε_k² diverges too, so (8.13) fails: the gradient noise "
-            "never averages out and SGD keeps wandering around the minimum.",
+            f"{what} ends at the constant {value:g} > 0: the sum of ε_k diverges, so "
+            "(8.12) holds, but the sum of ε_k² diverges too, so (8.13) fails: the gradient "
+            "noise never averages out and SGD keeps wandering around the minimum.",
         )
     return (
         False,
         True,
-        f"{what} ends at 0 after finitely many steps: both sums are finite, so (8.13) holds "
-        "but (8.12) fails: the total distance the parameters can travel is bounded.",
+        f"{what} ends at 0 after finitely many steps: both sums are finite, so (8.13) "
+        "holds but (8.12) fails: the total distance the parameters can travel is bounded.",
     )
 
 
@@ -238,20 +238,24 @@ def _robbins_monro_numeric(schedule, horizon):
     def classify(blocks, label):
         tail = blocks[-6:]
         if tail[-1] == 0.0:
-            return False, f"{label}: the terms are 0 from step ~{starts[-1]} on (finite sum)"
+            return False, (f"{label}: the terms are 0 from step ~{starts[-1]} on (finite "
+                           f"sum)")
         pos = [(j, b) for j, b in enumerate(tail) if b > 0.0]
         if len(pos) < 2:
             return False, f"{label}: the terms vanish over the last blocks (finite sum)"
         js = [j for j, _ in pos]
         ls = [math.log(b) for _, b in pos]
         mj, ml = sum(js) / len(js), sum(ls) / len(ls)
-        slope = sum((j - mj) * (l - ml) for j, l in zip(js, ls)) / sum((j - mj) ** 2 for j in js)
+        slope = (sum((j - mj) * (y - ml) for j, y in zip(js, ls))
+                 / sum((j - mj) ** 2 for j in js))
         p = 1.0 - slope / math.log(2.0)  # block sums of c k^-p scale like 2^(j(1-p))
         diverges = p <= 1.1
         word = "diverges" if diverges else "converges"
         if p <= 0.05:
-            return diverges, f"{label}: the terms do not decay at the horizon, so the sum {word}"
-        return diverges, f"{label}: terms decay like k^-{p:.2f} at the horizon, so the sum {word}"
+            return diverges, (f"{label}: the terms do not decay at the horizon, so the sum "
+                              f"{word}")
+        return diverges, (f"{label}: terms decay like k^-{p:.2f} at the horizon, so the "
+                          f"sum {word}")
 
     div, text1 = classify(blocks_1, "Σ ε_k")
     sq_div, text2 = classify(blocks_2, "Σ ε_k²")

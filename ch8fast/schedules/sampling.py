@@ -145,7 +145,8 @@ class MinibatchSampler:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a state written by :meth:`state_dict` (the epoch's permutation is redrawn)."""
+        """Restore a state written by :meth:`state_dict` (the epoch's permutation is
+        redrawn)."""
         if state["n_samples"] != self.n_samples:
             raise ValueError(
                 f"state['n_samples'] must be this sampler's n_samples ({self.n_samples}), "

@@ -1,4 +1,4 @@
-"""Hyperparameter schedules: pure ``step -> value`` functions (Deep Learning, 8.3.1-8.3.2).
+r"""Hyperparameter schedules: pure ``step -> value`` functions (Deep Learning, 8.3.1-8.3.2).
 
 A schedule is a small immutable object. Calling it with ``step`` returns the value of the
 hyperparameter for that step; nothing else happens, so a schedule may be called any number
@@ -9,8 +9,8 @@ e.g. ``kappa must be a finite number > 0, got -3.0``.
 The step convention: ``step`` is an ``int >= 0`` that counts the optimizer updates already
 *completed*: the first update of a run uses ``schedule(0)``, the second ``schedule(1)``,
 and so on. The book's formulas, written with an iteration counter ``k``, are evaluated at
-``step = k`` unchanged, so ``schedule(0)`` is the book's initial rate :math:`\\epsilon_0`
-and ``linear_decay(eps0, tau)(tau)`` is :math:`\\epsilon_\\tau`. (Algorithm 8.1 starts its
+``step = k`` unchanged, so ``schedule(0)`` is the book's initial rate :math:`\epsilon_0`
+and ``linear_decay(eps0, tau)(tau)`` is :math:`\epsilon_\tau`. (Algorithm 8.1 starts its
 loop at ``k = 1``; its ``k``-th update therefore uses ``schedule(k - 1)``.)
 
 Every schedule has a readable ``repr``, and ``to_dict()`` / :meth:`Schedule.from_dict`
@@ -21,9 +21,9 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
-from .._validation import Integer, Real, at_least_one, nonnegative, positive
+from .._validation import Real, at_least_one, nonnegative, positive
 
 __all__ = [
     "Schedule",
@@ -168,7 +168,8 @@ class Linear(Schedule):
 
     .. math::
         \epsilon_k = (1 - \alpha)\,\epsilon_0 + \alpha\,\epsilon_\tau,\quad
-        \alpha = \frac{k}{\tau}\ \ (k \le \tau);\qquad \epsilon_k = \epsilon_\tau\ \ (k > \tau)
+        \alpha = \frac{k}{\tau}\ \ (k \le \tau);\qquad \epsilon_k = \epsilon_\tau\ \ (k >
+        \tau)
 
     with :math:`\epsilon_0` = ``init_value``, :math:`\epsilon_\tau` = ``end_value`` and
     :math:`\tau` = ``transition_steps``. ``end_value`` may be below (a decay, the book's
@@ -306,7 +307,8 @@ class Warmup(Schedule):
         \epsilon_k = \epsilon_{\text{init}} + (s(0) - \epsilon_{\text{init}})\,\frac{k}{w}
         \ \ (k < w);\qquad \epsilon_k = s(k - w)\ \ (k \ge w)
 
-    where :math:`s` is ``schedule`` (a Schedule or a number) and :math:`w` = ``warmup_steps``.
+    where :math:`s` is ``schedule`` (a Schedule or a number) and :math:`w` =
+    ``warmup_steps``.
     """
 
     kind = "warmup"
@@ -352,16 +354,19 @@ class Piecewise(Schedule):
     __slots__ = ("schedules", "boundaries", "_starts")
 
     def __init__(self, schedules: Sequence[ScheduleLike], boundaries: Sequence[int]):
-        if isinstance(schedules, (Schedule, numbers.Real)) or not hasattr(schedules, "__len__"):
+        if (isinstance(schedules, (Schedule, numbers.Real))
+                or not hasattr(schedules, "__len__")):
             raise TypeError(f"schedules must be a sequence of Schedule objects or numbers, "
                             f"got {type(schedules).__name__}")
-        schedules = tuple(_as_schedule(s, f"schedules[{i}]") for i, s in enumerate(schedules))
+        schedules = tuple(_as_schedule(s, f"schedules[{i}]")
+                          for i, s in enumerate(schedules))
         if len(schedules) == 0:
             raise ValueError("schedules must hold at least one schedule, got none")
         if not hasattr(boundaries, "__len__"):
             raise TypeError(f"boundaries must be a sequence of integers, got "
                             f"{type(boundaries).__name__}")
-        boundaries = tuple(at_least_one(b, f"boundaries[{i}]") for i, b in enumerate(boundaries))
+        boundaries = tuple(at_least_one(b, f"boundaries[{i}]")
+                           for i, b in enumerate(boundaries))
         if len(boundaries) != len(schedules) - 1:
             raise ValueError(
                 f"boundaries must hold {len(schedules) - 1} boundaries (one fewer than the "
@@ -398,8 +403,8 @@ class BatchSizeSchedule(Schedule):
     r"""An integer minibatch size that grows geometrically, up to an optional cap.
 
     .. math::
-        m_k = \min\left(m_{\max},\ \operatorname{round}\left(m_0\, \rho^{\lfloor k/n \rfloor}
-        \right)\right)
+        m_k = \min\left(m_{\max},\ \operatorname{round}\left(m_0\, \rho^{\lfloor k/n
+        \rfloor} \right)\right)
 
     with :math:`m_0` = ``init_size``, :math:`\rho` = ``factor`` >= 1, :math:`n` = ``every``
     and :math:`m_{\max}` = ``max_size`` (None: no cap). Growing the minibatch trades SGD's
@@ -451,7 +456,7 @@ def constant(value: float) -> Constant:
 
 
 def linear(init_value: float, end_value: float, transition_steps: int) -> Linear:
-    """Linear from ``init_value`` to ``end_value`` over ``transition_steps``, then hold (8.14).
+    """Linear from ``init_value`` to ``end_value`` over ``transition_steps``, then hold.
 
     Decreasing or increasing; see :class:`Linear`.
     """
@@ -518,13 +523,18 @@ def exponential_decay(init_value: float, decay_rate: float,
     return ExponentialDecay(init_value, decay_rate, transition_steps)
 
 
-def cosine_decay(init_value: float, decay_steps: int, end_value: float = 0.0) -> CosineDecay:
-    """Half-cosine to ``end_value`` over ``decay_steps``, then hold; see :class:`CosineDecay`."""
+def cosine_decay(init_value: float, decay_steps: int,
+                 end_value: float = 0.0) -> CosineDecay:
+    """Half-cosine to ``end_value`` over ``decay_steps``, then hold; see
+    :class:`CosineDecay`."""
     return CosineDecay(init_value, decay_steps, end_value)
 
 
 def warmup(schedule: ScheduleLike, warmup_steps: int, init_value: float = 0.0) -> Warmup:
-    """Linear warm-up over ``warmup_steps``, then ``schedule`` from its step 0; see :class:`Warmup`."""
+    """Linear warm-up over ``warmup_steps``, then ``schedule`` from its step 0.
+
+    See :class:`Warmup`.
+    """
     return Warmup(schedule, warmup_steps, init_value)
 
 
@@ -535,5 +545,8 @@ def piecewise(schedules: Sequence[ScheduleLike], boundaries: Sequence[int]) -> P
 
 def batch_size_schedule(init_size: int, factor: float = 2.0, every: int = 1000,
                         max_size: Optional[int] = None) -> BatchSizeSchedule:
-    """Integer minibatch sizes growing by ``factor`` every ``every`` steps; see :class:`BatchSizeSchedule`."""
+    """Integer minibatch sizes growing by ``factor`` every ``every`` steps.
+
+    See :class:`BatchSizeSchedule`.
+    """
     return BatchSizeSchedule(init_size, factor, every, max_size)
