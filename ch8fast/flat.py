@@ -13,6 +13,7 @@ updates every parameter with a single kernel call, and clipping norms run over o
 """
 
 import numbers
+from typing import Dict, Iterator, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -46,7 +47,9 @@ class FlatParams:
         names: the names, in that order.
     """
 
-    def __init__(self, shapes, dtype=np.float32):
+    def __init__(self, shapes: Union[Mapping[str, Union[int, Tuple[int, ...]]],
+                                     Sequence[Union[int, Tuple[int, ...]]]],
+                 dtype=np.float32):
         dtype = np.dtype(dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -90,21 +93,21 @@ class FlatParams:
         size = int(np.prod(self.shapes[i], dtype=np.int64))
         return buf[self.offsets[i]:self.offsets[i] + size].reshape(self.shapes[i])
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> np.ndarray:
         """The parameter view called ``name``."""
         return self.params[self._index[name]]
 
-    def grad(self, name):
+    def grad(self, name: str) -> np.ndarray:
         """The gradient view of parameter ``name``."""
         return self.grads[self._index[name]]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.names)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[np.ndarray]:
         return iter(self.params)
 
-    def state_arrays(self):
+    def state_arrays(self) -> Dict[str, np.ndarray]:
         """``{name: parameter view}``, e.g. for ``ch8fast.init.load_matching`` or saving."""
         return dict(zip(self.names, self.params))
 

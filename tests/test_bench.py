@@ -71,7 +71,7 @@ def _run_main(tmp_path, *extra):
     js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     argv = ["--rules", "sgd,adam,rmsprop_nesterov", "--sizes", "1e2,2e3",
             "--layouts", "3x1e2", "--dtype", "float32,float64", "--threads", "1",
-            "--repeats", "2", "--min-time", "2e-4", "--json", str(js),
+            "--repeats", "2", "--min-time", "2e-4", "--max-case-time", "0.3", "--json", str(js),
             "--markdown", str(md), "--plot", str(png), *extra]
     threads = ch8fast.get_num_threads()
     assert bench.main(argv) == 0

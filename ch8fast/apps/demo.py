@@ -17,10 +17,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 
 from ch8fast import init as _init
+from ch8fast.flat import FlatParams
 from ch8fast.apps.mlp import INITIALIZERS, MLP
 from ch8fast.schedules import batch_size_schedule, linear_decay, minibatches
 
@@ -203,7 +205,8 @@ def _check_xy(X, y, where):
     return X.astype(np.float32), y_idx.astype(np.int64), classes
 
 
-def load_dataset(path=None):
+def load_dataset(path: Optional[str] = None
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(X float32, y int64 class indices 0..C-1, classes, description) from ``path``
     (.npz with arrays ``X``, ``y``, or .csv with the label in the last column), or the
     embedded digits when ``path`` is None. Raises :class:`DataError` with a clear
@@ -229,7 +232,8 @@ def load_dataset(path=None):
                           f"{len(classes)} classes"
 
 
-def split_standardize(X, y, seed):
+def split_standardize(X: np.ndarray, y: np.ndarray,
+                      seed: int) -> Tuple[np.ndarray, ...]:
     """A shuffled train/validation split, features standardized with training statistics."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(X))
@@ -288,7 +292,7 @@ def _progress(total, desc, quiet):
                 dynamic_ncols=True)
 
 
-def count_steps(n, batch_size, epochs):
+def count_steps(n: int, batch_size, epochs: int) -> int:
     """The number of minibatches :func:`ch8fast.minibatches` yields over ``epochs``."""
     steps = 0
     for _ in range(epochs):
@@ -316,11 +320,10 @@ class _Dist:
         return self.comm.Get_size()
 
 
-def model_on_arena(model):
+def model_on_arena(model: MLP) -> FlatParams:
     """Move ``model``'s parameters and gradients into a :class:`ch8fast.FlatParams`
     (values copied; the model's lists then hold views of ``arena.flat`` and
     ``arena.flat_grad``), as data-parallel training needs; returns the arena."""
-    from ch8fast.flat import FlatParams
     arena = FlatParams({f"p{i}": p.shape for i, p in enumerate(model.params)}, model.dtype)
     for view, p in zip(arena.params, model.params):
         np.copyto(view, p)
@@ -503,10 +506,12 @@ def _initial_model(sizes, init_name, seed, Xt, yt, batch_size):
     return model, note
 
 
-def run_demo(*, data=None, optimizers=None, epochs=30, batch_size=32, batch_growth=None,
-             lr=None, init="he_normal", hidden=(64, 64), seed=0, threads=None,
-             target_loss=0.05, out="ch8fast_out", plot=True, quiet=False, stream=None,
-             distributed=False, shard_state=False):
+def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
+             batch_size: int = 32, batch_growth=None, lr=None, init: str = "he_normal",
+             hidden=(64, 64), seed: int = 0, threads: Optional[int] = None,
+             target_loss: float = 0.05, out: str = "ch8fast_out", plot: bool = True,
+             quiet: bool = False, stream=None, distributed: bool = False,
+             shard_state: bool = False) -> dict:
     """Run the comparison; returns the result dict that is also written as JSON.
 
     ``distributed=True``: data-parallel over MPI.COMM_WORLD (run under ``mpirun``); every

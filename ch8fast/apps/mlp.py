@@ -17,6 +17,8 @@ softmax output trained with the mean cross-entropy.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Sequence, Tuple
+
 import numpy as np
 
 from ch8fast import init as _init
@@ -38,7 +40,8 @@ INITIALIZERS = {
 }
 
 
-def softmax_cross_entropy(logits, y, dlogits=None):
+def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray,
+                          dlogits: Optional[np.ndarray] = None) -> float:
     """Mean cross-entropy of integer labels ``y`` under ``softmax(logits)``.
 
     ``logits`` (batch, classes) is overwritten with the log-probabilities. When ``dlogits``
@@ -83,7 +86,8 @@ class MLP:
         weights, biases: the same arrays as ``params``, split by kind.
     """
 
-    def __init__(self, sizes, *, dtype=np.float32, init="he_normal", rng=None):
+    def __init__(self, sizes: Sequence[int], *, dtype=np.float32, init: str = "he_normal",
+                 rng=None):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must list at least 2 positive widths, got {sizes}")
@@ -107,7 +111,7 @@ class MLP:
     def n_layers(self):
         return len(self.weights)
 
-    def n_params(self):
+    def n_params(self) -> int:
         return sum(p.size for p in self.params)
 
     def _buf(self, n):
@@ -127,7 +131,7 @@ class MLP:
                              f"{x.shape}")
         return x
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> List[np.ndarray]:
         """Pre-activations of every layer, as a list of buffers (valid until the next call
         with the same batch size); the last entry holds the logits."""
         x = self._as_input(x)
@@ -142,12 +146,13 @@ class MLP:
                 h = b.act[i]
         return b.pre
 
-    def loss(self, x, y):
+    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy on ``(x, y)``, without gradients."""
         pre = self.forward(x)
         return softmax_cross_entropy(pre[-1], y)
 
-    def evaluate(self, x, y, batch_size=1024):
+    def evaluate(self, x: np.ndarray, y: np.ndarray,
+                 batch_size: int = 1024) -> Tuple[float, float]:
         """(mean cross-entropy, accuracy) on ``(x, y)``."""
         total, correct = 0.0, 0
         for s in range(0, len(x), batch_size):
@@ -157,7 +162,7 @@ class MLP:
             total += softmax_cross_entropy(logits, yb) * len(xb)
         return total / len(x), correct / len(x)
 
-    def loss_and_grad(self, x, y):
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy on the minibatch; the gradient of every parameter is written
         into ``self.grads`` (no allocation of parameter-sized arrays)."""
         x = self._as_input(x)
