@@ -62,15 +62,15 @@ class FlatParams:
                 raise TypeError(f"shapes must be a dict name -> shape or a sequence of "
                                 f"shapes, got {type(shapes).__name__}") from None
         if not items:
-            raise ValueError("shapes is empty")
+            raise ValueError("shapes must hold at least one shape, got none")
         step = _ALIGN_BYTES // dtype.itemsize
         offsets, total, norm_shapes = [], 0, []
         for name, shape in items:
             if not isinstance(name, str):
-                raise TypeError(f"parameter names must be strings, got {name!r}")
+                raise TypeError(f"shapes' names must be strings, got {name!r}")
             shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
             if not all(isinstance(d, numbers.Integral) and d >= 0 for d in shape):
-                raise ValueError(f"shape of {name!r} must be non-negative integers, got "
+                raise ValueError(f"shapes[{name!r}] must be non-negative integers, got "
                                  f"{shape}")
             shape = tuple(int(d) for d in shape)
             size = int(np.prod(shape, dtype=np.int64))
@@ -87,7 +87,8 @@ class FlatParams:
         self.grads = [self._view(self.flat_grad, i) for i in range(len(items))]
         self._index = {n: i for i, n in enumerate(self.names)}
         if len(self._index) != len(self.names):
-            raise ValueError("parameter names must be unique")
+            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise ValueError(f"shapes' names must be unique, got {dup} more than once")
 
     def _view(self, buf, i):
         size = int(np.prod(self.shapes[i], dtype=np.int64))
