@@ -1,7 +1,7 @@
 #!/bin/sh
-# The commands behind the tables and plot of the README's benchmark section (about 12
+# The commands behind the tables and figure of docs/performance.rst (about 12
 # minutes on a 2-core machine). Run from the repository root, in the environment ch8fast
-# is installed in. Results land in benchmarks/results/; the plot in docs/bench.png.
+# is installed in. Results land in benchmarks/results/; the plot in docs/figures/bench.png.
 set -e
 mkdir -p benchmarks/results
 # Every rule of the chapter in float32, one array of 1e2..3.2e7 elements and the
@@ -9,7 +9,7 @@ mkdir -p benchmarks/results
 python -m ch8fast.apps.bench --rules sgd,momentum,nesterov,adagrad,rmsprop,adam,adamw \
     --dtype float32 --threads 1,2 \
     --json benchmarks/results/float32.json --markdown benchmarks/results/float32.md \
-    --plot docs/bench.png
+    --plot docs/figures/bench.png
 # Adam in float64, the same sizes and layouts.
 python -m ch8fast.apps.bench --rules adam --dtype float64 --threads 1,2 \
     --json benchmarks/results/float64.json --markdown benchmarks/results/float64.md

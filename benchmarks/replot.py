@@ -1,6 +1,6 @@
 """Redraw a benchmark figure from a stored JSON result, without timing anything.
 
-    python benchmarks/replot.py benchmarks/results/float32.json docs/bench.png
+    python benchmarks/replot.py benchmarks/results/float32.json docs/figures/bench.png
 
 The figure is the one ``ch8fast bench --plot`` draws (ch8fast.apps.bench.plot), from the
 samples stored in the JSON file. Results stored before the ``reference`` contender existed

@@ -25,9 +25,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser(
         "demo", help="train a small MLP with SGD, momentum, Nesterov, AdaGrad, RMSProp, "
-                     "RMSProp+Nesterov and Adam, and compare them",
-        description="Train one small NumPy MLP (ch8fast.mlp) on the embedded handwritten "
-                    "digits, or your data, once per optimizer, from the same "
+                     "RMSProp+Nesterov, Adam, AdamW and AdaDelta, and compare them",
+        description="Train one small NumPy MLP (ch8fast.apps.mlp) on the embedded "
+                    "handwritten digits, or your data, once per optimizer, from the same "
                     "initialization; print a table and write learning curves (PNG), CSV "
                     "and JSON to the output folder.")
     demo.add_arguments(p)
@@ -42,7 +42,7 @@ def build_parser():
     tour.add_arguments(p)
     p.set_defaults(run=tour.main, subparser=p)
     sub.add_parser("bench", help="benchmark the fused kernels (arguments are passed to "
-                                 "ch8fast.bench)", add_help=False)
+                                 "ch8fast.apps.bench)", add_help=False)
     return parser
 
 
