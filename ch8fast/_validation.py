@@ -6,9 +6,15 @@ argument's name and says what was expected, e.g. ``lr must be a finite number >=
 -1.0``. A constraint is a callable ``check(value, name) -> checked value``; the numeric ones
 also say whether a value survives rounding to a parameter dtype (``fits``).
 
-Arrays are checked in the kernel module (``check_param``), so that the classes, the
-functional layer and the clipping functions share one implementation and one message
-for each rule an array must satisfy.
+The kinds: :class:`Real`, :class:`Integer`, :class:`Pair`, :class:`Flag`,
+:class:`Exactly` (the hyperparameters of :mod:`ch8fast.rules`), :class:`OneOf` (a choice
+of strings), :class:`Callable`, :class:`Generator` (a seed or a NumPy generator, returned
+as a Generator) and :class:`FloatArray` (an array to be filled in place, as the
+initializers fill them); the instances below name the common ones.
+
+Arrays that reach a kernel are checked in the kernel module (``check_param``), so that the
+classes, the functional layer and the clipping functions share one implementation and one
+message for each rule an array must satisfy.
 """
 
 import math
