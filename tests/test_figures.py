@@ -59,9 +59,12 @@ def test_the_benchmark_figure_names_layouts_in_the_legend(saved_figures, monkeyp
     monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: saved_figures.append(self))
     annotations = []
     monkeypatch.setattr(Axes, "annotate", lambda self, *a, **k: annotations.append(a))
-    rows = [bench.run_case("sgd", "float32", t, n, 1, ("ch8fast", "roofline", "numpy"),
-                           repeats=1, min_time=1e-5, max_seconds=0.1)
-            for t, n in ((1, 100), (1, 1000), (4, 250), (2, 500))]
+    try:                                  # run_case sets the thread count: restore it
+        rows = [bench.run_case("sgd", "float32", t, n, 1, ("ch8fast", "roofline", "numpy"),
+                               repeats=1, min_time=1e-5, max_seconds=0.1)
+                for t, n in ((1, 100), (1, 1000), (4, 250), (2, 500))]
+    finally:
+        ch8fast.set_num_threads(0)
     info = bench.machine_info([1])
     assert bench.plot(rows, tmp_path / "b.png", info)
     assert annotations == []
