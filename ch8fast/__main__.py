@@ -1,58 +1,7 @@
-"""The ``ch8fast`` command (also ``python -m ch8fast``).
-
-    ch8fast demo    train a small MLP with every optimizer of the chapter and compare them
-                    (`mpirun -n 2 ch8fast demo --distributed`: data parallel over MPI)
-    ch8fast tour    reproduce the chapter's claims as figures and a Markdown report
-    ch8fast bench   benchmark the fused kernels
-"""
-import argparse
+"""``python -m ch8fast``: the command line of the applications (:mod:`ch8fast.apps.cli`)."""
 import sys
 
-__all__ = ["main", "build_parser"]
-
-
-def build_parser():
-    from . import demo, tour
-    parser = argparse.ArgumentParser(
-        prog="ch8fast",
-        description="Fused, in-place NumPy optimizers for chapter 8.3-8.5 of Goodfellow, "
-                    "Bengio & Courville, Deep Learning.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    p = sub.add_parser(
-        "demo", help="train a small MLP with SGD, momentum, Nesterov, AdaGrad, RMSProp, "
-                     "RMSProp+Nesterov and Adam, and compare them",
-        description="Train one small NumPy MLP (ch8fast.mlp) on the embedded handwritten "
-                    "digits, or your data, once per optimizer, from the same "
-                    "initialization; print a table and write learning curves (PNG), CSV "
-                    "and JSON to the output folder.")
-    demo.add_arguments(p)
-    p.set_defaults(run=demo.main, subparser=p)
-    p = sub.add_parser(
-        "tour", help="reproduce the chapter's claims (momentum, rates, drag, AdaGrad vs "
-                     "RMSProp, initialization, learning-rate choice) as figures and tour.md",
-        description="Reproduce the claims of sections 8.3-8.5 with ch8fast's optimizers; "
-                    "write figures and a Markdown report with each measured number beside "
-                    "the book's statement.")
-    tour.add_arguments(p)
-    p.set_defaults(run=tour.main, subparser=p)
-    sub.add_parser("bench", help="benchmark the fused kernels (arguments are passed to "
-                                 "ch8fast.bench)", add_help=False)
-    return parser
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.run(args, args.subparser)
-
-
-def _bench(rest):
-    from . import bench
-    return bench.main(rest)
-
+from ch8fast.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

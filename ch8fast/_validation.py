@@ -6,9 +6,15 @@ argument's name and says what was expected, e.g. ``lr must be a finite number >=
 -1.0``. A constraint is a callable ``check(value, name) -> checked value``; the numeric ones
 also say whether a value survives rounding to a parameter dtype (``fits``).
 
-Arrays are checked in the kernel module (``check_param``), so that the classes, the
-functional layer and the clipping functions share one implementation and one message
-for each rule an array must satisfy.
+The kinds: :class:`Real`, :class:`Integer`, :class:`Pair`, :class:`Flag`,
+:class:`Exactly` (the hyperparameters of :mod:`ch8fast.rules`), :class:`OneOf` (a choice
+of strings), :class:`Callable`, :class:`Generator` (a seed or a NumPy generator, returned
+as a Generator) and :class:`FloatArray` (an array to be filled in place, as the
+initializers fill them); the instances below name the common ones.
+
+Arrays that reach a kernel are checked in the kernel module (``check_param``), so that the
+classes, the functional layer and the clipping functions share one implementation and one
+message for each rule an array must satisfy.
 """
 
 import math
@@ -19,8 +25,10 @@ import numpy as np
 from ._isa import K
 
 __all__ = ["FLOAT_DTYPES", "Real", "Integer", "Pair", "Flag", "Exactly", "Choice",
-           "check_param", "nonnegative", "positive", "unit_interval", "closed_unit",
-           "betas_pair", "flag", "step_count", "count"]
+           "OneOf", "Callable", "Generator", "FloatArray", "check_param", "nonnegative",
+           "positive", "finite", "unit_interval", "closed_unit", "betas_pair", "flag",
+           "step_count", "count", "at_least_one", "generator", "function",
+           "fillable_array"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32 = np.dtype(np.float32)
@@ -58,8 +66,8 @@ class Real:
     def __call__(self, value, name):
         v = value if type(value) is float else self._as_float(value, name)
         lo, hi = self.lo, self.hi
-        if not ((v > lo if self.lo_open else v >= lo) and (v < hi if self.hi_open else v <= hi)
-                and -math.inf < v < math.inf):
+        if not ((v > lo if self.lo_open else v >= lo)
+                and (v < hi if self.hi_open else v <= hi) and -math.inf < v < math.inf):
             if v != v:
                 raise ValueError(f"{name} must not be NaN")
             raise ValueError(f"{name} must be {self.what}, got {v}")
@@ -89,10 +97,13 @@ class Real:
 
 
 class Integer:
-    """An integer (not a bool) in [lo, hi]; returns it as a Python int."""
+    """An integer (not a bool) in [lo, hi] (``hi=None``: no upper bound); returns it as a
+    Python int."""
 
-    def __init__(self, lo, hi, what):
-        self.lo, self.hi, self.what = lo, hi, what
+    def __init__(self, lo, hi=None, what=None):
+        self.lo, self.hi = lo, math.inf if hi is None else hi
+        self.what = what or (f"an integer >= {lo}" if hi is None
+                             else f"an integer in [{lo}, {hi}]")
 
     def __call__(self, value, name):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -175,6 +186,69 @@ class Choice:
         pass
 
 
+class OneOf(Choice):
+    """``Choice(options)`` written ``OneOf("a", "b")``, its message listing the options
+    as ``one of 'a', 'b'``, e.g. ``mode`` of an initializer."""
+
+    def __init__(self, *options):
+        super().__init__(options)
+
+    def _expected(self):
+        return "one of " + ", ".join(repr(o) for o in self.options)
+
+
+class Callable:
+    """A callable, e.g. ``forward`` or ``loss_and_grad``; ``what`` says what it computes."""
+
+    def __init__(self, what="a callable"):
+        self.what = what
+
+    def __call__(self, value, name):
+        if not callable(value):
+            raise TypeError(f"{name} must be {self.what}, got {_kind(value)}")
+        return value
+
+
+class Generator:
+    """A source of random numbers, returned as a :class:`numpy.random.Generator`: None
+    (fresh OS entropy), an int seed >= 0, a SeedSequence, a bit generator, or a Generator
+    (returned as it is, so that the caller's generator advances)."""
+
+    what = ("None, an int seed, a numpy.random.SeedSequence, a bit generator or a "
+            "numpy.random.Generator")
+
+    def __call__(self, value, name):
+        if isinstance(value, np.random.Generator):
+            return value
+        kinds = (numbers.Integral, np.random.SeedSequence, np.random.BitGenerator)
+        if isinstance(value, (bool, np.bool_)) or not (value is None
+                                                      or isinstance(value, kinds)):
+            raise TypeError(f"{name} must be {self.what}, got {_kind(value)}")
+        if isinstance(value, numbers.Integral) and value < 0:
+            raise ValueError(f"{name} must be an int seed >= 0, got {value}")
+        return np.random.default_rng(value)
+
+
+class FloatArray:
+    """A NumPy array of dtype float32 or float64, writeable when ``writeable`` (it is to be
+    filled in place); returns it (never a copy)."""
+
+    def __init__(self, writeable=True):
+        self.writeable = writeable
+
+    def __call__(self, value, name):
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64"
+                            f"{' (it is filled in place)' if self.writeable else ''}, got "
+                            f"{_kind(value)}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+        if self.writeable and not value.flags.writeable:
+            raise ValueError(f"{name} must be writeable (it is filled in place), got a "
+                             f"read-only array")
+        return value
+
+
 nonnegative = Real(0.0, math.inf)
 positive = Real(0.0, math.inf, lo_open=True)
 unit_interval = Real(0.0, 1.0, hi_open=True)      # a decay rate or a momentum
@@ -185,3 +259,8 @@ flag = Flag()
 # still an exact int64.
 step_count = Integer(1, 2 ** 62, "an integer in [1, 2**62] (the number of this update)")
 count = Integer(0, 2 ** 62, "an integer in [0, 2**62]")
+at_least_one = Integer(1)
+finite = Real()
+generator = Generator()
+function = Callable()
+fillable_array = FloatArray(writeable=True)

@@ -59,7 +59,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "CHECKPOINT_
 CHECKPOINT_FORMAT = "ch8fast-checkpoint"
 CHECKPOINT_VERSION = 2
 _READS = (1, 2)            # version 1: no "storage" in the state dict, no bfloat16 arrays
-_BF16 = "bfloat16"         # the header's dtype of a bfloat16 array, stored as its bits (<u2)
+_BF16 = "bfloat16"         # the header's dtype of a bfloat16 array, kept as its bits (<u2)
 _HEADER = "__header__"
 _TMP_MARK = ".tmp-"
 
@@ -96,8 +96,8 @@ def _plain(obj, where="extra"):
                                 f"are strings (or numbers, booleans, None)")
             key = k if isinstance(k, str) else json.dumps(k)
             if key in out:
-                raise ValueError(f"{where}: keys {key!r} and {k!r} both become the JSON key "
-                                 f"{key!r}")
+                raise ValueError(f"{where}: keys {key!r} and {k!r} both become the JSON "
+                                 f"key {key!r}")
             out[key] = _plain(v, f"{where}[{key!r}]")
         return out
     if isinstance(obj, (list, tuple)):
@@ -450,7 +450,8 @@ def read_checkpoint(path):
         a = arrays[e["name"]]
         stored = "<u2" if e["dtype"] == _BF16 and version >= 2 else e["dtype"]
         _expect(a.dtype.str == stored, path,
-                f"array {e['name']!r} has dtype {a.dtype.str}, the header says {e['dtype']}")
+                f"array {e['name']!r} has dtype {a.dtype.str}, the header says "
+                f"{e['dtype']}")
         _expect(list(a.shape) == e["shape"], path,
                 f"array {e['name']!r} has shape {tuple(a.shape)}, the header says "
                 f"{tuple(e['shape'])}")

@@ -73,8 +73,9 @@ def clip_by_global_norm(grads, max_norm):
     ``max_norm``, in place. Returns the norm before clipping.
 
     A non-finite norm (a NaN or Inf gradient) leaves the gradients unscaled; check it, or
-    use an optimizer with ``skip_nonfinite=True``. torch.nn.utils.clip_grad_norm_ scales by
-    ``max_norm / (norm + 1e-6)``; optax.clip_by_global_norm by ``max_norm / norm``, as here.
+    use an optimizer with ``skip_nonfinite=True``. ``torch.nn.utils.clip_grad_norm_``
+    scales by ``max_norm / (norm + 1e-6)``; ``optax.clip_by_global_norm`` by
+    ``max_norm / norm``, as here.
     """
     grads = _as_list(grads)
     max_norm = positive(max_norm, "max_norm")

@@ -13,22 +13,23 @@ updates every parameter with a single kernel call, and clipping norms run over o
 """
 
 import numbers
+from typing import Dict, Iterator, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import storage
 from ._validation import FLOAT_DTYPES
 
-__all__ = ["FlatParams"]
+__all__ = ["FlatParams", "ALIGN_BYTES"]
 
-_ALIGN_BYTES = 64          # each view starts on a cache line: whole vectors, no splits
+ALIGN_BYTES = 64           # each view starts on a cache line: whole vectors, no splits
 
 
 def _aligned_zeros(n, dtype):
     """n zeros whose first element sits on a cache-line boundary."""
-    pad = _ALIGN_BYTES // dtype.itemsize
+    pad = ALIGN_BYTES // dtype.itemsize
     buf = np.zeros(n + pad, dtype)
-    start = (-buf.__array_interface__["data"][0] % _ALIGN_BYTES) // dtype.itemsize
+    start = (-buf.__array_interface__["data"][0] % ALIGN_BYTES) // dtype.itemsize
     return buf[start:start + n]
 
 
@@ -47,7 +48,9 @@ class FlatParams:
         names: the names, in that order.
     """
 
-    def __init__(self, shapes, dtype=np.float32):
+    def __init__(self, shapes: Union[Mapping[str, Union[int, Tuple[int, ...]]],
+                                     Sequence[Union[int, Tuple[int, ...]]]],
+                 dtype=np.float32):
         if isinstance(dtype, str) and dtype == "bfloat16":
             try:
                 dtype = storage.bfloat16()
@@ -66,15 +69,15 @@ class FlatParams:
                 raise TypeError(f"shapes must be a dict name -> shape or a sequence of "
                                 f"shapes, got {type(shapes).__name__}") from None
         if not items:
-            raise ValueError("shapes is empty")
-        step = _ALIGN_BYTES // dtype.itemsize
+            raise ValueError("shapes must hold at least one shape, got none")
+        step = ALIGN_BYTES // dtype.itemsize
         offsets, total, norm_shapes = [], 0, []
         for name, shape in items:
             if not isinstance(name, str):
-                raise TypeError(f"parameter names must be strings, got {name!r}")
+                raise TypeError(f"shapes' names must be strings, got {name!r}")
             shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
             if not all(isinstance(d, numbers.Integral) and d >= 0 for d in shape):
-                raise ValueError(f"shape of {name!r} must be non-negative integers, got "
+                raise ValueError(f"shapes[{name!r}] must be non-negative integers, got "
                                  f"{shape}")
             shape = tuple(int(d) for d in shape)
             size = int(np.prod(shape, dtype=np.int64))
@@ -91,27 +94,28 @@ class FlatParams:
         self.grads = [self._view(self.flat_grad, i) for i in range(len(items))]
         self._index = {n: i for i, n in enumerate(self.names)}
         if len(self._index) != len(self.names):
-            raise ValueError("parameter names must be unique")
+            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise ValueError(f"shapes' names must be unique, got {dup} more than once")
 
     def _view(self, buf, i):
         size = int(np.prod(self.shapes[i], dtype=np.int64))
         return buf[self.offsets[i]:self.offsets[i] + size].reshape(self.shapes[i])
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> np.ndarray:
         """The parameter view called ``name``."""
         return self.params[self._index[name]]
 
-    def grad(self, name):
+    def grad(self, name: str) -> np.ndarray:
         """The gradient view of parameter ``name``."""
         return self.grads[self._index[name]]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.names)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[np.ndarray]:
         return iter(self.params)
 
-    def state_arrays(self):
+    def state_arrays(self) -> Dict[str, np.ndarray]:
         """``{name: parameter view}``, e.g. for ``ch8fast.init.load_matching`` or saving."""
         return dict(zip(self.names, self.params))
 

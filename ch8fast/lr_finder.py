@@ -10,26 +10,33 @@ best performer of a short trial is usually too cautious for the whole run.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._validation import Callable as _CallableCheck
+from ._validation import Integer, Real, count, positive
+
 __all__ = ["LRFinderResult", "choose_lr", "default_lr_grid"]
 
+_factor = Real(1.0, lo_open=True)                  # a threshold ratio: > 1
+_iters = Integer(1)
+_loss_and_grad = _CallableCheck("a callable params -> (loss, grads)")
+_optimizer = _CallableCheck("a class built as optimizer(params, lr=..., ...)")
 
-def default_lr_grid(low=1e-5, high=1.0, per_decade=4):
-    """Log-spaced candidate rates from ``low`` to ``high``, ``per_decade`` points per decade.
+
+def default_lr_grid(low: float = 1e-5, high: float = 1.0,
+                    per_decade: int = 4) -> np.ndarray:
+    """Log-spaced candidate rates from ``low`` to ``high``, ``per_decade`` a decade.
 
     The default gives 21 rates: 1e-5, 1.78e-5, 3.16e-5, 5.62e-5, 1e-4, ..., 1.
     """
-    if not (isinstance(low, numbers.Real) and isinstance(high, numbers.Real)):
-        raise TypeError("low and high must be real numbers")
-    if not (0.0 < low < high) or not math.isfinite(high):
-        raise ValueError(f"Invalid grid bounds: need 0 < low < high < inf, got {low}, {high}")
-    if isinstance(per_decade, bool) or not isinstance(per_decade, numbers.Integral) or per_decade < 1:
-        raise ValueError(f"Invalid per_decade: {per_decade} (must be an int >= 1)")
+    low = positive(low, "low")
+    high = positive(high, "high")
+    if not low < high:
+        raise ValueError(f"high must be > low ({low}), got {high}")
+    per_decade = _iters(per_decade, "per_decade")
     n = int(round(math.log10(high / low) * per_decade)) + 1
     return np.logspace(math.log10(low), math.log10(high), max(n, 2))
 
@@ -60,16 +67,18 @@ class LRFinderResult:
     def __str__(self):
         return self.reasoning
 
-    def plot(self, path):
-        """Write the learning curves and the final cost against the rate to a PNG at ``path``.
+    def plot(self, path) -> None:
+        """Write the learning curves and the final cost against the rate to a PNG file.
 
-        Needs matplotlib (``pip install matplotlib``); raises ImportError without it.
+        Diverged trials are drawn red and dashed, and marked with a red cross on the right
+        panel. Needs matplotlib (``pip install matplotlib``); raises ImportError without it.
         """
         try:
             from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError(
-                "LRFinderResult.plot needs matplotlib; install it with `pip install matplotlib`"
+                "LRFinderResult.plot needs matplotlib; install it with "
+                "`pip install matplotlib`"
             ) from exc
         fig = Figure(figsize=(11, 4.5))
         ax1, ax2 = fig.subplots(1, 2)
@@ -78,10 +87,15 @@ class LRFinderResult:
         span = (logs.max() - logs.min()) or 1.0
         cmap = __import__("matplotlib").colormaps["viridis"]
         for lr, curve, div in zip(self.lrs, self.curves, self.diverged):
-            color = cmap((math.log10(lr) - logs.min()) / span)
-            style = ":" if div else "-"
-            width = 2.5 if self.recommended is not None and lr == self.recommended else 1.0
-            ax1.plot(np.arange(len(curve)), curve, style, color=color, lw=width, label=f"{lr:.3g}")
+            rec = self.recommended is not None and lr == self.recommended
+            if div:      # diverged: red and dashed, whatever the rate
+                ax1.plot(np.arange(len(curve)), curve, "--", color="red", lw=1.3,
+                         label=f"{lr:.3g} (diverged)")
+            else:
+                color = cmap((math.log10(lr) - logs.min()) / span)
+                ax1.plot(np.arange(len(curve)), curve, "-", color=color,
+                         lw=2.5 if rec else 1.0,
+                         label=f"{lr:.3g}" + (" (recommended)" if rec else ""))
         if positive:
             ax1.set_yscale("log")
         top = self.initial_cost * 10 if math.isfinite(self.initial_cost) else None
@@ -89,20 +103,26 @@ class LRFinderResult:
             ax1.set_ylim(top=top)
         ax1.set_xlabel("iteration")
         ax1.set_ylabel("cost")
-        ax1.set_title("learning curves (dotted: diverged)")
+        ax1.set_title("learning curves (red, dashed: diverged)")
         ax1.legend(fontsize=6, ncol=2, title="lr", title_fontsize=7)
         ok = ~self.diverged
         ax2.plot(self.lrs[ok], self.final_costs[ok], "o-", label="final cost")
-        for lr in self.lrs[self.diverged]:
-            ax2.axvline(lr, color="red", alpha=0.25, lw=1)
+        if self.diverged.any():
+            finite = self.final_costs[ok]
+            y = float(finite.max()) * 1.5 if finite.size else 1.0
+            ax2.plot(self.lrs[self.diverged], np.full(int(self.diverged.sum()), y), "x",
+                     color="red", ms=10, mew=2.5, label="diverged (no final cost)")
+            for lr in self.lrs[self.diverged]:
+                ax2.axvline(lr, color="red", alpha=0.5, lw=1, ls="--")
         if self.best_short_trial is not None:
-            ax2.axvline(self.best_short_trial, color="gray", ls="--", label="best short trial")
+            ax2.axvline(self.best_short_trial, color="gray", ls="--",
+                        label="best short trial")
         if self.recommended is not None:
             ax2.axvline(self.recommended, color="green", lw=2, label="recommended")
         ax2.set_xscale("log")
         if positive:
             ax2.set_yscale("log")
-        ax2.set_xlabel("learning rate (red: diverged)")
+        ax2.set_xlabel("learning rate")
         ax2.set_ylabel(f"mean cost over the last tenth of {self.iters} iterations")
         ax2.legend(fontsize=8)
         fig.tight_layout()
@@ -111,38 +131,32 @@ class LRFinderResult:
 
 def _check_params(params):
     if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
-        raise TypeError("params must be a list of numpy arrays")
+        raise TypeError(f"params must be a list of numpy arrays, got "
+                        f"{type(params).__name__}")
     if len(params) == 0:
-        raise ValueError("params is empty")
+        raise ValueError("params must hold at least one array, got an empty list")
     for i, p in enumerate(params):
         if not isinstance(p, np.ndarray):
-            raise TypeError(f"params[{i}]: expected a numpy.ndarray, got {type(p).__name__}")
+            raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
         if not np.issubdtype(p.dtype, np.floating):
-            raise TypeError(f"params[{i}]: dtype must be floating, got {p.dtype}")
+            raise TypeError(f"params[{i}] must have a floating dtype, got {p.dtype}")
         if not p.flags.writeable:
-            raise ValueError(f"params[{i}]: array is read-only")
+            raise ValueError(f"params[{i}] must be writeable (it is updated in place), "
+                             f"got a read-only array")
     return list(params)
 
 
 def _check_lrs(lrs):
     lrs = np.asarray(lrs, dtype=np.float64)
     if lrs.ndim != 1 or lrs.size < 2:
-        raise ValueError("Invalid lrs: need a 1-D sequence of at least 2 candidate rates")
+        raise ValueError(f"lrs must be a 1-D sequence of at least 2 candidate rates, got "
+                         f"shape {lrs.shape}")
     if not np.all(np.isfinite(lrs)) or np.any(lrs <= 0):
-        raise ValueError(f"Invalid lrs: every candidate must be finite and > 0, got {lrs}")
+        raise ValueError(f"lrs must hold finite rates > 0, got {lrs}")
     lrs = np.unique(lrs)  # sorted, without duplicates
     if lrs.size < 2:
-        raise ValueError("Invalid lrs: need at least 2 distinct candidate rates")
+        raise ValueError(f"lrs must hold at least 2 distinct rates, got {lrs}")
     return lrs
-
-
-def _factor(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number")
-    value = float(value)
-    if not (value > 1.0 and math.isfinite(value)):
-        raise ValueError(f"Invalid {name}: {value} (must be a finite number > 1)")
-    return value
 
 
 def _above(value, ref, factor):
@@ -172,8 +186,13 @@ def _trial(params, saved, loss_and_grad, optimizer, lr, iters, blowup, kwargs):
     return np.array(costs, dtype=np.float64), stopped
 
 
-def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
-              blowup=10.0, rise=2.0, refine=4, **optimizer_kwargs):
+def choose_lr(params: Sequence[np.ndarray],
+              loss_and_grad: Callable[[List[np.ndarray]],
+                                      Tuple[float, Sequence[np.ndarray]]],
+              optimizer: Optional[Callable[..., Any]] = None,
+              lrs: Optional[Sequence[float]] = None, iters: int = 100, *,
+              blowup: float = 10.0, rise: float = 2.0, refine: int = 4,
+              **optimizer_kwargs: Any) -> "LRFinderResult":
     r"""Recommend an initial learning rate from short trials of several candidates (8.3.1).
 
     For every candidate rate the user's parameter arrays are reset to their initial
@@ -205,49 +224,42 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
     succeeds, no higher rate has been shown to be safe, and the best short-trial rate
     itself is recommended; the reasoning then says which finer or wider grid to try.
 
-    Parameters
-    ----------
-    params : list of ndarray
-        The parameter arrays, updated in place by the optimizer during the trials.
-    loss_and_grad : callable
-        ``loss_and_grad(params) -> (loss, grads)``, evaluated at the current parameters;
-        ``grads`` is a list aligned with ``params``. It may use minibatches.
-    optimizer : class, optional
-        Built as ``optimizer(params, lr=lr, **optimizer_kwargs)`` and driven with
-        ``opt.step(grads)``; defaults to :class:`ch8fast.SGD`.
-    lrs : sequence of float, optional
-        The candidates (sorted and de-duplicated); default :func:`default_lr_grid`
-        (1e-5 to 1, four per decade).
-    iters : int
-        Updates per trial (the book speaks of the first ~100 iterations).
-    blowup, rise : float > 1
-        The divergence thresholds described above.
-    refine : int
-        The most extra trials spent probing above the best rate (0 to disable).
-    **optimizer_kwargs
-        Passed to every optimizer, e.g. ``momentum=0.9``.
+    A candidate above the smallest rate that diverged counts as diverged too: stability is
+    taken to be monotone in the rate, and a noisy short trial above the stability limit can
+    end low by chance.
 
-    Returns
-    -------
-    LRFinderResult
+    Args:
+        params: the parameter arrays, updated in place by the optimizer during the trials.
+        loss_and_grad: ``loss_and_grad(params) -> (loss, grads)``, evaluated at the
+            current parameters; ``grads`` is a list aligned with ``params``. It may use
+            minibatches.
+        optimizer: built as ``optimizer(params, lr=lr, **optimizer_kwargs)`` and driven
+            with ``opt.step(grads)``; default :class:`ch8fast.SGD`.
+        lrs: the candidates (sorted and de-duplicated); default :func:`default_lr_grid`
+            (1e-5 to 1, four per decade).
+        iters: updates per trial (the book speaks of the first ~100 iterations).
+        blowup: a trial whose cost exceeds ``blowup`` times the initial cost is stopped
+            and diverged (> 1).
+        rise: a trial that ends above ``rise`` times its own minimum diverged (> 1).
+        refine: the most extra trials spent probing above the best rate (0 to disable).
+        **optimizer_kwargs: passed to every optimizer, e.g. ``momentum=0.9``.
+
+    Returns:
+        An :class:`LRFinderResult`; ``str()`` of it is the reasoning.
     """
     params = _check_params(params)
-    if not callable(loss_and_grad):
-        raise TypeError("loss_and_grad must be callable: params -> (loss, grads)")
+    _loss_and_grad(loss_and_grad, "loss_and_grad")
     if optimizer is None:
         from .optim import SGD as optimizer
-    if not callable(optimizer):
-        raise TypeError("optimizer must be a class built as optimizer(params, lr=..., ...)")
+    _optimizer(optimizer, "optimizer")
     if "lr" in optimizer_kwargs:
-        raise TypeError("lr is chosen by choose_lr; pass candidate rates with lrs=[...]")
+        raise TypeError("lr must not be given: choose_lr chooses it (pass the candidate "
+                        "rates as lrs=[...])")
     lrs = default_lr_grid() if lrs is None else _check_lrs(lrs)
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
-        raise ValueError(f"Invalid iters: {iters} (must be an int >= 1)")
-    iters = int(iters)
+    iters = _iters(iters, "iters")
     blowup = _factor(blowup, "blowup")
     rise = _factor(rise, "rise")
-    if isinstance(refine, bool) or not isinstance(refine, numbers.Integral) or refine < 0:
-        raise ValueError(f"Invalid refine: {refine} (must be an int >= 0)")
+    refine = count(refine, "refine")
 
     window = max(1, (iters + 1) // 10)
 
@@ -258,11 +270,24 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
         smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
         end, low = float(smooth[-1]), float(smooth.min())
         if _above(end, low, rise):
-            return True, math.inf, f"ended at {end:.3g}, above {rise:g}x its minimum {low:.3g}"
+            return (True, math.inf,
+                    f"ended at {end:.3g}, above {rise:g}x its minimum {low:.3g}")
         return False, end, None
 
     saved = [p.copy() for p in params]
     trials = {}                    # lr -> (curve, diverged, final, why)
+
+    def mark_above_diverged():
+        """Stability is taken to be monotone in the rate: a rate above one that diverged
+        is not trusted, however its own trial ended (a noisy trial can end low by
+        chance)."""
+        first = min((lr for lr in trials if trials[lr][1]), default=None)
+        for lr in trials:
+            if first is not None and lr > first and not trials[lr][1]:
+                trials[lr] = (trials[lr][0], True, math.inf,
+                              f"above lr={first:.3g}, which diverged (a larger rate is not "
+                              f"taken to be stable)")
+
     probes = []
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -273,6 +298,7 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
 
             for lr in lrs:
                 run(float(lr))
+            mark_above_diverged()
             # No safe candidate above the best of the grid: probe between it and the first
             # rate above it that diverged (or above the largest candidate), so that the
             # recommendation can be higher than the best and still shown to be stable.
@@ -290,6 +316,7 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
         for p, s in zip(params, saved):
             np.copyto(p, s)
 
+    mark_above_diverged()
     lrs = np.array(sorted(trials))
     curves = [trials[lr][0] for lr in lrs]
     diverged = np.array([trials[lr][1] for lr in lrs], dtype=bool)
@@ -310,7 +337,8 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
             [head, "Every candidate diverged:"] + div_lines
             + [f"No recommendation: try rates below {lrs[0]:.3g}."]
         )
-        return LRFinderResult(lrs, curves, diverged, final, None, None, reasoning, iters, initial)
+        return LRFinderResult(lrs, curves, diverged, final, None, None, reasoning, iters,
+                              initial)
 
     b = int(np.flatnonzero(lrs == best)[0])      # the grid's best; probes lie above it
     higher_div = [i for i in np.flatnonzero(diverged) if i > b]
@@ -318,7 +346,8 @@ def choose_lr(params, loss_and_grad, optimizer=None, lrs=None, iters=100, *,
     lines = [head]
     if div_lines:
         lines.append(f"{len(div_lines)} diverged (cost non-finite, above {blowup:g}x the "
-                     f"initial cost, or ending above {rise:g}x its minimum):")
+                     f"initial cost, ending above {rise:g}x its minimum, or above a rate "
+                     f"that diverged):")
         lines += div_lines
     else:
         lines.append("None diverged.")

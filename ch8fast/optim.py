@@ -30,6 +30,7 @@ from ._isa import K
 from ._validation import (Choice, Integer, check_param, count, flag, positive,
                           unit_interval)
 from .clip import norm_from_sumsq
+from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
            "AdaDelta", "encode_hyperparameter", "decode_hyperparameter"]
@@ -45,7 +46,8 @@ _seed = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
 _state_format = Choice(storage.STATE_FORMATS)
 _param_mode = Choice(storage.PARAM_MODES)
 _sparse = Choice(("lazy", "catch_up"))
-_OPTIONS_DOC = """    clip_norm: scale all gradients by ``clip_norm / norm`` when their global 2-norm
+_OPTIONS_DOC = """\
+    clip_norm: scale all gradients by ``clip_norm / norm`` when their global 2-norm
         exceeds it (keyword only; the norm is kept in ``last_grad_norm``).
     clip_value: clamp every gradient element to [-clip_value, clip_value] (after
         ``clip_norm``, before weight decay; keyword only).
@@ -137,7 +139,8 @@ def _as_param_list(value):
     if isinstance(value, np.ndarray):
         return [value]
     if isinstance(value, (str, bytes, dict)):
-        raise TypeError(f"'params' must be a sequence of arrays, got {type(value).__name__}")
+        raise TypeError(f"'params' must be a sequence of arrays, got "
+                        f"{type(value).__name__}")
     try:
         return list(value)
     except TypeError:
@@ -158,7 +161,8 @@ class ParamGroup(dict):
         self.changed = True
         self._edits = edits
         if "params" in self:
-            dict.__setitem__(self, "params", ParamList(_as_param_list(self["params"]), self))
+            dict.__setitem__(self, "params",
+                             ParamList(_as_param_list(self["params"]), self))
 
     def _touch(self, keys):
         self.changed = True
@@ -407,7 +411,8 @@ class Optimizer:
     def __init__(self, params, *args, **kwargs):
         rule = self.rule
         if rule is None:
-            raise TypeError("Optimizer is the base class: use ch8fast.SGD, ch8fast.Adam, ...")
+            raise TypeError("Optimizer is the base class: use ch8fast.SGD, "
+                            "ch8fast.Adam, ...")
         try:
             bound = self.__signature__.bind(params, *args, **kwargs)
         except TypeError as exc:
@@ -477,8 +482,8 @@ class Optimizer:
         """A new group as a plain dict: the defaults, then the group's own entries."""
         unknown = sorted(k for k in group if k != "params" and k not in self.rule.hyper)
         if unknown:
-            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter {unknown[0]!r} for "
-                            f"{type(self).__name__} (expected one of "
+            raise TypeError(f"param_groups[{gi}]: unknown hyperparameter {unknown[0]!r} "
+                            f"for {type(self).__name__} (expected one of "
                             f"{sorted(self.rule.hyper)})")
         out = dict(self.defaults)
         out.update(group)
@@ -556,8 +561,9 @@ class Optimizer:
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
-                raise ValueError(f"params[{i}] is params[{seen[id(p)]}] again (they share memory): a "
-                                 f"parameter can be in one param group only, once")
+                raise ValueError(f"params[{i}] is params[{seen[id(p)]}] again (they share "
+                                 f"memory): a parameter can be in one param group "
+                                 f"only, once")
             seen[id(p)] = i
         kept = {}
         if old is not None:
@@ -632,8 +638,8 @@ class Optimizer:
         f64 = [i for i, p in enumerate(params) if p.dtype == _F64]
         if f64 and self._state_format is not None:
             raise ValueError(f"state_format={self._state_format!r}: params[{f64[0]}] is "
-                             f"float64, whose state stays float64; leave state_format unset "
-                             f"or make the parameters float32")
+                             f"float64, whose state stays float64; leave state_format "
+                             f"unset or make the parameters float32")
 
     def _check_sparse(self, metas, params):
         if self.sparse != "catch_up":
@@ -648,8 +654,8 @@ class Optimizer:
         elif any(storage.is_16bit(p.dtype) for p in params):
             why = "16-bit parameters"
         if why:
-            raise ValueError(f"sparse='catch_up' needs float32/float64 parameters and state "
-                             f"and no Nesterov momentum ({why}); use sparse='lazy'")
+            raise ValueError(f"sparse='catch_up' needs float32/float64 parameters and "
+                             f"state and no Nesterov momentum ({why}); use sparse='lazy'")
 
     def _keep(self, dtype):
         """How parameters of ``dtype`` are kept (the kernels' name)."""
@@ -736,7 +742,7 @@ class Optimizer:
             groups[gi].changed = False
         self._edits.dirty = False
 
-    # ---- properties -----------------------------------------------------------------------
+    # ---- properties ----------------------------------------------------------------------
 
     @property
     def state(self):
@@ -765,7 +771,7 @@ class Optimizer:
         """The number of completed steps of each param group."""
         return list(self._core.engine.steps)
 
-    # ---- the momentum hand-change hook ------------------------------------------------------
+    # ---- the momentum hand-change hook ---------------------------------------------------
 
     def _group_changed(self, group, keys):
         """Called as a group is edited. Setting the momentum of a Nesterov group whose
@@ -805,7 +811,8 @@ class Optimizer:
         if delta:
             for i in core.rows[gi]:
                 phi = self._phi_values(i)
-                self._set_phi(i, phi + self._state_values(i, "velocity") * phi.dtype.type(delta))
+                self._set_phi(i, phi + self._state_values(i, "velocity")
+                              * phi.dtype.type(delta))
         engine.interim[gi] = alpha
 
     # ---- what the arrays hold, whatever their storage ------------------------------------
@@ -939,7 +946,7 @@ class Optimizer:
                 raise ValueError(f"grads: expected {n} arrays (one per parameter), got "
                                  f"{len(grads)}")
             return grads
-        if isinstance(grads, np.ndarray):
+        if isinstance(grads, (np.ndarray, SparseRows)):
             if n != 1:
                 raise ValueError(f"grads: got a single array for {n} parameters; pass a "
                                  f"sequence of {n} arrays")
@@ -1171,8 +1178,8 @@ class Optimizer:
         mine = self._storage_record()
         for k in ("state_format", "param_mode"):
             if saved_storage[k] != mine[k]:
-                raise ValueError(f"state_dict was saved with {k}={saved_storage[k]!r}, this "
-                                 f"optimizer has {k}={mine[k]!r}")
+                raise ValueError(f"state_dict was saved with {k}={saved_storage[k]!r}, "
+                                 f"this optimizer has {k}={mine[k]!r}")
         seed = _seed(saved_storage["seed"], "state_dict['storage']['seed']")
         if sd["nesterov_form"] not in _FORM_CODES:
             raise ValueError(f"state_dict['nesterov_form'] is {sd['nesterov_form']!r}")
@@ -1260,6 +1267,19 @@ class Optimizer:
         self._core = core.replace(engine=K.Engine(list(e.tables), e.groups, list(e.scalars),
                                                   list(e.steps), list(e.interim), e.form,
                                                   self.seed))
+
+    @property
+    def state_format(self):
+        """How the state is stored: ``"float32"``, ``"bfloat16"`` or ``"q8"``; None when
+        not chosen (float32 state, float64 for float64 parameters). Fixed when the
+        optimizer is made."""
+        return self._state_format
+
+    @property
+    def param_mode(self):
+        """How 16-bit parameters are kept (``"master"``, ``"stochastic"``, ``"kahan"``);
+        None when not chosen. Fixed when the optimizer is made."""
+        return self._param_mode
 
     def decoded_state(self, i):
         """The state of parameter ``i`` as float32/float64 numbers, copies (decoded from

@@ -14,9 +14,8 @@ and the tests all read these specifications; none restates a default or a check.
 >>> from ch8fast import rules
 >>> rules.ADAM.defaults()["betas"]
 (0.9, 0.999)
->>> s = rules.ADAM.scalars_for({"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8,
-...                             "weight_decay": 0.0, "amsgrad": False,
-...                             "decoupled_weight_decay": False})
+>>> h = dict(rules.ADAM.defaults(), lr=0.001)
+>>> s = rules.ADAM.scalars_for(h)
 >>> round(s.kernel_values(t=1)["lr"], 6)   # lr / (1 - beta1^1): the bias correction
 0.01
 """
@@ -299,7 +298,8 @@ _SGD_PROFILES = {
     "book": _BOOK,
     "torch": _TORCH_SGD,
     "torch_fused": Profile("torch.optim.SGD(fused=True)",
-                           frozenset({"fma", "buffer", "torch_fused"}), nesterov="lookahead"),
+                           frozenset({"fma", "buffer", "torch_fused"}),
+                           nesterov="lookahead"),
     "optax": Profile("optax.sgd", frozenset({"buffer"}), nesterov="lookahead"),
     "keras": Profile("keras.optimizers.SGD", nesterov="lookahead", weight_decay="decoupled",
                      lr_float32=True),
@@ -387,7 +387,8 @@ def _adagrad_scalars(s, h, h_next):
 
 ADAGRAD = Rule(
     name="AdaGrad",
-    summary="AdaGrad (Algorithm 8.4): per-parameter rates scaled by the accumulated squares.",
+    summary="AdaGrad (Algorithm 8.4): per-parameter rates scaled by the accumulated "
+            "squares.",
     math=r"""
 .. math::
 
@@ -408,10 +409,10 @@ ADAGRAD = Rule(
                                            "r at the start; fixed when the optimizer is "
                                            "made.", fixed=True),
         "rowwise": Hyper(False, flag,
-                         "one accumulator per row (its first axis) of each parameter of 2 or "
-                         "more dimensions, the mean of the squared row gradient (row-wise "
-                         "AdaGrad, for embedding tables: state divided by the row length); "
-                         "fixed when the optimizer is made.", fixed=True),
+                         "one accumulator per row (its first axis) of each parameter of 2 "
+                         "or more dimensions, the mean of the squared row gradient "
+                         "(row-wise AdaGrad, for embedding tables: state divided by the "
+                         "row length); fixed when the optimizer is made.", fixed=True),
         "lr_decay": Hyper(0.0, nonnegative, "d: update t steps lr / (1 + (t - 1) d)."),
         "maximize": _MAXIMIZE,
         "convention": _convention(_ADAGRAD_PROFILES),

@@ -36,13 +36,9 @@ _IDENTITY = K.GradPlan()
 
 
 def _scalar_dtype():
-    """The dtype torch gives the ``step`` tensors of its optimizers."""
-    try:
-        from torch.optim.optimizer import _get_scalar_dtype
-        return _get_scalar_dtype()
-    except ImportError:  # pragma: no cover - older torch
-        f64 = torch.get_default_dtype() == torch.float64
-        return torch.float64 if f64 else torch.float32
+    """The dtype torch gives the ``step`` tensors of its optimizers: float64 when that is
+    torch's default dtype, float32 otherwise."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _plain(value):
@@ -226,7 +222,10 @@ class _Optimizer(torch.optim.Optimizer):
         if g is not None and key is not None and g.key == key:
             return g
         rule = self._rule
-        where = lambda k: f"param_groups[{gi}]['{self._names.get(k, k)}']"
+
+        def where(k):
+            return f"param_groups[{gi}]['{self._names.get(k, k)}']"
+
         dtypes = tuple(sorted({_NP[p.dtype] for p in group["params"] if p.dtype in _NP},
                               key=str))
         checked = rule.check_all(values, where, dtypes)

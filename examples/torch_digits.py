@@ -10,23 +10,21 @@ rounding (torch's non-fused path takes MKL's square root).
 """
 import argparse
 import copy
-import os
 
 import numpy as np
 import torch
 from torch import nn
 
 import ch8fast.torch as ct
+from ch8fast.apps.demo import load_dataset
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ch8fast", "data",
-                    "digits.npz")
 
 
 def load_digits():
     """The 1,797 8x8 digits as float32 images in [0, 1], split 1,437 / 360."""
-    d = np.load(DATA)
-    x = torch.from_numpy(d["X"].astype(np.float32).reshape(-1, 1, 8, 8) / 16.0)
-    y = torch.from_numpy(d["y"].astype(np.int64))
+    X, y, _, _ = load_dataset()            # the digits embedded in ch8fast.apps
+    x = torch.from_numpy(X.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0)
+    y = torch.from_numpy(y.astype(np.int64))
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return (x[:1437], y[:1437]), (x[1437:], y[1437:])

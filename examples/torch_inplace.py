@@ -38,7 +38,7 @@ def train(model, x, y, step_fn, steps=300, batch=64):
 
 
 def main():
-    torch.set_num_threads(1)                  # a tiny model: threads cost more than they give
+    torch.set_num_threads(1)          # a tiny model: threads cost more than they give
     torch.manual_seed(0)
     x, y = make_data()
     model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(),

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import _mpi
+import ch8fast
 from _mpi import HAVE_MPI4PY, ROOT, check, needs_mpi
 from ch8fast.distributed import shard_bounds, split_batch
 
@@ -93,7 +94,7 @@ def test_split_batch_covers_the_batch_in_order():
 
 
 def test_import_ch8fast_does_not_import_mpi4py():
-    code = ("import sys, ch8fast, ch8fast.distributed, ch8fast.demo; "
+    code = ("import sys, ch8fast, ch8fast.distributed, ch8fast.apps.demo; "
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
@@ -152,6 +153,38 @@ def test_sharded_state_memory_is_total_over_ranks(world, capsys):
                     f"{zero['state_bytes_per_rank']} bytes per rank")
     with capsys.disabled():
         print(f"\nstate memory per rank, {world} ranks:\n  " + "\n  ".join(rows))
+
+
+@needs_mpi
+@pytest.mark.parametrize("world", [2, 3])
+def test_compressed_state_shards_as_one_process_stores_it(world):
+    """bfloat16 and 8-bit state with data parallelism: every unsharded step equals one
+    process stepping with the averaged gradient, bit for bit, and sharded state equals
+    unsharded (8-bit slices start on a block of 256 elements; each shard draws the random
+    bits of stochastic rounding by its offset in the buffer)."""
+    proc, results = mpirun(world, "storage", timeout=180)
+    check(proc)
+    assert len(results) == 10
+    for r in results:
+        assert r["dp_bitwise_eq_one_process"], r["case"]
+        assert r["zero_bitwise_eq_dp"], r["case"]
+        if world == 2:             # a reduce-scatter of 3 adds in another order
+            assert r["zero_rs_bitwise_eq_dp"], r["case"]
+        for v in ("dp", "zero", "zero_rs"):
+            assert r[v]["in_sync"] and r[v]["moved"], (r["case"], v)
+        bounds = r["zero"]["bounds"]
+        if r["case"].endswith("_q8"):
+            assert all(b % 256 == 0 for b in bounds[:-1]), bounds
+            assert any(k.endswith(".absmax") for k in r["zero"]["state_keys"])
+        assert sum(r["zero"]["state_bytes_per_rank"]) <= r["dp"]["state_bytes_per_rank"][0]
+
+
+@needs_mpi
+def test_element_offset_is_left_to_data_parallel():
+    from ch8fast.distributed import DataParallel
+    arena = ch8fast.FlatParams({"w": (10,)}, np.float32)
+    with pytest.raises(ValueError, match="element_offset is DataParallel's to set"):
+        DataParallel(arena, ch8fast.Adam, lr=0.1, element_offset=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,8 +378,8 @@ def test_killed_saves_leave_no_temporary_files(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     fake = {
-        "other_host_old": f".shard-00ff-00000-of-00002.npz.tmp-otherhost-123-abc",
-        "other_host_new": f".shard-00fe-00000-of-00002.npz.tmp-otherhost-123-abd",
+        "other_host_old": ".shard-00ff-00000-of-00002.npz.tmp-otherhost-123-abc",
+        "other_host_new": ".shard-00fe-00000-of-00002.npz.tmp-otherhost-123-abd",
         "live_writer": f".shard-00fd-00001-of-00002.npz.tmp-{host}-{os.getpid()}-abe",
         "manifest_dead": f".manifest.json.tmp-{host}-{dead.pid}-abf",
         "unrelated_dead": f".notes.txt.tmp-{host}-{dead.pid}-abg",
@@ -390,7 +423,7 @@ def test_failing_rank_aborts_the_job_quickly():
 
 @needs_mpi
 def test_demo_distributed_matches_the_single_process_demo(tmp_path):
-    from ch8fast.demo import run_demo
+    from ch8fast.apps.demo import run_demo
     args = ["--epochs", "2", "--optimizers", "nesterov,adam", "--no-plot", "--quiet"]
     out = tmp_path / "dist"
     proc, _ = mpirun(2, "ch8fast", "demo", "--distributed", "--shard-state", *args,
@@ -412,7 +445,7 @@ def test_demo_distributed_matches_the_single_process_demo(tmp_path):
 
 
 def test_demo_shard_state_needs_distributed(capsys):
-    from ch8fast.__main__ import main
+    from ch8fast.apps.cli import main
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--shard-state", "--epochs", "1"])
     assert exc.value.code == 2
@@ -420,7 +453,7 @@ def test_demo_shard_state_needs_distributed(capsys):
 
 
 def test_demo_help_lists_distributed(capsys):
-    from ch8fast.__main__ import main
+    from ch8fast.apps.cli import main
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out

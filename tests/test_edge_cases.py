@@ -1,5 +1,5 @@
 """Numerical edge cases and the behaviour ch8fast promises for each (see
-the README, "Numerical edge cases"): non-finite gradients with and without ``skip_nonfinite``,
+docs/checkpoints.rst, "Numerical edge cases"): non-finite gradients with and without ``skip_nonfinite``,
 squares that overflow float32, denormals, lr = 0, the smallest eps, 0-size and 0-d
 parameters."""
 

@@ -37,12 +37,3 @@ def test_torch_digits_example_reaches_torch_accuracy():
     ours, theirs, diff = float(m.group(1)), float(m.group(2).rstrip(";")), float(m.group(3))
     assert ours == theirs and diff == 0.0
     assert ours > 0.9
-
-
-def test_torch_docs_page_examples_run():
-    """The examples of docs/torch.rst run and print what the page shows."""
-    pytest.importorskip("torch")
-    import doctest
-    result = doctest.testfile(os.path.join(ROOT, "docs", "torch.rst"), module_relative=False,
-                              optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 10 and result.failed == 0

@@ -61,10 +61,14 @@ def test_flat_norm_and_clipping():
     np.testing.assert_allclose(ch8fast.global_norm(arena.grads), norm / 2, rtol=1e-14)
 
 
-@pytest.mark.parametrize("bad,exc", [({"a": (-1,)}, ValueError), ({}, ValueError),
-                                     ({"a": (2.5,)}, ValueError), (5, TypeError)])
-def test_bad_arena(bad, exc):
-    with pytest.raises(exc):
+@pytest.mark.parametrize("bad,exc,match", [
+    ({"a": (-1,)}, ValueError, r"shapes\['a'\] must be non-negative integers, got \(-1,\)"),
+    ({}, ValueError, "shapes must hold at least one shape, got none"),
+    ({"a": (2.5,)}, ValueError, r"shapes\['a'\] must be"),
+    ({1: (2,)}, TypeError, "shapes' names must be strings, got 1"),
+    (5, TypeError, "shapes must be a dict name -> shape or a sequence of shapes, got int")])
+def test_bad_arena(bad, exc, match):
+    with pytest.raises(exc, match=match):
         ch8fast.FlatParams(bad)
     with pytest.raises(TypeError, match="dtype"):
         ch8fast.FlatParams({"a": 3}, dtype=np.int32)

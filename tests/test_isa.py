@@ -93,7 +93,8 @@ def test_wide_modules_inline_fused_multiply_adds():
         asm = _disassembly(isa)
         packed = re.findall(r"\svfn?m(?:add|sub)\d+p[sd]\s", asm)
         assert len(packed) > 50, isa
-        assert not [l for l in asm.splitlines() if "call" in l and "<fma" in l], isa
+        assert not [line for line in asm.splitlines()
+                    if "call" in line and "<fma" in line], isa
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
@@ -103,7 +104,7 @@ def test_adam_loop_uses_packed_square_roots():
     for isa in _isa.available():
         asm = _disassembly(isa)
         assert "sqrtps" in asm and "sqrtpd" in asm, isa
-        assert "call" not in "".join(l for l in asm.splitlines() if "<sqrt" in l), isa
+        assert "call" not in "".join(ln for ln in asm.splitlines() if "<sqrt" in ln), isa
         if isa == "avx512":
             assert "zmm" in asm
 

@@ -300,7 +300,7 @@ def test_robbins_monro_numeric_for_plain_callables(f, div, conv):
 
 
 def test_robbins_monro_rejects_negative_terms():
-    with pytest.raises(ValueError, match="finite and >= 0"):
+    with pytest.raises(ValueError, match=r"schedule\(0\) must be a finite step size >= 0"):
         robbins_monro(lambda k: -1.0)
 
 
@@ -432,3 +432,36 @@ def test_schedules_are_pure():
     backward = [s(k) for k in reversed(range(200))][::-1]
     assert forward == backward
     assert isinstance(Constant(1.0), Schedule)
+
+
+def test_a_for_loop_over_minibatches_is_one_epoch():
+    """The default is one epoch per loop (it used to never end without epochs=)."""
+    sampler = minibatches(10, 4, rng=0)
+    first = [b.copy() for b in sampler]
+    assert [len(b) for b in first] == [4, 4, 2]
+    assert np.array_equal(np.sort(np.concatenate(first)), np.arange(10))
+    second = [b.copy() for b in sampler]                 # the next epoch, reshuffled
+    assert [len(b) for b in second] == [4, 4, 2]
+    assert np.array_equal(np.sort(np.concatenate(second)), np.arange(10))
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+    assert sampler.epoch == 2 and sampler.step == 6
+    # the same stream as next(): a loop is a view of the sampler's stream
+    stream = _take(minibatches(10, 4, rng=0), 6)
+    assert all(np.array_equal(x, y) for x, y in zip(first + second, stream))
+
+
+def test_a_loop_after_a_break_finishes_the_epoch_and_epochs_none_never_ends():
+    sampler = minibatches(10, 4, rng=0, drop_last=True)
+    for idx in sampler:
+        break
+    assert [len(b) for b in sampler] == [4]          # the rest of the epoch (2 dropped)
+    assert [len(b) for b in sampler] == [4, 4]       # a whole epoch
+    endless = minibatches(10, 4, rng=0, epochs=None)
+    n = 0
+    for _ in endless:
+        n += 1
+        if n == 50:
+            break
+    assert endless.step == 50 and endless.epoch == 17
+    three = minibatches(10, 4, rng=0, epochs=3)
+    assert len(list(three)) == 9 and len(list(three)) == 9

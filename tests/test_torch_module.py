@@ -189,7 +189,10 @@ def test_lr_schedulers_and_group_edits_take_effect():
         for a, b in zip(ours, theirs):
             grad = torch.randn(a.shape, generator=g)
             a.grad, b.grad = grad.clone(), grad.clone()
-        o1.step(); o2.step(); s1.step(); s2.step()
+        o1.step()
+        o2.step()
+        s1.step()
+        s2.step()
         if k == 10:
             for o in (o1, o2):
                 o.param_groups[0]["weight_decay"] = 0.1
@@ -222,7 +225,8 @@ def test_param_groups_add_param_group_and_none_grads():
             else:
                 grad = torch.randn(a.shape, generator=g)
                 a.grad, b.grad = grad.clone(), grad.clone()
-        o1.step(); o2.step()
+        o1.step()
+        o2.step()
     _assert_same(ours + [e1], theirs + [e2], o1, o2, True, torch.float32)
     steps = [float(o1.state[p]["step"]) for p in ours + [e1]]
     assert steps == [float(o2.state[p]["step"]) for p in theirs + [e2]]
@@ -320,7 +324,8 @@ def test_non_contiguous_gradient_is_read():
     o1, o2 = ct.Adam([p], lr=0.1, fused=True), torch.optim.Adam([q], lr=0.1, fused=True)
     g = torch.arange(12.0).reshape(4, 3).t()
     p.grad, q.grad = g, g.contiguous()
-    o1.step(); o2.step()
+    o1.step()
+    o2.step()
     assert torch.equal(p.detach(), q.detach())
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from ch8fast.__main__ import main
-from ch8fast.tour import canyon, drag, fit_slope, init_scales, terminal_speed
+from ch8fast.apps.cli import main
+from ch8fast.apps.tour import canyon, drag, fit_slope, init_scales, terminal_speed
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -197,7 +197,8 @@ def _read_pieces(dp, path, m):
                              f"other shards'")
         if a >= b:
             continue
-        saved_names = sorted(k[len("state.0."):] for k in arrays if k.startswith("state.0."))
+        saved_names = sorted(k[len("state.0."):] for k in arrays
+                             if k.startswith("state.0."))
         if saved_names != sorted(names):
             raise ValueError(f"{fname}: holds state {saved_names}, the optimizer keeps "
                              f"{sorted(names)}")

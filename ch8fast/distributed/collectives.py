@@ -7,7 +7,7 @@ process wakes every ``min(1 s, timeout / 10)`` and, when a collective has outlas
 deadline, prints on stderr which rank waited, in which operation and at which step, and
 ends the job with ``MPI_Abort``. The blocking calls stay as fast as they are (mpi4py
 releases the GIL while MPI waits); non-blocking collectives polled with ``Test`` were
-measured slower (bench/bench_distributed.py prints both).
+measured slower (benchmarks/bench_distributed.py prints both).
 
 Failing ranks. A rank that raises while the others wait in a collective would leave them
 waiting: :func:`abort_on_error` (a block) and :func:`install_excepthook` (the whole

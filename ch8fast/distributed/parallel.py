@@ -29,9 +29,10 @@ import secrets
 
 import numpy as np
 
-from .. import _isa
+from .. import _isa, storage
 from .._validation import count, flag, positive
 from ..clip import global_norm
+from ..flat import ALIGN_BYTES
 from ..optim import Optimizer, encode_hyperparameter
 from . import checkpoints
 from .collectives import (DEFAULT_TIMEOUT, Collectives, get_comm, install_excepthook, mpi,
@@ -59,7 +60,8 @@ def default_num_threads(ranks_here, cores=None, affinity=None):
 def _describe_hyperparameter(name, value):
     if callable(value) and not hasattr(value, "to_dict"):
         raise TypeError(
-            f"{name} is a plain callable ({getattr(value, '__qualname__', type(value).__name__)}"
+            f"{name} is a plain callable "
+            f"({getattr(value, '__qualname__', type(value).__name__)}"
             f"): DataParallel cannot check that every rank has the same one, and a "
             f"checkpoint cannot save it; use a ch8fast.schedules schedule (compared by "
             f"content)")
@@ -102,9 +104,12 @@ class DataParallel:
             allgather of four integers per step).
         **opt_kwargs: the optimizer's hyperparameters (``lr=...``; schedules from
             ``ch8fast.schedules``, compared across ranks by content; plain callables are
-            refused) and ``clip_norm``, ``clip_value``, ``skip_nonfinite``. The norm for
-            ``clip_norm`` and ``skip_nonfinite`` is that of the averaged gradient over the
-            whole buffer, the same on every rank.
+            refused) and ``clip_norm``, ``clip_value``, ``skip_nonfinite``,
+            ``state_format`` and ``seed`` (with ``state_format="q8"`` the slices start on
+            a block of 256 elements, and each slice's stochastic rounding draws the bits
+            of its place in the buffer: sharded state gives the bits of unsharded). The
+            norm for ``clip_norm`` and ``skip_nonfinite`` is that of the averaged gradient
+            over the whole buffer, the same on every rank.
 
     Every rank must make the same calls in the same order (they are collective):
     ``step``, ``check_in_sync``, ``memory_report``, ``save``, ``load``, ``at_theta``.
@@ -153,7 +158,8 @@ class DataParallel:
         differ = [k for k in mine if any(other[k] != mine[k] for _, other, _ in everyone)]
         if differ:
             raise ValueError("DataParallel: the ranks disagree on " + "; ".join(
-                f"{k} ({', '.join(f'rank {r}: {other[k]!r}' for r, (_, other, _) in enumerate(everyone))})"
+                f"{k} (" + ", ".join(f"rank {r}: {other[k]!r}"
+                                     for r, (_, other, _) in enumerate(everyone)) + ")"
                 for k in differ))
         self._token = everyone[0][2]
         self._config = (None, None)
@@ -181,12 +187,15 @@ class DataParallel:
         flat, flat_grad = getattr(arena, "flat", None), getattr(arena, "flat_grad", None)
         for name, a in (("arena.flat", flat), ("arena.flat_grad", flat_grad)):
             if not isinstance(a, np.ndarray):
-                raise TypeError(f"{name} must be a numpy.ndarray (pass a ch8fast.FlatParams)"
-                                f", got {type(a).__name__}")
+                raise TypeError(f"{name} must be a numpy.ndarray (pass a "
+                                f"ch8fast.FlatParams), got {type(a).__name__}")
             if a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
                 raise ValueError(f"{name} must be 1-D, C-contiguous and writeable")
             if a.dtype not in (np.float32, np.float64):
-                raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+                raise TypeError(f"{name} must be float32 or float64, got {a.dtype} "
+                                f"(16-bit parameters are not data-parallel yet; a float32 "
+                                f"arena with state_format='bfloat16' or 'q8' compresses "
+                                f"the state)")
         if flat.shape != flat_grad.shape or flat.dtype != flat_grad.dtype:
             raise ValueError(f"arena.flat ({flat.size} {flat.dtype}) and arena.flat_grad "
                              f"({flat_grad.size} {flat_grad.dtype}) must match")
@@ -214,7 +223,16 @@ class DataParallel:
 
         self.arena, self.flat, self.flat_grad = arena, flat, flat_grad
         self.shard_state, self.grad_sync = shard_state, grad_sync
-        self.bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize)
+        if "element_offset" in opt_kwargs:
+            raise ValueError("element_offset is DataParallel's to set (each rank's slice "
+                             "starts at its offset in the buffer, so that stochastic "
+                             "rounding draws the bits of one process); leave it out")
+        # 8-bit state has a scale per block of storage.BLOCK elements: slices that start
+        # on a block give every rank the blocks one process has (the same bits)
+        align = ALIGN_BYTES
+        if opt_kwargs.get("state_format") == "q8":
+            align = max(ALIGN_BYTES, storage.BLOCK * flat.dtype.itemsize)
+        self.bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize, align)
         self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
         self._mpi_type = self._MPI.FLOAT if flat.dtype == np.float32 else self._MPI.DOUBLE
         self._counts = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
@@ -226,6 +244,8 @@ class DataParallel:
                               else flat_grad[self.lo:self.hi])
         else:
             self.param_view, self.grad_view = flat, flat_grad
+        if self.shard_state:
+            opt_kwargs = dict(opt_kwargs, element_offset=self.lo)
         self.optimizer = opt = optimizer([self.param_view], **opt_kwargs)
         self._row = np.zeros(4, np.int64)
         # the step check's key of a group: its hyperparameters as objects
@@ -241,7 +261,8 @@ class DataParallel:
     @staticmethod
     def _options(opt):
         return {"clip_norm": opt.clip_norm, "clip_value": opt.clip_value,
-                "skip_nonfinite": opt.skip_nonfinite}
+                "skip_nonfinite": opt.skip_nonfinite, "state_format": opt.state_format,
+                "seed": opt.seed}
 
     @staticmethod
     def _hyperparameters(opt):
@@ -422,9 +443,9 @@ class DataParallel:
     @staticmethod
     def _uneven_calls(name, missing, world):
         given = [r for r in range(world) if r not in missing]
-        return (f"step(): rank(s) {missing} gave no {name}, rank(s) {given} did: every rank "
-                f"must call step() with the same arguments (give {name} on every rank or "
-                f"on none)")
+        return (f"step(): rank(s) {missing} gave no {name}, rank(s) {given} did: every "
+                f"rank must call step() with the same arguments (give {name} on every "
+                f"rank or on none)")
 
     def _out_of_step(self, rows):
         steps = _by_value([row[0] for row in rows])

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from ..flat import _ALIGN_BYTES
+from ..flat import ALIGN_BYTES
 
 __all__ = ["shard_bounds", "split_batch"]
 
 
-def shard_bounds(n, world, itemsize=4, align_bytes=_ALIGN_BYTES):
+def shard_bounds(n, world, itemsize=4, align_bytes=ALIGN_BYTES):
     """The ``world + 1`` boundaries that cut ``n`` elements into contiguous slices, one per
     rank: every boundary but the last is a multiple of ``align_bytes // itemsize``
     elements, and the slices differ by at most one aligned block (the first ranks get the

@@ -9,6 +9,7 @@
     mpirun -n P python tests/mpi/dp_worker.py single                # reduce_scatter, 1 rank
     mpirun -n 2 python tests/mpi/dp_worker.py threads               # threads per rank
     mpirun -n 2 python tests/mpi/dp_worker.py killsave DIR [kill]   # killed mid-save
+    mpirun -n P python tests/mpi/dp_worker.py storage               # bf16 and 8-bit state
 
 Each rank computes the gradient of its share of every minibatch; rank 0 also trains the
 same model on whole minibatches in one process (the reference), and every variant is
@@ -27,10 +28,10 @@ sys.path.insert(0, os.path.dirname(HERE))                      # tests/: conftes
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))     # the repository root
 
 import ch8fast                                                     # noqa: E402
-from ch8fast.demo import model_on_arena                            # noqa: E402
+from ch8fast.apps.demo import model_on_arena                            # noqa: E402
 from ch8fast.distributed import (DataParallel, abort_on_error, get_comm,  # noqa: E402
                                  split_batch)
-from ch8fast.mlp import MLP                                        # noqa: E402
+from ch8fast.apps.mlp import MLP                                        # noqa: E402
 from conftest import CONFIGS                                       # noqa: E402
 
 COMM = RANK = WORLD = None        # set in __main__: importing this file starts no MPI
@@ -340,6 +341,56 @@ def single():
     result(**out)
 
 
+STORAGE_SIZES = [6, 40, 20, 3]          # 1,163 parameters: blocks of 8-bit codes split
+STORAGE_CASES = [("adam", ch8fast.Adam, dict(lr=0.01)),
+                 ("adamw_amsgrad", ch8fast.AdamW, dict(lr=0.01, amsgrad=True)),
+                 ("momentum", ch8fast.SGD, dict(lr=0.05, momentum=0.9)),
+                 ("rmsprop", ch8fast.RMSProp, dict(lr=0.01)),
+                 ("adagrad", ch8fast.AdaGrad, dict(lr=0.05))]
+
+
+def storage_modes():
+    """Compressed state with data parallelism: unsharded, each step equals one process
+    stepping with the averaged gradient, bit for bit; sharded (8-bit blocks and random
+    words of stochastic rounding where one process has them) equals unsharded."""
+    X, y = data()
+    for fmt in ("bfloat16", "q8"):
+        for name, cls, hyper in STORAGE_CASES:
+            flats, out = {}, {"case": f"{name}_{fmt}", "world": WORLD}
+            for vname, kw in (("dp", {}), ("zero", dict(shard_state=True)),
+                              ("zero_rs", dict(shard_state=True,
+                                               grad_sync="reduce_scatter"))):
+                model = MLP(STORAGE_SIZES, dtype=np.float32, rng=3)
+                arena = model_on_arena(model)
+                dp = DataParallel(arena, cls, COMM, state_format=fmt, seed=5, **hyper, **kw)
+                start, ref, ref_opt = arena.flat.copy(), None, None
+                if vname == "dp":
+                    ref = arena.flat.copy()
+                    ref_opt = cls([ref], state_format=fmt, seed=5, **hyper)
+                same = True
+                for idx in batches(len(X), BATCHES):
+                    mine = split_batch(idx, RANK, WORLD)
+                    if len(mine):
+                        model.loss_and_grad(X[mine].astype(np.float32), y[mine])
+                    else:
+                        arena.flat_grad[...] = 0
+                    dp.step(len(mine), len(idx))
+                    if ref_opt is not None:     # the averaged gradient, one process
+                        ref_opt.step(dp.flat_grad.copy())
+                        same = same and ref.tobytes() == dp.flat.tobytes()
+                flats[vname] = dp.flat.copy()
+                out[vname] = {"in_sync": dp.check_in_sync(), "bounds": dp.bounds,
+                              "moved": dp.flat.tobytes() != start.tobytes(),
+                              "state_keys": sorted(dp.optimizer.state[0]),
+                              "state_bytes_per_rank": dp.memory_report()["per_rank"]}
+                if vname == "dp":
+                    out["dp_bitwise_eq_one_process"] = same
+            out["zero_bitwise_eq_dp"] = flats["zero"].tobytes() == flats["dp"].tobytes()
+            out["zero_rs_bitwise_eq_dp"] = (flats["zero_rs"].tobytes() ==
+                                            flats["dp"].tobytes())
+            result(**out)
+
+
 def threads():
     """The kernel threads each rank uses after DataParallel(), with and without an
     explicit setting (argv: 'default', 'set 2')."""
@@ -398,7 +449,8 @@ def fail():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust",
-                                     "agree", "single", "threads", "killsave"])
+                                     "agree", "single", "threads", "killsave",
+                                     "storage"])
     ap.add_argument("folder", nargs="?")
     ap.add_argument("more", nargs="*")
     ap.add_argument("--shard", action="store_true")
@@ -419,6 +471,8 @@ if __name__ == "__main__":
         agree(a.folder)
     elif a.what == "killsave":
         killsave(a.folder, a.more == ["kill"])
+    elif a.what == "storage":
+        storage_modes()
     elif a.what == "single":
         single()
     else:

@@ -1,0 +1,159 @@
+"""Plain NumPy implementations of every update rule, written from the book's equations.
+
+The oracle of the tests, which check every kernel against it, and a contender of the
+benchmark (``ch8fast bench``: the formulas as written, with NumPy temporaries). Nothing
+in the library imports it. Each rule is written as the book writes it (temporaries and
+all), in the parameters' dtype: hyperparameters are Python floats, which NumPy applies to
+float32 arrays in float32. A reference optimizer takes every hyperparameter of its rule
+(complete them with ``rule.defaults()`` of :mod:`ch8fast.rules`: it has no defaults of its
+own) and works on copies of the parameters.
+"""
+
+import numpy as np
+
+__all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "for_rule",
+           "nesterov_literal"]
+
+
+class Reference:
+    """A reference optimizer over copies of the parameters: ``step(grads)``."""
+
+    def __init__(self, params, **hyper):
+        self.params = [p.copy() for p in params]
+        self.h = hyper
+        self.state = [self.init_state(p) for p in self.params]
+        self.t = 0
+
+    def init_state(self, p):
+        return {}
+
+    def step(self, grads):
+        self.t += 1
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            self.params[i] = self.update(p, g.copy(), self.state[i])
+
+    def l2(self, p, g):
+        wd = self.h.get("weight_decay", 0.0)
+        return g + wd * p if wd else g
+
+
+class SGD(Reference):
+    """theta <- theta - eps g (Alg 8.1); with momentum: v <- alpha v - eps g (8.15),
+    theta <- theta + v (8.16). Nesterov in the shifted form of spec section 3:
+    phi' = phi - alpha v + (1 + alpha) v'."""
+
+    def init_state(self, p):
+        return {"velocity": np.zeros_like(p)} if self.h.get("momentum", 0) else {}
+
+    def update(self, p, g, st):
+        g = self.l2(p, g)
+        lr, alpha = self.h["lr"], self.h.get("momentum", 0.0)
+        if not alpha:
+            return p - lr * g
+        v = st["velocity"]
+        v_new = alpha * v - lr * g
+        st["velocity"] = v_new
+        if self.h.get("nesterov"):
+            return p - alpha * v + (1 + alpha) * v_new
+        return p + v_new
+
+
+class AdaGrad(Reference):
+    """r <- r + g*g; dtheta = -eps / (delta + sqrt(r)) * g (Alg 8.4)."""
+
+    def init_state(self, p):
+        return {"sum": np.full_like(p, self.h.get("initial_accumulator_value", 0.0))}
+
+    def update(self, p, g, st):
+        g = self.l2(p, g)
+        st["sum"] = st["sum"] + g * g
+        return p + (-self.h["lr"] / (self.h["eps"] + np.sqrt(st["sum"]))) * g
+
+
+class RMSProp(Reference):
+    """r <- rho r + (1 - rho) g*g; dtheta = -eps / sqrt(delta + r) * g (Alg 8.5).
+    With momentum: v <- alpha v - eps / sqrt(delta + r) * g; theta <- theta + v (Alg 8.6,
+    Nesterov in the shifted form)."""
+
+    def init_state(self, p):
+        st = {"square_avg": np.zeros_like(p)}
+        if self.h.get("momentum", 0):
+            st["velocity"] = np.zeros_like(p)
+        return st
+
+    def update(self, p, g, st):
+        g = self.l2(p, g)
+        lr, rho, eps = self.h["lr"], self.h["rho"], self.h["eps"]
+        st["square_avg"] = rho * st["square_avg"] + (1 - rho) * (g * g)
+        step = -lr / np.sqrt(eps + st["square_avg"]) * g
+        alpha = self.h.get("momentum", 0.0)
+        if not alpha:
+            return p + step
+        v = st["velocity"]
+        v_new = alpha * v + step
+        st["velocity"] = v_new
+        if self.h.get("nesterov"):
+            return p - alpha * v + (1 + alpha) * v_new
+        return p + v_new
+
+
+class Adam(Reference):
+    """Alg 8.7 with bias correction; AMSGrad uses max(r) so far; decoupled decay scales
+    theta by 1 - lr * wd first (AdamW)."""
+
+    def init_state(self, p):
+        st = {"exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+        if self.h.get("amsgrad"):
+            st["max_exp_avg_sq"] = np.zeros_like(p)
+        return st
+
+    def update(self, p, g, st):
+        lr, (b1, b2), eps = self.h["lr"], self.h["betas"], self.h["eps"]
+        wd, t = self.h.get("weight_decay", 0.0), self.t
+        if self.h.get("decoupled_weight_decay"):
+            p = p * (1 - lr * wd)
+        elif wd:
+            g = g + wd * p
+        st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * (g * g)
+        r = st["exp_avg_sq"]
+        if self.h.get("amsgrad"):
+            st["max_exp_avg_sq"] = np.maximum(st["max_exp_avg_sq"], r)
+            r = st["max_exp_avg_sq"]
+        s_hat = st["exp_avg"] / (1 - b1 ** t)
+        r_hat = r / (1 - b2 ** t)
+        return p - lr * s_hat / (np.sqrt(r_hat) + eps)
+
+
+class AdaDelta(Reference):
+    """Zeiler 2012: E[g^2], the step -sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) * g, then
+    E[dx^2]; theta moves by lr times the step."""
+
+    def init_state(self, p):
+        return {"square_avg": np.zeros_like(p), "acc_delta": np.zeros_like(p)}
+
+    def update(self, p, g, st):
+        g = self.l2(p, g)
+        lr, rho, eps = self.h["lr"], self.h["rho"], self.h["eps"]
+        st["square_avg"] = rho * st["square_avg"] + (1 - rho) * (g * g)
+        d = np.sqrt(st["acc_delta"] + eps) / np.sqrt(st["square_avg"] + eps) * g
+        st["acc_delta"] = rho * st["acc_delta"] + (1 - rho) * (d * d)
+        return p - lr * d
+
+
+def nesterov_literal(theta, grad_at, lr, alpha, steps):
+    """The book's Algorithm 8.3 verbatim: gradient at theta + alpha v."""
+    theta = theta.copy()
+    v = np.zeros_like(theta)
+    for _ in range(steps):
+        g = grad_at(theta + alpha * v)
+        v = alpha * v - lr * g
+        theta = theta + v
+    return theta
+
+
+def for_rule(rule):
+    """The reference class of a :class:`ch8fast.rules.Rule` (AdamW's is :class:`Adam`,
+    with ``decoupled_weight_decay=True`` among the rule's defaults)."""
+    return {"SGD": SGD, "AdaGrad": AdaGrad, "RMSProp": RMSProp, "Adam": Adam,
+            "AdamW": Adam, "AdaDelta": AdaDelta}[rule.name]

@@ -1,0 +1,824 @@
+"""``ch8fast tour``: the claims of chapter 8.3-8.5, measured with ch8fast's optimizers.
+
+Six experiments, each a function that returns its numbers (and the data of its figure):
+
+1. :func:`canyon`: momentum crosses an ill-conditioned quadratic; gradient descent zig-zags.
+2. :func:`rates`: excess error against k, with fitted log-log slopes: SGD on a convex and
+   on a strongly convex problem; gradient descent against Nesterov on a smooth convex one.
+3. :func:`terminal_speed` and :func:`drag`: the step size of momentum under a constant
+   gradient, and the physical argument for viscous drag.
+4. :func:`adagrad_vs_rmsprop`: AdaGrad's effective rate decays too early on a
+   non-convex problem; RMSProp's does not.
+5. :func:`init_scales`: activation scale per layer of a deep ReLU network under each
+   initializer, and after calibration on one minibatch.
+6. :func:`lr_choice`: the learning-rate chooser's trials and its pick.
+
+:func:`run_tour` runs them all and writes ``tour.md``, ``tour.json`` and the figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["canyon", "rates", "terminal_speed", "drag", "adagrad_vs_rmsprop",
+           "init_scales", "lr_choice", "fit_slope", "run_tour", "add_arguments", "main"]
+
+
+def fit_slope(k, err, lo, hi):
+    """Least-squares slope of log(err) against log(k) over lo <= k <= hi."""
+    k, err = np.asarray(k, float), np.asarray(err, float)
+    m = (k >= lo) & (k <= hi) & (err > 0)
+    if m.sum() < 3:
+        raise ValueError(f"need at least 3 points in [{lo}, {hi}] to fit a slope")
+    return float(np.polyfit(np.log(k[m]), np.log(err[m]), 1)[0])
+
+
+def _checkpoints(kmax, n=60):
+    return np.unique(np.geomspace(1, kmax, n).astype(int))
+
+
+# ---------------------------------------------------------------------------------------
+# 1. The canyon (8.3.2, Figure 8.5)
+# ---------------------------------------------------------------------------------------
+
+def canyon(kappa=100.0, angle_deg=30.0, tol=1e-6, max_steps=2000):
+    r"""Gradient descent, momentum and Nesterov momentum on the quadratic
+    :math:`J(\theta) = \frac12 \theta^\top H \theta`, whose Hessian has eigenvalues 1 (along
+    the canyon) and ``kappa`` (across it), rotated by ``angle_deg``.
+
+    Gradient descent uses the rate 1.9/kappa, just below its stability limit 2/kappa (near
+    its best for this problem); momentum and Nesterov use the book's alpha = 0.9 with
+    lr = 1/kappa. Reports the steps each needs to bring J below ``tol`` times its initial
+    value, and how often the cross-canyon coordinate changes sign in the first 50 steps.
+    """
+    import ch8fast
+    a = math.radians(angle_deg)
+    R = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    H = R @ np.diag([1.0, kappa]) @ R.T
+    start = R @ np.array([-10.0, 1.0])            # far along the canyon, off its floor
+    J = lambda th: 0.5 * th @ H @ th              # noqa: E731
+    runs = {
+        "gradient descent": dict(cls=ch8fast.SGD, lr=1.9 / kappa),
+        "momentum": dict(cls=ch8fast.SGD, lr=1.0 / kappa, momentum=0.9),
+        "Nesterov": dict(cls=ch8fast.SGD, lr=1.0 / kappa, momentum=0.9, nesterov=True),
+    }
+    out = {"kappa": kappa, "tol": tol, "runs": {}}
+    j0 = J(start)
+    for name, kw in runs.items():
+        cls = kw.pop("cls")
+        th = start.copy()
+        g = np.empty(2)
+        opt = cls([th], **kw)
+        path, steps = [start.copy()], None
+        for k in range(1, max_steps + 1):
+            np.matmul(H, th, out=g)
+            opt.step([g])
+            theta = opt.theta()[0]
+            path.append(theta)
+            if steps is None and J(theta) <= tol * j0:
+                steps = k
+                if k >= 80:
+                    break
+        path = np.array(path)
+        across = (path @ R)[:, 1]                 # coordinate across the canyon
+        flips = int(np.sum(np.sign(across[1:51]) != np.sign(across[:50])))
+        out["runs"][name] = {"lr": kw["lr"], "momentum": kw.get("momentum", 0.0),
+                             "steps_to_tol": steps, "sign_changes_50": flips,
+                             "path": path}
+    out["H"] = H
+    gd, mom = out["runs"]["gradient descent"], out["runs"]["momentum"]
+    out["speedup"] = (gd["steps_to_tol"] / mom["steps_to_tol"]
+                      if gd["steps_to_tol"] and mom["steps_to_tol"] else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Rates of convergence (8.3.1, 8.3.3)
+# ---------------------------------------------------------------------------------------
+
+def _sgd_abs(rng, n_runs, kmax, c=0.1):
+    r"""SGD on the convex, not strongly convex J(theta) = |theta| with subgradient noise
+    N(0, 1), eps_k = c / sqrt(k); ``n_runs`` independent runs side by side in one array."""
+    import ch8fast
+    th = np.ones(n_runs)
+    g = np.empty(n_runs)
+    opt = ch8fast.SGD([th], lr=lambda s: c / math.sqrt(s + 1.0))
+    ks = _checkpoints(kmax)
+    err, j = [], 0
+    for k in range(1, kmax + 1):
+        np.sign(th, out=g)
+        g += rng.standard_normal(n_runs)
+        opt.step([g])
+        if k == ks[j]:
+            err.append(float(np.abs(th).mean()))
+            j += 1
+    return ks, np.array(err)
+
+
+def _sgd_strong(rng, n_runs, kmax, lam=1.0):
+    r"""SGD on the strongly convex J(theta) = lam theta^2 / 2 with gradient noise N(0, 1),
+    eps_k = 1 / (lam (k + 1)) (ch8fast.schedules.inverse_time)."""
+    import ch8fast
+    from ch8fast.schedules import inverse_time
+    th = np.ones(n_runs)
+    g = np.empty(n_runs)
+    opt = ch8fast.SGD([th], lr=inverse_time(0.5 / lam, 2.0))    # 1 / (lam (2 + step))
+    ks = _checkpoints(kmax)
+    err, j = [], 0
+    for k in range(1, kmax + 1):
+        np.multiply(th, lam, out=g)
+        g += rng.standard_normal(n_runs)
+        opt.step([g])
+        if k == ks[j]:
+            err.append(float(0.5 * lam * np.mean(th * th)))
+            j += 1
+    return ks, np.array(err)
+
+
+def _batch_quadratic(kmax, nesterov, n=2000, lam_min=1e-9):
+    r"""Batch gradient descent (lr = 1/L) or Nesterov momentum with the convex-case schedule
+    alpha_k = (k - 1)/(k + 2) on J(x) = sum_i lam_i x_i^2 / 2, lam_i log-uniform in
+    [lam_min, 1], x_0 = 1: every scale of curvature carries the same share of the initial
+    error, so the slowest modes keep the error from falling faster than the worst-case
+    rates over the horizon."""
+    import ch8fast
+    lam = np.geomspace(lam_min, 1.0, n)
+    x = np.ones(n)
+    g = np.empty(n)
+    if nesterov:
+        opt = ch8fast.SGD([x], lr=1.0, momentum=lambda s: s / (s + 3.0), nesterov=True)
+    else:
+        opt = ch8fast.SGD([x], lr=1.0)
+    ks = _checkpoints(kmax)
+    err, j = [], 0
+    for k in range(1, kmax + 1):
+        np.multiply(lam, x, out=g)
+        opt.step([g])
+        if k == ks[j]:
+            th = opt.theta()[0]                # Nesterov: theta, not the interim point
+            err.append(float(0.5 * np.sum(lam * th * th) / n))
+            j += 1
+    return ks, np.array(err)
+
+
+def rates(seed=0, quick=False):
+    """Excess error against k for the four cases, and the fitted log-log slopes."""
+    rng = np.random.default_rng(seed)
+    n_runs, k_sgd, k_batch = (1000, 2000, 1000) if quick else (4000, 10000, 2000)
+    cases = {}
+    ks, e = _sgd_abs(rng, n_runs, k_sgd)
+    cases["sgd_convex"] = dict(k=ks, err=e, fit=(100, k_sgd), book=-0.5,
+                               label="SGD, convex |θ|, ε_k = 0.1/√k",
+                               book_text="O(1/√k)")
+    ks, e = _sgd_strong(rng, n_runs, k_sgd)
+    cases["sgd_strongly_convex"] = dict(k=ks, err=e, fit=(100, k_sgd), book=-1.0,
+                                        label="SGD, strongly convex θ²/2, ε_k = 1/(k+1)",
+                                        book_text="O(1/k)")
+    ks, e = _batch_quadratic(k_batch, nesterov=False)
+    cases["gd_smooth_convex"] = dict(k=ks, err=e, fit=(50, k_batch), book=-1.0,
+                                     label="batch GD, smooth convex quadratic",
+                                     book_text="O(1/k)")
+    ks, e = _batch_quadratic(k_batch, nesterov=True)
+    cases["nesterov_smooth_convex"] = dict(k=ks, err=e, fit=(50, k_batch), book=-2.0,
+                                           label="Nesterov, same quadratic",
+                                           book_text="O(1/k²)")
+    for c in cases.values():
+        c["slope"] = fit_slope(c["k"], c["err"], *c["fit"])
+    return {"n_runs": n_runs, "cases": cases}
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Momentum as a particle (8.3.2)
+# ---------------------------------------------------------------------------------------
+
+def terminal_speed(alphas=(0.5, 0.9, 0.99), lr=0.01, steps=3000):
+    """Momentum under a constant gradient g (norm 1): the step length approaches the
+    terminal size lr * |g| / (1 - alpha) (the book: alpha = 0.9 multiplies the speed by
+    10)."""
+    import ch8fast
+    g = np.array([0.6, 0.8])                  # |g| = 1
+    out = {}
+    for a in alphas:
+        th = np.zeros(2)
+        opt = ch8fast.SGD([th], lr=lr, momentum=a)
+        speeds = []
+        prev = th.copy()
+        for _ in range(steps):
+            opt.step([g])
+            speeds.append(float(np.linalg.norm(th - prev)))
+            prev[...] = th
+        predicted = lr * 1.0 / (1.0 - a)
+        out[str(a)] = {"alpha": a, "predicted": predicted, "measured": speeds[-1],
+                       "ratio": speeds[-1] / predicted, "speeds": np.array(speeds)}
+    return out
+
+
+def drag(dt=0.1, t_end=60.0, x0=1.0, viscous=0.5, turbulent=0.5, dry=0.3):
+    r"""A unit-mass particle in the bowl J(x) = x^2/2 from rest at ``x0``, with drag.
+
+    One of three drag forces, integrated by semi-implicit Euler (v += dt F; x += dt v):
+
+    * viscous ``-c v``: the book's choice, and exactly momentum SGD with
+      alpha = 1 - c dt and lr = dt^2, which is checked by running ch8fast.SGD alongside;
+    * turbulent ``-c v |v|``: proportional to the square of the speed, too weak near rest;
+    * dry friction ``-mu sign(v)``: constant, holds the particle wherever |J'(x)| <= mu.
+
+    Returns each trajectory and its final position and speed.
+    """
+    import ch8fast
+    n = int(round(t_end / dt))
+    forces = {
+        "viscous": lambda x, v: -x - viscous * v,
+        "turbulent": lambda x, v: -x - turbulent * v * abs(v),
+    }
+    out = {}
+    for name, force in forces.items():
+        x, v = x0, 0.0
+        xs = [x]
+        for _ in range(n):
+            v += dt * force(x, v)
+            x += dt * v
+            xs.append(x)
+        out[name] = {"x": np.array(xs), "final_x": x, "final_v": v}
+    # dry (Coulomb) friction: kinetic friction opposes motion; when the velocity would
+    # reverse within a step the particle stops, and static friction holds it if it can.
+    x, v = x0, 0.0
+    xs = [x]
+    for _ in range(n):
+        if v == 0.0 and abs(x) <= dry:
+            xs.append(x)                          # held by static friction
+            continue
+        direction = math.copysign(1.0, v) if v != 0.0 else -math.copysign(1.0, x)
+        v_new = v + dt * (-x - dry * direction)
+        if v != 0.0 and v_new * v < 0.0:
+            v_new = 0.0                           # comes to rest within the step
+        v = v_new
+        x += dt * v
+        xs.append(x)
+    out["dry"] = {"x": np.array(xs), "final_x": x, "final_v": v}
+
+    # the viscous particle is momentum SGD: v_sgd = dt * v, alpha = 1 - c dt, lr = dt^2
+    th = np.array([x0])
+    g = np.empty(1)
+    opt = ch8fast.SGD([th], lr=dt * dt, momentum=1.0 - viscous * dt)
+    sgd = [x0]
+    for _ in range(n):
+        g[0] = th[0]
+        opt.step([g])
+        sgd.append(float(th[0]))
+    out["viscous"]["sgd_x"] = np.array(sgd)
+    out["viscous"]["max_diff_vs_sgd"] = float(
+        np.max(np.abs(np.array(sgd) - out["viscous"]["x"])))
+    tail = max(1, int(round(10.0 / dt)))          # the last 10 time units
+    for d in out.values():
+        d["amplitude_last"] = float(np.max(np.abs(d["x"][-tail:])))
+    out["params"] = {"dt": dt, "t_end": t_end, "x0": x0, "viscous": viscous,
+                     "turbulent": turbulent, "dry": dry}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 4. AdaGrad against RMSProp (8.5.1, 8.5.2)
+# ---------------------------------------------------------------------------------------
+
+def _rosenbrock(x, g):
+    a, b = x[0::2], x[1::2]
+    r = b - a * a
+    g[0::2] = -2.0 * (1.0 - a) - 400.0 * a * r
+    g[1::2] = 200.0 * r
+    return float(np.sum((1.0 - a) ** 2 + 100.0 * r * r))
+
+
+def adagrad_vs_rmsprop(steps=3000, start=(-1.5, 2.5)):
+    """Both optimizers on the non-convex Rosenbrock valley, each at the best of five
+    rates: the steep walls give large gradients at first, which AdaGrad accumulates for
+    good, so its effective rate eps / (delta + sqrt(r)) is small by the time it reaches the
+    long flat valley floor; RMSProp's moving average forgets them."""
+    import ch8fast
+    grids = {"AdaGrad": (ch8fast.AdaGrad, [0.01, 0.03, 0.1, 0.3, 1.0]),
+             "RMSProp": (ch8fast.RMSProp, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])}
+    out = {}
+    for name, (cls, lrs) in grids.items():
+        best = None
+        for lr in lrs:
+            x = np.array(start, dtype=np.float64)
+            g = np.empty_like(x)
+            opt = cls([x], lr=lr)
+            loss, eff = [], []
+            for _ in range(steps):
+                loss.append(_rosenbrock(x, g))
+                opt.step([g])
+                st = opt.state[0]
+                if name == "AdaGrad":
+                    e = lr / (1e-7 + np.sqrt(st["sum"]))
+                else:
+                    e = lr / np.sqrt(1e-6 + st["square_avg"])
+                eff.append(float(np.exp(np.mean(np.log(e)))))    # geometric mean
+            loss.append(_rosenbrock(x, g))
+            run = {"lr": lr, "final_loss": loss[-1], "loss": np.array(loss),
+                   "effective_lr": np.array(eff)}
+            if best is None or run["final_loss"] < best["final_loss"]:
+                best = run
+            out.setdefault("grid", {}).setdefault(name, {})[lr] = loss[-1]
+        best["eff_lr_at_100"] = float(best["effective_lr"][99])
+        best["eff_lr_final"] = float(best["effective_lr"][-1])
+        out[name] = best
+    out["steps"] = steps
+    out["start"] = list(start)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Initialization scale (8.4)
+# ---------------------------------------------------------------------------------------
+
+def init_scales(depth=20, width=128, batch=256, seed=0):
+    """Std of the pre-activations of each layer of a deep ReLU network (no biases) at
+    initialization, on a batch of standard normal inputs, under each initializer; and
+    after ``ch8fast.init.calibrate`` on one minibatch (from fan_in_uniform), measured on
+    that minibatch and on a fresh one."""
+    from ch8fast import init
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, width))
+    x_fresh = rng.standard_normal((batch, width))
+    relu = init.gain("relu")
+    makers = {
+        "fan_in_uniform": lambda w, r: init.fan_in_uniform(w, r),
+        "glorot_uniform": lambda w, r: init.glorot_uniform(w, r),
+        "he_normal": lambda w, r: init.he_normal(w, r),
+        "orthogonal (gain √2)": lambda w, r: init.orthogonal(w, r, gain=relu),
+        "random_walk": lambda w, r: init.random_walk(w, r, nonlinearity="relu"),
+        "sparse (k=15)": lambda w, r: init.sparse(w, r, k=15),
+    }
+
+    def forward(weights, xb):
+        outs, h = [], xb
+        for w in weights:
+            z = h @ w
+            outs.append(z)
+            h = np.maximum(z, 0.0)
+        return outs
+
+    out = {}
+    for name, make in makers.items():
+        r = np.random.default_rng(seed + 1)
+        ws = [make(np.empty((width, width)), r) for _ in range(depth)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[name] = np.array([float(np.std(z)) for z in forward(ws, x)])
+    r = np.random.default_rng(seed + 1)
+    ws = [init.fan_in_uniform(np.empty((width, width)), r) for _ in range(depth)]
+    report = init.calibrate(ws, lambda xb: forward(ws, xb), x, target_std=1.0)
+    out["calibrated"] = report.std_after
+    fresh = np.array([float(np.std(z)) for z in forward(ws, x_fresh)])
+    return {"depth": depth, "width": width, "batch": batch, "stds": out,
+            "calibrated_fresh": fresh, "calibration": report}
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Choosing the learning rate (8.3.1)
+# ---------------------------------------------------------------------------------------
+
+def lr_choice(seed=0, quick=False):
+    """``ch8fast.choose_lr`` for SGD on the demo's MLP and digits: the short trials and the
+    pick, checked by a longer run at the recommended and at the best short-trial rate."""
+    from ch8fast.apps.demo import load_dataset, split_standardize
+    from ch8fast.lr_finder import choose_lr, default_lr_grid
+    from ch8fast.apps.mlp import MLP
+    from ch8fast.schedules import minibatches
+    import ch8fast
+    X, y, classes, _ = load_dataset(None)
+    Xt, yt, Xv, yv = split_standardize(X, y, seed)
+    model = MLP([X.shape[1], 64, 64, len(classes)], rng=seed)
+    theta0 = [p.copy() for p in model.params]
+    iters = 50 if quick else 100
+    sampler = minibatches(len(Xt), 32, rng=seed + 2)
+
+    def loss_and_grad(params):
+        idx = next(sampler)
+        return model.loss_and_grad(Xt[idx], yt[idx]), model.grads
+
+    res = choose_lr(model.params, loss_and_grad, lrs=default_lr_grid(1e-4, 3.0, 3),
+                    iters=iters)
+    longer = {}
+    n_long = 5 * iters
+    for which, lr in (("recommended", res.recommended), ("best short trial",
+                                                          res.best_short_trial)):
+        for p, p0 in zip(model.params, theta0):
+            np.copyto(p, p0)
+        opt = ch8fast.SGD(model.params, lr=lr)
+        s = minibatches(len(Xt), 32, rng=seed + 5)
+        for _ in range(n_long):
+            idx = next(s)
+            model.loss_and_grad(Xt[idx], yt[idx])
+            opt.step(model.grads)
+        longer[which] = {"lr": lr, "train_loss": model.evaluate(Xt, yt)[0]}
+    for p, p0 in zip(model.params, theta0):
+        np.copyto(p, p0)
+    return {"result": res, "iters": iters, "long_iters": n_long, "longer": longer}
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+
+def _figure(*size):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(figsize=size)
+
+
+def _plot_canyon(c, path):
+    fig = _figure(10, 4.8)
+    if fig is None:
+        return False
+    ax = fig.subplots()
+    pts = np.concatenate([r["path"] for r in c["runs"].values()])
+    lo, hi = pts.min(axis=0) - 0.6, pts.max(axis=0) + 0.6
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
+    H = c["H"]
+    Z = 0.5 * (H[0, 0] * gx * gx + 2 * H[0, 1] * gx * gy + H[1, 1] * gy * gy)
+    ax.contour(gx, gy, Z, levels=np.geomspace(Z.min() + 1e-3, Z.max(), 18), colors="0.75",
+               linewidths=0.7)
+    styles = {"gradient descent": ("C3", "-"), "momentum": ("C0", "-"),
+              "Nesterov": ("C2", "--")}
+    for name, r in c["runs"].items():
+        p = r["path"][:80]
+        color, ls = styles[name]
+        ax.plot(p[:, 0], p[:, 1], ls, color=color, marker=".", ms=3, lw=1,
+                label=f"{name} (lr {r['lr']:.3g}, α {r['momentum']:g}): "
+                      f"{r['steps_to_tol']} steps to tol")
+    ax.plot(0, 0, "k*", ms=10, label="the minimum")
+    ax.set_aspect("equal")
+    ax.set_xlabel("θ₁")
+    ax.set_ylabel("θ₂")
+    ax.set_title(f"The first 80 steps on a canyon (condition number {c['kappa']:g})")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_rates(r, path):
+    fig = _figure(12, 4.6)
+    if fig is None:
+        return False
+    ax1, ax2 = fig.subplots(1, 2)
+    for ax, keys in ((ax1, ("sgd_convex", "sgd_strongly_convex")),
+                     (ax2, ("gd_smooth_convex", "nesterov_smooth_convex"))):
+        for key in keys:
+            c = r["cases"][key]
+            line, = ax.loglog(c["k"], c["err"], lw=1.5,
+                              label=f"{c['label']}: slope {c['slope']:.2f} "
+                                    f"(book {c['book_text']})")
+            lo, hi = c["fit"]
+            m = (c["k"] >= lo) & (c["k"] <= hi)
+            k = c["k"][m]
+            ref = c["err"][m][0] * (k / k[0]) ** c["book"]
+            ax.loglog(k, ref, ":", color=line.get_color(), lw=1)
+        ax.set_xlabel("iteration k")
+        ax.set_ylabel("excess error J(θ_k) − J*")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    ax1.set_title("SGD (dotted: the book's rate)")
+    ax2.set_title("batch methods (dotted: the book's rate)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_momentum(ts, dr, path):
+    fig = _figure(12, 4.4)
+    if fig is None:
+        return False
+    ax1, ax2 = fig.subplots(1, 2)
+    for d in ts.values():
+        line, = ax1.semilogx(np.arange(1, len(d["speeds"]) + 1), d["speeds"],
+                             label=f"α = {d['alpha']:g}")
+        ax1.axhline(d["predicted"], color=line.get_color(), ls=":", lw=1)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("step length |Δθ|")
+    ax1.set_title("constant gradient: terminal step ε|g|/(1−α) (dotted)")
+    ax1.legend(fontsize=8)
+    p = dr["params"]
+    t = np.arange(len(dr["viscous"]["x"])) * p["dt"]
+    for name in ("viscous", "turbulent", "dry"):
+        ax2.plot(t, dr[name]["x"], lw=1.2,
+                 label=f"{name}: ends at x = {dr[name]['final_x']:.3g}")
+    ax2.plot(t, dr["viscous"]["sgd_x"], "k:", lw=1, label="momentum SGD (= viscous)")
+    ax2.axhline(0, color="0.6", lw=0.8)
+    ax2.set_xlabel("time")
+    ax2.set_ylabel("position x (minimum at 0)")
+    ax2.set_title("a particle in the bowl x²/2 under three kinds of drag")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_adagrad(a, path):
+    fig = _figure(12, 4.4)
+    if fig is None:
+        return False
+    ax1, ax2 = fig.subplots(1, 2)
+    for name in ("AdaGrad", "RMSProp"):
+        d = a[name]
+        ax1.semilogy(d["loss"],
+                     label=f"{name} (lr {d['lr']:g}): final {d['final_loss']:.3g}")
+        ax2.semilogy(d["effective_lr"], label=name)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("Rosenbrock loss")
+    ax1.set_title("each at the best of five rates")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("effective rate (geometric mean over θ)")
+    ax2.set_title("AdaGrad ε/(δ+√r) against RMSProp ε/√(δ+r)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_init(s, path):
+    fig = _figure(8, 4.8)
+    if fig is None:
+        return False
+    ax = fig.subplots()
+    layers = np.arange(1, s["depth"] + 1)
+    for name, stds in s["stds"].items():
+        style = "k-o" if name == "calibrated" else "-"
+        ax.semilogy(layers, np.where(np.isfinite(stds), stds, np.nan), style, ms=3,
+                    label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("std of pre-activations")
+    ax.set_title(f"{s['depth']}-layer ReLU network, width {s['width']}, at initialization")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------
+
+def _md_cell(text):
+    """Text for a Markdown table cell: a literal | must be escaped."""
+    return text.replace("|", "\\|")
+
+
+def _g(v, digits=3):
+    return "—" if v is None else f"{v:.{digits}g}"
+
+
+def _report(res, figs):
+    c, r, ts, dr = res["canyon"], res["rates"], res["terminal"], res["drag"]
+    ad, ini, lrc = res["adagrad"], res["init"], res["lr"]
+    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5, measured", ""]
+    L.append(f"Every number below was measured by this run (seed {res['seed']}"
+             f"{', --quick' if res['quick'] else ''}), with ch8fast's optimizers.")
+    L.append("")
+
+    def fig(key):
+        return [f"![{key}]({os.path.basename(figs[key])})", ""] if key in figs else []
+
+    runs = c["runs"]
+    gd, mo = runs["gradient descent"], runs["momentum"]
+    L += ["## 1. Momentum crosses the canyon (8.3.2)", "",
+          "> Book: momentum accelerates learning where curvature is high and gradients are "
+          "consistent; plain gradient steps waste time moving back and forth across a "
+          "narrow canyon.", "",
+          f"Quadratic with condition number {c['kappa']:g}, tolerance J ≤ {c['tol']:g}·J₀.",
+          "", "| method | lr | α | steps to tolerance | cross-canyon sign changes in the "
+          "first 50 steps |", "|---|---:|---:|---:|---:|"]
+    for name, d in runs.items():
+        L.append(f"| {name} | {d['lr']:.3g} | {d['momentum']:g} | "
+                 f"{_g(d['steps_to_tol'])} | {d['sign_changes_50']} |")
+    L += ["", f"Measured: momentum needs {mo['steps_to_tol']} steps against "
+          f"{gd['steps_to_tol']} for gradient descent at its best rate "
+          f"({_g(c['speedup'], 3)}× fewer); gradient descent's cross-canyon coordinate "
+          f"changed sign {gd['sign_changes_50']} times in 50 steps (zig-zag), momentum's "
+          f"{mo['sign_changes_50']}.", ""] + fig("canyon")
+
+    L += ["## 2. Rates of convergence (8.3.1, 8.3.3)", "",
+          "> Book: the excess error of SGD after k steps is O(1/√k) on a convex problem "
+          "and O(1/k) on a strongly convex one; in the convex batch case Nesterov momentum "
+          "improves O(1/k) to O(1/k²).", "",
+          "| problem | book | fitted slope of log error vs log k | fit range |",
+          "|---|---|---:|---|"]
+    for key, d in r["cases"].items():
+        L.append(f"| {_md_cell(d['label'])} | {d['book_text']} "
+                 f"(slope {d['book']:g}) | "
+                 f"**{d['slope']:.3f}** | k = {d['fit'][0]}…{d['fit'][1]} |")
+    L += ["", f"SGD errors are means over {r['n_runs']} independent runs, updated together "
+          "as one array. The batch problems are a quadratic whose Hessian eigenvalues are "
+          "spread log-uniformly over [1e-9, 1], lr = 1/L; Nesterov uses α_k = (k−1)/(k+2) "
+          "and is evaluated at θ, not at the interim point.", ""] + fig("rates")
+
+    L += ["## 3. Momentum as a moving particle (8.3.2)", "",
+          "> Book: if every gradient is g, the step reaches the terminal size ε‖g‖/(1−α): "
+          "α = 0.9 multiplies the maximum speed by 10. Viscous drag (−v) is the right "
+          "force: turbulent drag (∝ v²) is too weak near rest, and dry friction is so "
+          "strong that the particle stops before reaching the minimum.", "",
+          "| α | predicted ε‖g‖/(1−α) | measured step | ratio |", "|---:|---:|---:|---:|"]
+    for d in ts.values():
+        L.append(f"| {d['alpha']:g} | {d['predicted']:.6g} | {d['measured']:.6g} | "
+                 f"{d['ratio']:.4f} |")
+    p = dr["params"]
+    L += ["", f"Particle in J(x) = x²/2 from rest at x = {p['x0']:g}, t = 0…{p['t_end']:g} "
+          f"(dt = {p['dt']:g}):", "",
+          "| drag | final position | final speed | max \\|x\\| over the last 10 time "
+          "units |",
+          "|---|---:|---:|---:|"]
+    for name, what in (("viscous", f"viscous −{p['viscous']:g}v"),
+                       ("turbulent", f"turbulent −{p['turbulent']:g}v\\|v\\|"),
+                       ("dry", f"dry friction {p['dry']:g}")):
+        d = dr[name]
+        L.append(f"| {what} | {d['final_x']:.3g} | {abs(d['final_v']):.3g} | "
+                 f"{d['amplitude_last']:.3g} |")
+    L += ["", f"Viscous drag comes to rest at the minimum; turbulent drag is still "
+          f"oscillating with amplitude {dr['turbulent']['amplitude_last']:.3g}; dry "
+          f"friction stopped the particle at x = {dr['dry']['final_x']:.3g}, short of the "
+          f"minimum. The viscous particle is momentum SGD with α = 1 − c·dt and ε = dt²: "
+          f"ch8fast.SGD reproduces its path to {dr['viscous']['max_diff_vs_sgd']:.1e}.",
+          ""] \
+        + fig("momentum")
+
+    A, R = ad["AdaGrad"], ad["RMSProp"]
+    L += ["## 4. AdaGrad's rate decays too early; RMSProp's does not (8.5.1, 8.5.2)", "",
+          "> Book: for deep networks, accumulating squared gradients from the start of "
+          "training can shrink AdaGrad's effective learning rate prematurely and "
+          "excessively; RMSProp's moving average discards the distant past.", "",
+          f"Rosenbrock valley from {tuple(ad['start'])}, {ad['steps']} steps, each at the "
+          "best of five learning rates:", "",
+          "| optimizer | best lr | final loss | effective rate at step 100 | at the end |",
+          "|---|---:|---:|---:|---:|"]
+    for name, d in (("AdaGrad", A), ("RMSProp", R)):
+        L.append(f"| {name} | {d['lr']:g} | {d['final_loss']:.3g} | "
+                 f"{d['eff_lr_at_100']:.3g} | {d['eff_lr_final']:.3g} |")
+    ratio = A["final_loss"] / R["final_loss"]
+    L += ["", f"AdaGrad's final loss is {ratio:.3g}× RMSProp's. "
+          "Final loss at every rate tried: " + "; ".join(
+              f"{n}: " + ", ".join(f"{lr:g} → {v:.3g}" for lr, v in g.items())
+              for n, g in ad["grid"].items()) + ".", ""] + fig("adagrad")
+
+    L += ["## 5. Initialization scale (8.4)", "",
+          "> Book: the scale of the initial weights matters a great deal; it can be set "
+          "from one minibatch by looking at the standard deviation of the activations and "
+          "rescaling, which \"can in principle be automated\".", "",
+          f"{ini['depth']}-layer ReLU network, width {ini['width']}, {ini['batch']} "
+          "standard-normal inputs; std of the pre-activations:", "",
+          "| initializer | layer 1 | layer 10 | last layer |", "|---|---:|---:|---:|"]
+    for name, s in ini["stds"].items():
+        L.append(f"| {name} | {s[0]:.3g} | {s[min(9, len(s) - 1)]:.3g} | {s[-1]:.3g} |")
+    cal = ini["calibration"]
+    fr = ini["calibrated_fresh"]
+    L += ["", f"`ch8fast.init.calibrate` (from fan_in_uniform) reached target std 1 in "
+          f"{cal.passes} pass(es) (converged: {cal.converged}); every layer's std is "
+          f"within {np.max(np.abs(cal.std_after - 1)):.2g} of 1 on the calibration "
+          f"minibatch and within {np.max(np.abs(fr - 1)):.2g} on a fresh one.",
+          ""] + fig("init")
+
+    res_lr = lrc["result"]
+    L += ["## 6. Choosing the initial learning rate (8.3.1)", "",
+          "> Book: monitor the first ~100 iterations of several rates and pick one higher "
+          "than the rate that performs best there.", "",
+          f"`ch8fast.choose_lr`, SGD on the demo's MLP and digits, {lrc['iters']} "
+          f"iterations per rate: best short trial **{_g(res_lr.best_short_trial)}**, "
+          f"recommended **{_g(res_lr.recommended)}**. After {lrc['long_iters']} "
+          "iterations the training loss is " + ", ".join(
+              f"{v['train_loss']:.4f} at the {k} rate ({_g(v['lr'])})"
+              for k, v in lrc["longer"].items()) + ".", "", "```",
+          res_lr.reasoning, "```", ""] + fig("lr")
+    return "\n".join(L)
+
+
+def _numbers(res):
+    """The tour's measured numbers, as plain JSON-able data."""
+    c, r, ts, dr = res["canyon"], res["rates"], res["terminal"], res["drag"]
+    ad, ini, lrc = res["adagrad"], res["init"], res["lr"]
+    return {
+        "seed": res["seed"], "quick": res["quick"],
+        "canyon": {n: {k: v for k, v in d.items() if k != "path"}
+                   for n, d in c["runs"].items()} | {"speedup": c["speedup"]},
+        "rates": {k: {"slope": d["slope"], "book": d["book"], "fit": list(d["fit"])}
+                  for k, d in r["cases"].items()},
+        "terminal_speed": {k: {kk: vv for kk, vv in d.items() if kk != "speeds"}
+                           for k, d in ts.items()},
+        "drag": {n: {"final_x": dr[n]["final_x"], "final_v": dr[n]["final_v"],
+                     "amplitude_last": dr[n]["amplitude_last"]}
+                 for n in ("viscous", "turbulent", "dry")}
+        | {"viscous_max_diff_vs_sgd": dr["viscous"]["max_diff_vs_sgd"]},
+        "adagrad_vs_rmsprop": {n: {k: ad[n][k] for k in ("lr", "final_loss",
+                                                          "eff_lr_at_100", "eff_lr_final")}
+                               for n in ("AdaGrad", "RMSProp")},
+        "init": {"stds": {k: [float(x) for x in v] for k, v in ini["stds"].items()},
+                 "calibrated_fresh": [float(x) for x in ini["calibrated_fresh"]],
+                 "calibration_converged": ini["calibration"].converged},
+        "lr": {"recommended": lrc["result"].recommended,
+               "best_short_trial": lrc["result"].best_short_trial,
+               "longer": lrc["longer"]},
+    }
+
+
+def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
+    """Run every experiment, write ``tour.md``, ``tour.json`` and the figures into
+    ``out``; returns the measured numbers (the content of ``tour.json``)."""
+    stream = stream or sys.stdout
+    say = lambda s="": print(s, file=stream, flush=True)    # noqa: E731
+    os.makedirs(out, exist_ok=True)
+    res = {"seed": seed, "quick": quick}
+    steps = [("canyon", "momentum in a canyon", lambda: canyon()),
+             ("rates", "rates of convergence", lambda: rates(seed, quick)),
+             ("terminal", "terminal speed", lambda: terminal_speed()),
+             ("drag", "drag", lambda: drag()),
+             ("adagrad", "AdaGrad against RMSProp",
+              lambda: adagrad_vs_rmsprop(1500 if quick else 3000)),
+             ("init", "initialization scale",
+              lambda: init_scales(depth=10 if quick else 20, width=64 if quick else 128,
+                                  seed=seed)),
+             ("lr", "learning-rate chooser", lambda: lr_choice(seed, quick))]
+    for key, title, fn in steps:
+        t = time.perf_counter()
+        res[key] = fn()
+        say(f"  {title:<28} {time.perf_counter() - t:6.2f} s")
+
+    figs, missing = {}, False
+    if plot:
+        plan = {"canyon": (_plot_canyon, (res["canyon"],)),
+                "rates": (_plot_rates, (res["rates"],)),
+                "momentum": (_plot_momentum, (res["terminal"], res["drag"])),
+                "adagrad": (_plot_adagrad, (res["adagrad"],)),
+                "init": (_plot_init, (res["init"],))}
+        for key, (fn, args) in plan.items():
+            path = os.path.join(out, f"tour_{key}.png")
+            if fn(*args, path):
+                figs[key] = path
+            else:
+                missing = True
+        path = os.path.join(out, "tour_lr.png")
+        try:
+            res["lr"]["result"].plot(path)
+            figs["lr"] = path
+        except ImportError:
+            missing = True
+    numbers = _numbers(res)
+    md = os.path.join(out, "tour.md")
+    with open(md, "w", encoding="utf-8") as fh:
+        fh.write(_report(res, figs))
+    with open(os.path.join(out, "tour.json"), "w") as fh:
+        json.dump(numbers, fh, indent=1, default=_json_default)
+
+    say()
+    say("Measured against the book:")
+    for key, d in res["rates"]["cases"].items():
+        say(f"  {d['label']:<44} slope {d['slope']:6.3f}   book {d['book_text']}")
+    gd = res["canyon"]["runs"]["gradient descent"]["steps_to_tol"]
+    mo = res["canyon"]["runs"]["momentum"]["steps_to_tol"]
+    say(f"  canyon: steps to tolerance, gradient descent {gd}, momentum {mo}")
+    say("  terminal step / (ε‖g‖/(1−α)): " + ", ".join(
+        f"α={d['alpha']:g}: {d['ratio']:.4f}" for d in res["terminal"].values()))
+    say("  drag, final position: " + ", ".join(
+        f"{n} {res['drag'][n]['final_x']:.3g}" for n in ("viscous", "turbulent", "dry")))
+    say(f"  Rosenbrock final loss: AdaGrad {res['adagrad']['AdaGrad']['final_loss']:.3g}, "
+        f"RMSProp {res['adagrad']['RMSProp']['final_loss']:.3g}")
+    say(f"  lr chooser: recommended {_g(res['lr']['result'].recommended)}")
+    if not plot:
+        say("figures skipped (--no-plot)")
+    elif missing:
+        say(f"matplotlib is not installed: the figures would have gone to "
+            f"{os.path.abspath(out)}/tour_*.png (pip install matplotlib)")
+    names = ["tour.md", "tour.json"] + [os.path.basename(p) for p in figs.values()]
+    say(f"Wrote to {os.path.abspath(out)}/: {', '.join(names)}")
+    return numbers
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def add_arguments(p):
+    """Add the options of ``ch8fast tour`` to the argparse parser ``p``; returns it."""
+    p.add_argument("--out", default="ch8fast_out", help="output folder (default "
+                   "ch8fast_out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random experiments")
+    p.add_argument("--quick", action="store_true", help="shorter runs (a few seconds)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the figures")
+    return p
+
+
+def main(args, parser=None):
+    """Run ``ch8fast tour`` from parsed arguments; returns 0."""
+    run_tour(out=args.out, seed=args.seed, quick=args.quick, plot=not args.no_plot)
+    return 0
