@@ -92,7 +92,8 @@ def run(sizes, threads, rounds, out):
              "bytes / param / step | state bytes / param |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['n'] / 1e6:g}e6 | {r['threads']} | {r['mode']} | {r['ms']:.2f} | "
+        lines.append(f"| {r['n'] / 1e6:g}e6 | {r['threads']} | {r['mode']} | "
+                     f"{r['ms']:.2f} | "
                      f"{r['speedup']:.2f} | {r['roofline']:.2f} | {r['bytes']:g} | "
                      f"{r['state']:.2f} |")
     text = "\n".join(lines)

@@ -28,3 +28,8 @@ templates_path = []
 html_theme = "alabaster"
 html_static_path = []
 html_title = f"ch8fast {version}"
+
+try:                                  # ch8fast.torch's reference needs torch (optional)
+    import torch  # noqa: F401
+except ImportError:
+    autodoc_mock_imports = ["torch"]

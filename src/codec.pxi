@@ -162,10 +162,10 @@ cdef void _block(int rule, const intptr_t* row, const intptr_t* aux, const Codec
     cdef uint16_t hi
     cdef Py_ssize_t i, k, blk = lo // QB
     cdef int fmt
-    cdef uint32_t i0 = <uint32_t>index
+    cdef uint32_t i0 = <uint32_t>index, u
     if c.random:
-        for i in range(n):
-            w[i] = ch8_word(c.key, i0 + <uint32_t>i)
+        for u in range(<uint32_t>n):      # 32-bit lanes: the index wraps modulo 2^32
+            w[u] = ch8_word(c.key, i0 + u)
     if rule == TRANSFORM:                 # a standalone clip of a 16-bit array
         p16 = (<uint16_t*>row[0]) + lo
         _decode16(p16, pb, n, c.pfmt)

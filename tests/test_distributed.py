@@ -179,6 +179,50 @@ def test_compressed_state_shards_as_one_process_stores_it(world):
         assert sum(r["zero"]["state_bytes_per_rank"]) <= r["dp"]["state_bytes_per_rank"][0]
 
 
+_ROWS = {}
+
+
+def rows_results(world):
+    if world not in _ROWS:
+        proc, results = mpirun(world, "rows", timeout=120)
+        check(proc)
+        _ROWS[world] = {r["case"]: r for r in results}
+    return _ROWS[world]
+
+
+@needs_mpi
+@pytest.mark.parametrize("world", [2, 3])
+def test_row_sparse_gradients_average_over_ranks(world):
+    """DataParallel.reduce_rows: the averaged row-sparse gradient (duplicates within and
+    across ranks, uneven shares, weighted or not) equals that of the whole batch to
+    rounding, has the same bits on every rank, and lazy Adam on the replicated table
+    follows one process; the allgather of rows and the dense allreduce agree."""
+    cases = rows_results(world)
+    assert len(cases) == 5
+    for way in ("sparse", "dense"):
+        for weighting in ("weighted", "plain"):
+            r = cases[f"rows_{way}_{weighting}"]
+            assert r["grad_rel_gap"] < 1e-6, r              # float32 rounding
+            assert r["rows_touched_match"] and r["moved"], r
+            assert r["same_bits_on_every_rank"], r
+            assert r["table_rel_gap"] < 1e-5, r
+
+
+@needs_mpi
+@pytest.mark.parametrize("world", [2])
+def test_bad_row_sparse_reductions_raise_on_every_rank(world):
+    r = rows_results(world)["rows_errors"]
+    e = r["errors"]
+    assert all(r["same_on_every_rank"].values()), r
+    assert f"rank {world - 1}: ValueError: grad: indices must lie in [0, 30)" in \
+        e["out_of_range"]
+    assert "the ranks differ in table shape" in e["other_table"]
+    assert "dtype float64 for a table of float32" in e["dtype"]
+    assert "the ranks differ in use of local_size" in e["local_size_on_one_rank"]
+    assert "grad: a ch8fast.SparseRows, got ndarray" in e["not_sparse"]
+    assert r["table_unchanged"] and r["after_ok"] == 1.0
+
+
 @needs_mpi
 def test_element_offset_is_left_to_data_parallel():
     from ch8fast.distributed import DataParallel

@@ -34,6 +34,7 @@ from .._validation import count, flag, positive
 from ..clip import global_norm
 from ..flat import ALIGN_BYTES
 from ..optim import Optimizer, encode_hyperparameter
+from ..sparse import SparseRows
 from . import checkpoints
 from .collectives import (DEFAULT_TIMEOUT, Collectives, get_comm, install_excepthook, mpi,
                           ranks_on_this_host)
@@ -42,6 +43,7 @@ from .sharding import shard_bounds
 __all__ = ["DataParallel", "default_num_threads"]
 
 _NONE, _BAD = -1, -2          # step check: an argument not given, or refused
+DENSE_ROWS_ABOVE = 2.0        # reduce_rows: allreduce a dense buffer above this
 
 
 def default_num_threads(ranks_here, cores=None, affinity=None):
@@ -127,6 +129,7 @@ class DataParallel:
         self.comm = comm = get_comm(comm)
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
         self._in_step = False
+        self._row_calls = 0
         if self.world > 1:
             install_excepthook(comm)
         # Check and build locally, then compare once: a rank whose arguments are bad, or
@@ -332,6 +335,123 @@ class DataParallel:
         else:
             self._coll.run("the gradient allreduce", comm.Allreduce, MPI.IN_PLACE,
                            [g, self._mpi_type], op=MPI.SUM)
+
+    # ---- row-sparse gradients -----------------------------------------------------------
+
+    def reduce_rows(self, table, grad, local_size=None, global_size=None, *,
+                    dense_above=DENSE_ROWS_ABOVE):
+        """The average over the ranks of the row-sparse gradients of an embedding table
+        (``grad``, a :class:`ch8fast.SparseRows` for the 2-D array ``table``), as a
+        ``SparseRows`` that every rank passes to the optimizer of its own replica of
+        the table. Collective.
+
+        The table is not part of the arena: each rank keeps a whole copy and its own
+        optimizer (for instance ``ch8fast.Adam([table], sparse="lazy")``). Given the same
+        averaged gradient, the replicas stay identical, bit for bit: the returned rows and
+        values are the same bits on every rank.
+
+        Each rank's rows are first weighted as in :meth:`step` (``local_size /
+        global_size``, or ``1 / world`` without ``local_size``). Then, while the rows
+        gathered from all ranks number at most ``dense_above`` (default 2) times the
+        table's rows, the indices and rows are allgathered: the result holds every rank's
+        rows, duplicates included, which the optimizer sums in an order-free way. Above it,
+        each rank adds its rows into a table-sized buffer and the buffers are summed by
+        one allreduce; the result holds the union of the touched rows, once each. The
+        two ways agree to rounding; the optimizer updates the same rows with either.
+
+        Raises ValueError on every rank, before anything is exchanged, when a rank's
+        arguments are bad or the ranks' tables or calls differ (naming the ranks).
+        """
+        world = self.world
+        error, header = None, None
+        try:
+            header, weight = self._rows_header(table, grad, local_size, global_size)
+        except (TypeError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        self._row_calls += 1
+        everyone = self._coll.run("the row-sparse gradient check (allgather)",
+                                  self.comm.allgather, (error, header, self._row_calls))
+        bad = [(r, e) for r, (e, _, _) in enumerate(everyone) if e is not None]
+        if bad:
+            raise ValueError("DataParallel.reduce_rows(): " + "; ".join(
+                f"rank {r}: {e}" for r, e in bad))
+        calls = [c for _, _, c in everyone]
+        if len(set(calls)) > 1:
+            raise ValueError("DataParallel.reduce_rows(): the ranks are out of step: " +
+                             ", ".join(f"rank(s) {ranks} at call {c}"
+                                       for c, ranks in _by_value(calls)))
+        for key, what in ((1, "table shape"), (2, "gradient dtype"),
+                          (3, "use of local_size")):
+            values = [h[key] for _, h, _ in everyone]
+            if len(set(values)) > 1:
+                raise ValueError(f"DataParallel.reduce_rows(): the ranks differ in "
+                                 f"{what}: " + ", ".join(f"{v} on rank(s) {ranks}"
+                                                         for v, ranks in _by_value(values)))
+        sizes = [h[4] for _, h, _ in everyone]
+        if header[3]:
+            total = sum(sizes)
+            given = {h[5] for _, h, _ in everyone} - {None}
+            if total == 0 or (given and given != {total}):
+                raise ValueError(f"DataParallel.reduce_rows(): local_size adds up to "
+                                 f"{total} over the ranks; global_size is "
+                                 f"{sorted(given) or 'not given'} (it must be their "
+                                 f"sum, and positive)")
+            weight = sizes[self.rank] / total
+        (n_rows, d), dtype = header[1], np.dtype(header[2])
+        idx = np.ascontiguousarray(grad.indices, np.int64)
+        vals = np.array(grad.values, dtype, order="C")      # a copy: the user's stays
+        if weight != 1:
+            np.multiply(vals, dtype.type(weight), out=vals)
+        if world == 1:
+            return SparseRows(idx, vals)
+        counts = [h[0] for _, h, _ in everyone]
+        T = self._MPI.INT64_T
+        all_idx = np.empty(sum(counts), np.int64)
+        self._coll.run("the allgather of the row indices", self.comm.Allgatherv, [idx, T],
+                       [all_idx, (counts, None), T])
+        V = self._MPI.FLOAT if dtype == np.float32 else self._MPI.DOUBLE
+        if len(all_idx) <= dense_above * n_rows:
+            all_vals = np.empty((len(all_idx), d), dtype)
+            self._coll.run("the allgather of the gradient rows", self.comm.Allgatherv,
+                           [vals, V], [all_vals, ([c * d for c in counts], None), V])
+            return SparseRows(all_idx, all_vals)
+        buf = np.zeros((n_rows, d), dtype)
+        np.add.at(buf, idx, vals)
+        self._coll.run("the allreduce of the table-sized gradient", self.comm.Allreduce,
+                       self._MPI.IN_PLACE, [buf, V], op=self._MPI.SUM)
+        rows = np.unique(all_idx)
+        return SparseRows(rows, buf[rows])
+
+    def _rows_header(self, table, grad, local_size, global_size):
+        """This rank's checked arguments of reduce_rows: ``(header, weight)``."""
+        if not isinstance(table, np.ndarray) or table.ndim != 2:
+            raise TypeError(f"table: a 2-D numpy array (the embedding table), got "
+                            f"{getattr(table, 'shape', type(table).__name__)}")
+        if not isinstance(grad, SparseRows):
+            raise TypeError(f"grad: a ch8fast.SparseRows, got {type(grad).__name__}")
+        n_rows, d = table.shape
+        idx, vals = grad.indices, grad.values
+        if vals.shape[1] != d:
+            raise ValueError(f"grad: rows of {vals.shape[1]} elements for a table of rows "
+                             f"of {d}")
+        if len(idx) and (idx.min() < 0 or idx.max() >= n_rows):
+            raise ValueError(f"grad: indices must lie in [0, {n_rows}) (the table's rows), "
+                             f"got {idx.min()} to {idx.max()}")
+        wide = table.dtype if table.dtype in (np.float32, np.float64) else np.float32
+        if vals.dtype not in (np.dtype(table.dtype), np.dtype(wide)):
+            raise ValueError(f"grad: values of dtype {vals.dtype} for a table of "
+                             f"{table.dtype} (expected {np.dtype(wide)})")
+        weight = 1.0 / self.world
+        lsize = gsize = None
+        if local_size is not None:
+            lsize = count(local_size, "local_size")
+            if global_size is not None:
+                gsize = count(global_size, "global_size")
+        elif global_size is not None:
+            raise ValueError("global_size given without local_size")
+        header = (len(idx), (n_rows, d), np.dtype(wide).str, local_size is not None,
+                  lsize, gsize)
+        return header, weight
 
     # ---- the step check -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@
     mpirun -n 2 python tests/mpi/dp_worker.py threads               # threads per rank
     mpirun -n 2 python tests/mpi/dp_worker.py killsave DIR [kill]   # killed mid-save
     mpirun -n P python tests/mpi/dp_worker.py storage               # bf16 and 8-bit state
+    mpirun -n P python tests/mpi/dp_worker.py rows                  # row-sparse gradients
 
 Each rank computes the gradient of its share of every minibatch; rank 0 also trains the
 same model on whole minibatches in one process (the reference), and every variant is
@@ -391,6 +392,75 @@ def storage_modes():
             result(**out)
 
 
+def rows():
+    """reduce_rows: an embedding table replicated on every rank, trained by lazy Adam on
+    the averaged row-sparse gradient, against one process stepping with the rows of the
+    whole batch; both ways (allgather of rows, allreduce of a dense buffer); bad calls."""
+    n_rows, d, B = 30, 4, 14
+    _, arena = new_model(np.float32)
+    dp = DataParallel(arena, ch8fast.SGD, COMM, lr=0.1)
+    for way, dense_above in (("sparse", 1e9), ("dense", 0.0)):
+        for weighted in (True, False):
+            table = np.random.default_rng(1).standard_normal((n_rows, d)).astype(np.float32)
+            ref = table.copy()
+            opt = ch8fast.Adam([table], lr=0.01)
+            ref_opt = ch8fast.Adam([ref], lr=0.01)
+            gaps, same_bits, got_rows = [], True, True
+            for t in range(8):
+                rng = np.random.default_rng(100 + t)
+                idx = rng.integers(0, n_rows // 2 if t % 2 else n_rows, B)  # duplicates
+                vals = rng.standard_normal((B, d)).astype(np.float32)
+                mine = split_batch(np.arange(B), RANK, WORLD)
+                if weighted:          # each rank: the mean over its samples
+                    local = vals[mine] / np.float32(max(1, len(mine)))
+                    g = dp.reduce_rows(table, ch8fast.SparseRows(idx[mine], local),
+                                       len(mine), B, dense_above=dense_above)
+                    whole = vals / np.float32(B)
+                else:                 # each rank's rows as they are: sum / world
+                    g = dp.reduce_rows(table, ch8fast.SparseRows(idx[mine], vals[mine]),
+                                       dense_above=dense_above)
+                    whole = vals / np.float32(WORLD)
+                want = ch8fast.SparseRows(idx, whole).to_dense(n_rows)
+                have = g.to_dense(n_rows)
+                gaps.append(float(np.max(np.abs(have - want)) / np.max(np.abs(want))))
+                got_rows = got_rows and set(np.unique(g.indices)) == set(np.unique(idx))
+                opt.step([g])
+                ref_opt.step([ch8fast.SparseRows(idx, whole)])
+                mine_bits = table.tobytes() + g.indices.tobytes() + g.values.tobytes()
+                same_bits = same_bits and len(set(COMM.allgather(mine_bits))) == 1
+            result(case=f"rows_{way}_{'weighted' if weighted else 'plain'}", world=WORLD,
+                   grad_rel_gap=max(gaps), rows_touched_match=got_rows,
+                   same_bits_on_every_rank=same_bits,
+                   table_rel_gap=float(np.max(np.abs(table - ref)) / np.max(np.abs(ref))),
+                   moved=bool(np.any(table != np.random.default_rng(1).standard_normal(
+                       (n_rows, d)).astype(np.float32))))
+    table = np.zeros((n_rows, d), np.float32)
+    good = ch8fast.SparseRows(np.array([1, 2]), np.ones((2, d), np.float32))
+    errors = {}
+    cases = {
+        "out_of_range": lambda: dp.reduce_rows(table, ch8fast.SparseRows(
+            np.array([n_rows if RANK == WORLD - 1 else 0]), np.ones((1, d), np.float32))),
+        "other_table": lambda: dp.reduce_rows(
+            np.zeros((n_rows + (RANK == 0), d), np.float32), good),
+        "dtype": lambda: dp.reduce_rows(table, ch8fast.SparseRows(
+            np.array([1]), np.ones((1, d), np.float64 if RANK == WORLD - 1 else np.float32))),
+        "local_size_on_one_rank": lambda: dp.reduce_rows(
+            table, good, *((1,) if RANK == 0 else ())),
+        "not_sparse": lambda: dp.reduce_rows(table, np.ones((n_rows, d), np.float32)),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            errors[name] = None
+        except (TypeError, ValueError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    agree = {k: len(set(COMM.allgather(v))) == 1 for k, v in errors.items()}
+    after = dp.reduce_rows(table, good)         # the ranks still make calls together
+    result(case="rows_errors", world=WORLD, errors=errors, same_on_every_rank=agree,
+           table_unchanged=bool(np.all(table == 0)),
+           after_ok=after.to_dense(n_rows)[1, 0].item())
+
+
 def threads():
     """The kernel threads each rank uses after DataParallel(), with and without an
     explicit setting (argv: 'default', 'set 2')."""
@@ -450,7 +520,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust",
                                      "agree", "single", "threads", "killsave",
-                                     "storage"])
+                                     "storage", "rows"])
     ap.add_argument("folder", nargs="?")
     ap.add_argument("more", nargs="*")
     ap.add_argument("--shard", action="store_true")
@@ -473,6 +543,8 @@ if __name__ == "__main__":
         killsave(a.folder, a.more == ["kill"])
     elif a.what == "storage":
         storage_modes()
+    elif a.what == "rows":
+        rows()
     elif a.what == "single":
         single()
     else:
