@@ -61,3 +61,25 @@ def assert_close(got, ref, dtype, what=""):
     rtol = 1e-12 if np.dtype(dtype) == np.float64 else 1e-6
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def scripted_lr_trials(lrs=(0.01, 0.1, 1.0, 3.0), iters=20):
+    """``ch8fast.choose_lr`` on scripted costs: lr 1 blows up, every other rate (3
+    included, by chance) decreases like 1 / (1 + t min(lr, 0.5))."""
+    current = {}
+
+    class Scripted:
+        def __init__(self, params, lr):
+            current.update(lr=lr, t=0)
+
+        def step(self, grads):
+            current["t"] += 1
+
+    def loss_and_grad(params):
+        lr, t = current["lr"], current["t"]
+        if lr == 1.0:                       # the cost blows up
+            return 100.0 * (1 + t), [np.zeros(1)]
+        return 1.0 / (1 + t * min(lr, 0.5)), [np.zeros(1)]   # 3.0: ends low by chance
+
+    return ch8fast.choose_lr([np.zeros(1)], loss_and_grad, optimizer=Scripted,
+                             lrs=list(lrs), iters=iters, refine=0)

@@ -1,6 +1,5 @@
 """The figures say what they show: axis labels, diverged trials visible, no labels drawn
 over each other."""
-import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -9,6 +8,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 import ch8fast  # noqa: E402
 from ch8fast.apps import bench, tour  # noqa: E402
+from conftest import scripted_lr_trials  # noqa: E402
 
 
 @pytest.fixture
@@ -26,23 +26,7 @@ def test_the_canyon_figure_has_axis_labels(saved_figures, tmp_path):
 
 
 def test_the_lr_figure_shows_every_diverged_trial_red(saved_figures, tmp_path):
-    current = {}
-
-    class Scripted:
-        def __init__(self, params, lr):
-            current.update(lr=lr, t=0)
-
-        def step(self, grads):
-            current["t"] += 1
-
-    def loss_and_grad(params):
-        lr, t = current["lr"], current["t"]
-        if lr == 1.0:
-            return 100.0 * (1 + t), [np.zeros(1)]
-        return 1.0 / (1 + t * min(lr, 0.5)), [np.zeros(1)]
-
-    res = ch8fast.choose_lr([np.zeros(1)], loss_and_grad, optimizer=Scripted,
-                            lrs=[0.01, 0.1, 1.0, 3.0], iters=20, refine=0)
+    res = scripted_lr_trials()
     res.plot(tmp_path / "lr.png")
     left, right = saved_figures[0].axes
     red = {line.get_label() for line in left.get_lines() if line.get_color() == "red"}

@@ -8,6 +8,7 @@ import pytest
 import ch8fast
 from ch8fast.lr_finder import LRFinderResult, choose_lr, default_lr_grid
 from ch8fast.schedules import minibatches
+from conftest import scripted_lr_trials
 
 
 class PlainSGD:
@@ -268,23 +269,7 @@ def test_slow_rise_is_diverged_without_blowing_up():
 def test_a_rate_above_a_diverged_one_counts_as_diverged():
     """A noisy trial above the stability limit can end low; it must not be shown as stable
     (the tour's figure once flagged 0.614 but not 1.36)."""
-    current = {}
-
-    class Scripted:
-        def __init__(self, params, lr):
-            current.update(lr=lr, t=0)
-
-        def step(self, grads):
-            current["t"] += 1
-
-    def loss_and_grad(params):
-        lr, t = current["lr"], current["t"]
-        if lr == 1.0:                       # the cost blows up
-            return 100.0 * (1 + t), [np.zeros(1)]
-        return 1.0 / (1 + t * min(lr, 0.5)), [np.zeros(1)]   # 3.0: ends low by chance
-
-    res = choose_lr([np.zeros(1)], loss_and_grad, optimizer=Scripted,
-                    lrs=[0.01, 0.1, 1.0, 3.0], iters=20, refine=0)
+    res = scripted_lr_trials()
     assert res.best_short_trial == 0.1
     assert list(res.diverged) == [False, False, True, True]
     assert res.final_costs[3] == np.inf
