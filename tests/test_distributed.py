@@ -220,6 +220,8 @@ def test_bad_row_sparse_reductions_raise_on_every_rank(world):
     assert "dtype float64 for a table of float32" in e["dtype"]
     assert "the ranks differ in use of local_size" in e["local_size_on_one_rank"]
     assert "grad: a ch8fast.SparseRows, got ndarray" in e["not_sparse"]
+    assert "the ranks differ in dense_above: " in e["dense_above_differs"]
+    assert f"rank {world - 1}: ValueError: dense_above must be" in e["dense_above_bad"]
     assert r["table_unchanged"] and r["after_ok"] == 1.0
 
 

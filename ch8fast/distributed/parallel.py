@@ -30,7 +30,7 @@ import secrets
 import numpy as np
 
 from .. import _isa, storage
-from .._validation import count, flag, positive
+from .._validation import count, flag, nonnegative, positive
 from ..clip import global_norm
 from ..flat import ALIGN_BYTES
 from ..optim import Optimizer, encode_hyperparameter
@@ -365,7 +365,8 @@ class DataParallel:
         world = self.world
         error, header = None, None
         try:
-            header, weight = self._rows_header(table, grad, local_size, global_size)
+            header, weight = self._rows_header(table, grad, local_size, global_size,
+                                               dense_above)
         except (TypeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         self._row_calls += 1
@@ -381,7 +382,7 @@ class DataParallel:
                              ", ".join(f"rank(s) {ranks} at call {c}"
                                        for c, ranks in _by_value(calls)))
         for key, what in ((1, "table shape"), (2, "gradient dtype"),
-                          (3, "use of local_size")):
+                          (3, "use of local_size"), (6, "dense_above")):
             values = [h[key] for _, h, _ in everyone]
             if len(set(values)) > 1:
                 raise ValueError(f"DataParallel.reduce_rows(): the ranks differ in "
@@ -410,7 +411,7 @@ class DataParallel:
         self._coll.run("the allgather of the row indices", self.comm.Allgatherv, [idx, T],
                        [all_idx, (counts, None), T])
         V = self._MPI.FLOAT if dtype == np.float32 else self._MPI.DOUBLE
-        if len(all_idx) <= dense_above * n_rows:
+        if len(all_idx) <= header[6] * n_rows:
             all_vals = np.empty((len(all_idx), d), dtype)
             self._coll.run("the allgather of the gradient rows", self.comm.Allgatherv,
                            [vals, V], [all_vals, ([c * d for c in counts], None), V])
@@ -422,8 +423,9 @@ class DataParallel:
         rows = np.unique(all_idx)
         return SparseRows(rows, buf[rows])
 
-    def _rows_header(self, table, grad, local_size, global_size):
+    def _rows_header(self, table, grad, local_size, global_size, dense_above):
         """This rank's checked arguments of reduce_rows: ``(header, weight)``."""
+        dense_above = nonnegative(dense_above, "dense_above")
         if not isinstance(table, np.ndarray) or table.ndim != 2:
             raise TypeError(f"table: a 2-D numpy array (the embedding table), got "
                             f"{getattr(table, 'shape', type(table).__name__)}")
@@ -450,7 +452,7 @@ class DataParallel:
         elif global_size is not None:
             raise ValueError("global_size given without local_size")
         header = (len(idx), (n_rows, d), np.dtype(wide).str, local_size is not None,
-                  lsize, gsize)
+                  lsize, gsize, dense_above)
         return header, weight
 
     # ---- the step check -----------------------------------------------------------------

@@ -447,6 +447,10 @@ def rows():
         "local_size_on_one_rank": lambda: dp.reduce_rows(
             table, good, *((1,) if RANK == 0 else ())),
         "not_sparse": lambda: dp.reduce_rows(table, np.ones((n_rows, d), np.float32)),
+        "dense_above_differs": lambda: dp.reduce_rows(table, good,
+                                                      dense_above=1.0 + (RANK == 0)),
+        "dense_above_bad": lambda: dp.reduce_rows(
+            table, good, dense_above=-1.0 if RANK == WORLD - 1 else 1.0),
     }
     for name, call in cases.items():
         try:
