@@ -226,6 +226,22 @@ def test_bad_row_sparse_reductions_raise_on_every_rank(world):
 
 
 @needs_mpi
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 2), (3, 2), (2, 3)])
+def test_compressed_state_checkpoints_resume_bit_for_bit(tmp_path, saved_on, resumed_on):
+    """bfloat16 and 8-bit state saved by DataParallel (sharded or not) and loaded on
+    another number of ranks, sharded or not: the run goes on with the same bits (the
+    8-bit scales are cut by block)."""
+    folder = str(tmp_path)
+    proc, _ = mpirun(saved_on, "storage_save", folder, timeout=120)
+    check(proc)
+    proc, results = mpirun(resumed_on, "storage_resume", folder, timeout=120)
+    check(proc)
+    assert len(results) == 8
+    for r in results:
+        assert r["bitwise"] and r["in_sync"], r
+
+
+@needs_mpi
 def test_element_offset_is_left_to_data_parallel():
     from ch8fast.distributed import DataParallel
     arena = ch8fast.FlatParams({"w": (10,)}, np.float32)

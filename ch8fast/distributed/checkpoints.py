@@ -17,6 +17,7 @@ import secrets
 
 import numpy as np
 
+from .. import storage
 from ..checkpoint import (atomic_write, canonical_json, read_checkpoint,
                           remove_stale_temporaries, save_checkpoint)
 from .collectives import collective_check
@@ -169,12 +170,31 @@ def _read_manifest(dp, path):
     return m
 
 
+def _copy_blocks(dst, src, a, b, at, fname, name):
+    """Copy the per-block entries of elements [a, b) of dst from those of src starting at
+    element ``at`` (both slices start on a block; the last may end inside one)."""
+    B = storage.BLOCK
+    if a % B or at % B:
+        raise ValueError(f"{fname}: state {name!r} has one entry per block of {B} "
+                         f"elements, but the slices do not start on a block")
+    k = -(-(b - a) // B)
+    if a // B + k > dst.shape[0] or at // B + k > src.shape[0]:
+        raise ValueError(f"{fname}: state {name!r} has {src.shape[0]} entries, too few "
+                         f"for its slice")
+    dst[a // B:a // B + k] = src[at // B:at // B + k]
+
+
 def _read_pieces(dp, path, m):
     """(state dict, parameters) of this rank's slice, cut from the overlapping files."""
     lo, hi = (dp.lo, dp.hi) if dp.shard_state else (0, dp.flat.size)
     n = hi - lo
-    names = list(dp.optimizer.state[0])
-    state = {k: np.empty(n, dp.flat.dtype) for k in names}
+    live = dp.optimizer.state[0]
+    names = list(live)
+    # each state array as the optimizer keeps it: one entry per element (float32, or the
+    # codes of compressed state), or one per block of storage.BLOCK elements (the scales
+    # of 8-bit state, whose slices start on a block)
+    blocked = {k for k in names if live[k].shape[0] != n}
+    state = {k: np.empty(live[k].shape, live[k].dtype) for k in names}
     params = np.empty(n, dp.flat.dtype)
     meta = None
     overlap = [s for s in m["shards"] if max(lo, s["lo"]) < min(hi, s["hi"])]
@@ -203,7 +223,14 @@ def _read_pieces(dp, path, m):
             raise ValueError(f"{fname}: holds state {saved_names}, the optimizer keeps "
                              f"{sorted(names)}")
         for k in names:
-            state[k][a - lo:b - lo] = arrays["state.0." + k][a - s["lo"]:b - s["lo"]]
+            src = arrays["state.0." + k]
+            if src.dtype != state[k].dtype:
+                raise ValueError(f"{fname}: state {k!r} is {src.dtype}, the optimizer "
+                                 f"keeps {state[k].dtype} (another state_format?)")
+            if k in blocked:
+                _copy_blocks(state[k], src, a - lo, b - lo, a - s["lo"], fname, k)
+            else:
+                state[k][a - lo:b - lo] = src[a - s["lo"]:b - s["lo"]]
         params[a - lo:b - lo] = arrays["param.0"][a - s["lo"]:b - s["lo"]]
     if meta is None:
         raise ValueError(f"{path}: no shard file to read")

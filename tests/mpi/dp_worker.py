@@ -11,6 +11,8 @@
     mpirun -n 2 python tests/mpi/dp_worker.py killsave DIR [kill]   # killed mid-save
     mpirun -n P python tests/mpi/dp_worker.py storage               # bf16 and 8-bit state
     mpirun -n P python tests/mpi/dp_worker.py rows                  # row-sparse gradients
+    mpirun -n P python tests/mpi/dp_worker.py storage_save DIR      # compressed state saved
+    mpirun -n Q python tests/mpi/dp_worker.py storage_resume DIR    # ... and resumed
 
 Each rank computes the gradient of its share of every minibatch; rank 0 also trains the
 same model on whole minibatches in one process (the reference), and every variant is
@@ -465,6 +467,58 @@ def rows():
            after_ok=after.to_dense(n_rows)[1, 0].item())
 
 
+STORAGE_CK_SIZES = {"w": (700,), "b": (333,)}      # 1,033: blocks end inside tensors
+
+
+def storage_run(dp, steps, seed):
+    """``steps`` steps of random gradients, the same on any number of ranks: rank 0 holds
+    the whole gradient (local_size 1 of 1), the others none."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        g = rng.standard_normal(dp.flat.size).astype(np.float32)
+        dp.arena.flat_grad[...] = g if RANK == 0 else 0
+        dp.step(int(RANK == 0), 1)
+
+
+def storage_dp(fmt, shard):
+    arena = ch8fast.FlatParams(STORAGE_CK_SIZES, np.float32)
+    arena.flat[...] = np.random.default_rng(4).standard_normal(arena.flat.size)
+    return DataParallel(arena, ch8fast.Adam, COMM, lr=1e-2, state_format=fmt, seed=9,
+                        shard_state=shard)
+
+
+def storage_save(folder):
+    """Compressed state in a data-parallel checkpoint: save after 4 steps, record the
+    parameters 3 steps later."""
+    expected = {}
+    for fmt in ("bfloat16", "q8"):
+        for shard in (False, True):
+            dp = storage_dp(fmt, shard)
+            storage_run(dp, 4, 1)
+            dp.save(os.path.join(folder, f"{fmt}_{shard}"))
+            storage_run(dp, 3, 2)
+            expected[f"{fmt}_{shard}"] = dp.flat.tobytes().hex()
+    if RANK == 0:
+        with open(os.path.join(folder, "expected.json"), "w") as f:
+            json.dump({"world": WORLD, "flat": expected}, f)
+    result(saved=True)
+
+
+def storage_resume(folder):
+    """Each checkpoint of storage_save loaded on this number of ranks, sharded or not,
+    then 3 steps: the parameters of the run that went on without a checkpoint."""
+    with open(os.path.join(folder, "expected.json")) as f:
+        saved = json.load(f)
+    for key, flat in saved["flat"].items():
+        fmt = key.split("_")[0]
+        for shard in (False, True):
+            dp = storage_dp(fmt, shard)
+            dp.load(os.path.join(folder, key))
+            storage_run(dp, 3, 2)
+            result(case=f"{key} -> shard {shard}", saved_on=saved["world"], world=WORLD,
+                   bitwise=dp.flat.tobytes().hex() == flat, in_sync=dp.check_in_sync())
+
+
 def threads():
     """The kernel threads each rank uses after DataParallel(), with and without an
     explicit setting (argv: 'default', 'set 2')."""
@@ -524,7 +578,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust",
                                      "agree", "single", "threads", "killsave",
-                                     "storage", "rows"])
+                                     "storage", "rows", "storage_save",
+                                     "storage_resume"])
     ap.add_argument("folder", nargs="?")
     ap.add_argument("more", nargs="*")
     ap.add_argument("--shard", action="store_true")
@@ -549,6 +604,10 @@ if __name__ == "__main__":
         storage_modes()
     elif a.what == "rows":
         rows()
+    elif a.what == "storage_save":
+        storage_save(a.folder)
+    elif a.what == "storage_resume":
+        storage_resume(a.folder)
     elif a.what == "single":
         single()
     else:
