@@ -228,17 +228,58 @@ def test_bad_row_sparse_reductions_raise_on_every_rank(world):
 @needs_mpi
 @pytest.mark.parametrize("saved_on, resumed_on", [(2, 2), (3, 2), (2, 3)])
 def test_compressed_state_checkpoints_resume_bit_for_bit(tmp_path, saved_on, resumed_on):
-    """bfloat16 and 8-bit state saved by DataParallel (sharded or not) and loaded on
-    another number of ranks, sharded or not: the run goes on with the same bits (the
-    8-bit scales are cut by block)."""
+    """bfloat16 and 8-bit state, and 16-bit parameters (master copy, stochastic rounding),
+    saved by DataParallel (sharded or not) and loaded on another number of ranks, sharded
+    or not: the run goes on with the same bits (the 8-bit scales are cut by block)."""
     folder = str(tmp_path)
     proc, _ = mpirun(saved_on, "storage_save", folder, timeout=120)
     check(proc)
     proc, results = mpirun(resumed_on, "storage_resume", folder, timeout=120)
     check(proc)
-    assert len(results) == 8
+    assert len(results) == 16
     for r in results:
         assert r["bitwise"] and r["in_sync"], r
+
+
+@needs_mpi
+@pytest.mark.parametrize("world", [2, 3])
+def test_16bit_parameters_shard_as_one_process_updates_them(world):
+    """bfloat16 and float16 arenas (master copy, stochastic rounding, kahan; float32 and
+    8-bit state; 16-bit or float32 gradients, reduced in float32): every unsharded step
+    equals one process stepping with the averaged gradient, bit for bit, and sharded state
+    equals unsharded."""
+    proc, results = mpirun(world, "storage16", timeout=180)
+    check(proc)
+    assert len(results) == 12
+    for r in results:
+        assert r["dp_bitwise_eq_one_process"], r["case"]
+        assert r["zero_bitwise_eq_dp"], r["case"]
+        if world == 2:             # a reduce-scatter of 3 adds in another order
+            assert r["zero_rs_bitwise_eq_dp"], r["case"]
+        for v in ("dp", "zero", "zero_rs"):
+            assert r[v]["in_sync"] and r[v]["moved"], (r["case"], v)
+
+
+@needs_mpi
+def test_16bit_arenas_need_matching_or_float32_gradients():
+    from ch8fast.distributed import DataParallel
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    class Arena:
+        def __init__(self, p, g):
+            self.flat, self.flat_grad = np.zeros(64, p), np.zeros(64, g)
+
+    for p, g in ((np.float16, ml_dtypes.bfloat16), (ml_dtypes.bfloat16, np.float64),
+                 (np.float32, np.float16)):
+        with pytest.raises(ValueError, match="float32 gradients are accepted for 16-bit"):
+            DataParallel(Arena(p, g), ch8fast.Adam, lr=0.1)
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16, got int32"):
+        DataParallel(Arena(np.int32, np.int32), ch8fast.Adam, lr=0.1)
+    dp = DataParallel(Arena(ml_dtypes.bfloat16, np.float32), ch8fast.Adam, lr=0.1)
+    dp.arena.flat_grad[...] = 1
+    dp.step()
+    assert np.all(np.asarray(dp.flat, np.float32) == np.float32(-0.1).astype(
+        ml_dtypes.bfloat16).astype(np.float32))
 
 
 @needs_mpi

@@ -231,7 +231,13 @@ def _read_pieces(dp, path, m):
                 _copy_blocks(state[k], src, a - lo, b - lo, a - s["lo"], fname, k)
             else:
                 state[k][a - lo:b - lo] = src[a - s["lo"]:b - s["lo"]]
-        params[a - lo:b - lo] = arrays["param.0"][a - s["lo"]:b - s["lo"]]
+        src, dst = arrays["param.0"], params
+        if storage.is_16bit(params.dtype) and src.dtype == np.uint16:
+            dst = params.view(np.uint16)           # bfloat16 is stored as its bits
+        if src.dtype != dst.dtype:
+            raise ValueError(f"{fname}: the parameters are {src.dtype}, this arena "
+                             f"{params.dtype}")
+        dst[a - lo:b - lo] = src[a - s["lo"]:b - s["lo"]]
     if meta is None:
         raise ValueError(f"{path}: no shard file to read")
     return dict(meta, state=[state]), params

@@ -83,9 +83,11 @@ class DataParallel:
 
     Args:
         arena: a :class:`ch8fast.FlatParams` (or any object with 1-D C-contiguous
-            ``flat`` and ``flat_grad`` of one float dtype and length). The model's
-            parameters are views of ``arena.flat``; its backward pass writes into
-            ``arena.flat_grad``.
+            ``flat`` and ``flat_grad`` of one float dtype and length; float32 gradients
+            are accepted for 16-bit parameters). The model's parameters are views of
+            ``arena.flat``; its backward pass writes into ``arena.flat_grad``. 16-bit
+            gradients are widened into a float32 buffer, ``dp.flat_grad``, and reduced
+            there.
         optimizer: a ch8fast optimizer class (``ch8fast.Adam``) or its name (``"Adam"``).
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
         shard_state: keep optimizer state only for this rank's slice (ZeRO stage 1).
@@ -174,7 +176,7 @@ class DataParallel:
                 _isa.set_default_num_threads(default_num_threads(here))
             if broadcast:
                 coll.run("the broadcast of rank 0's parameters in DataParallel()",
-                         comm.Bcast, [self.flat, self._mpi_type], root=0)
+                         comm.Bcast, self._param_msg, root=0)
             else:
                 off = self._out_of_sync()
                 if off:
@@ -194,14 +196,14 @@ class DataParallel:
                                 f"ch8fast.FlatParams), got {type(a).__name__}")
             if a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
                 raise ValueError(f"{name} must be 1-D, C-contiguous and writeable")
-            if a.dtype not in (np.float32, np.float64):
-                raise TypeError(f"{name} must be float32 or float64, got {a.dtype} "
-                                f"(16-bit parameters are not data-parallel yet; a float32 "
-                                f"arena with state_format='bfloat16' or 'q8' compresses "
-                                f"the state)")
-        if flat.shape != flat_grad.shape or flat.dtype != flat_grad.dtype:
+            if a.dtype not in (np.float32, np.float64) and not storage.is_16bit(a.dtype):
+                raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, "
+                                f"got {a.dtype}")
+        wide16 = storage.is_16bit(flat.dtype) and flat_grad.dtype == np.float32
+        if flat.shape != flat_grad.shape or (flat.dtype != flat_grad.dtype and not wide16):
             raise ValueError(f"arena.flat ({flat.size} {flat.dtype}) and arena.flat_grad "
-                             f"({flat_grad.size} {flat_grad.dtype}) must match")
+                             f"({flat_grad.size} {flat_grad.dtype}) must match (float32 "
+                             f"gradients are accepted for 16-bit parameters)")
         if np.shares_memory(flat, flat_grad):
             raise ValueError("arena.flat and arena.flat_grad share memory")
         if isinstance(optimizer, str):
@@ -224,7 +226,12 @@ class DataParallel:
         for k, v in opt_kwargs.items():
             _describe_hyperparameter(k, v)
 
-        self.arena, self.flat, self.flat_grad = arena, flat, flat_grad
+        self.arena, self.flat = arena, flat
+        # The gradients are reduced in float32 or float64: 16-bit gradients are widened
+        # (exactly) into a float32 buffer first, which is then the averaged gradient.
+        self._user_grad = flat_grad
+        self._widen = storage.is_16bit(flat_grad.dtype)
+        self.flat_grad = np.zeros(flat.size, np.float32) if self._widen else flat_grad
         self.shard_state, self.grad_sync = shard_state, grad_sync
         if "element_offset" in opt_kwargs:
             raise ValueError("element_offset is DataParallel's to set (each rank's slice "
@@ -237,16 +244,22 @@ class DataParallel:
             align = max(ALIGN_BYTES, storage.BLOCK * flat.dtype.itemsize)
         self.bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize, align)
         self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
-        self._mpi_type = self._MPI.FLOAT if flat.dtype == np.float32 else self._MPI.DOUBLE
+        g_dtype = self.flat_grad.dtype
+        self._mpi_type = self._MPI.FLOAT if g_dtype == np.float32 else self._MPI.DOUBLE
+        # the parameters travel as their bits (MPI has no 16-bit float type)
+        if storage.is_16bit(flat.dtype):
+            self._param_msg = [flat.view(np.uint16), self._MPI.UINT16_T]
+        else:
+            self._param_msg = [flat, self._mpi_type]
         self._counts = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
         self._displs = self.bounds[:-1]
         if self.shard_state:
             self.param_view = flat[self.lo:self.hi]
-            self.grad_view = (np.zeros(self.hi - self.lo, flat.dtype)
+            self.grad_view = (np.zeros(self.hi - self.lo, g_dtype)
                               if grad_sync == "reduce_scatter" and self.world > 1
-                              else flat_grad[self.lo:self.hi])
+                              else self.flat_grad[self.lo:self.hi])
         else:
-            self.param_view, self.grad_view = flat, flat_grad
+            self.param_view, self.grad_view = flat, self.flat_grad
         if self.shard_state:
             opt_kwargs = dict(opt_kwargs, element_offset=self.lo)
         self.optimizer = opt = optimizer([self.param_view], **opt_kwargs)
@@ -256,7 +269,8 @@ class DataParallel:
                                                if k != "params"))
         self._table = np.zeros(4 * self.world, np.int64)
         self._norms = np.zeros(self.world, np.float64)
-        return {"size": flat.size, "dtype": flat.dtype.str, "optimizer": optimizer.__name__,
+        return {"size": flat.size, "dtype": flat.dtype.name,
+                "grad_dtype": self._user_grad.dtype.name, "optimizer": optimizer.__name__,
                 "shard_state": shard_state, "grad_sync": grad_sync, "broadcast": broadcast,
                 "check_steps": self.check_steps, **self._options(opt),
                 "hyperparameters": self._hyperparameters(opt)}
@@ -304,6 +318,8 @@ class DataParallel:
         self._in_step = True
         try:
             local_size, global_size = self._agree_on_step(opt, local_size, global_size)
+            if self._widen:
+                np.copyto(g, self._user_grad)
             if local_size is not None:
                 if local_size == 0:
                     g[...] = 0
@@ -604,7 +620,7 @@ class DataParallel:
 
     def _allgather(self):
         self._coll.run("the parameter allgather", self.comm.Allgatherv, self._MPI.IN_PLACE,
-                       [self.flat, self._counts, self._displs, self._mpi_type])
+                       [self._param_msg[0], self._counts, self._displs, self._param_msg[1]])
 
     def _global_norm(self):
         """The 2-norm of the averaged gradient, from the norm of every rank's slice:
@@ -649,7 +665,7 @@ class DataParallel:
     def digest(self):
         """A hash of this rank's parameter bytes (and step count)."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(memoryview(self.flat).cast("B"))
+        h.update(self.flat.view(np.uint8))
         h.update(str(self.steps).encode())
         return h.hexdigest()
 

@@ -11,6 +11,7 @@
     mpirun -n 2 python tests/mpi/dp_worker.py killsave DIR [kill]   # killed mid-save
     mpirun -n P python tests/mpi/dp_worker.py storage               # bf16 and 8-bit state
     mpirun -n P python tests/mpi/dp_worker.py rows                  # row-sparse gradients
+    mpirun -n P python tests/mpi/dp_worker.py storage16             # 16-bit parameters
     mpirun -n P python tests/mpi/dp_worker.py storage_save DIR      # compressed state saved
     mpirun -n Q python tests/mpi/dp_worker.py storage_resume DIR    # ... and resumed
 
@@ -24,6 +25,7 @@ import json
 import os
 import sys
 
+import ml_dtypes
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -468,6 +470,9 @@ def rows():
 
 
 STORAGE_CK_SIZES = {"w": (700,), "b": (333,)}      # 1,033: blocks end inside tensors
+# (state_format, parameter dtype, param_mode) of the checkpoint tests
+STORAGE_CK_CASES = [("bfloat16", "float32", None), ("q8", "float32", None),
+                    ("q8", "bfloat16", "master"), ("float32", "float16", "stochastic")]
 
 
 def storage_run(dp, steps, seed):
@@ -480,24 +485,26 @@ def storage_run(dp, steps, seed):
         dp.step(int(RANK == 0), 1)
 
 
-def storage_dp(fmt, shard):
-    arena = ch8fast.FlatParams(STORAGE_CK_SIZES, np.float32)
+def storage_dp(fmt, pdtype, mode, shard, **kw):
+    arena = ch8fast.FlatParams(STORAGE_CK_SIZES, np.dtype(getattr(ml_dtypes, pdtype, pdtype)))
     arena.flat[...] = np.random.default_rng(4).standard_normal(arena.flat.size)
+    extra = {} if mode is None else {"param_mode": mode}
     return DataParallel(arena, ch8fast.Adam, COMM, lr=1e-2, state_format=fmt, seed=9,
-                        shard_state=shard)
+                        shard_state=shard, **extra, **kw)
 
 
 def storage_save(folder):
-    """Compressed state in a data-parallel checkpoint: save after 4 steps, record the
-    parameters 3 steps later."""
+    """Compressed state and 16-bit parameters in a data-parallel checkpoint: save after 4
+    steps, record the parameters 3 steps later."""
     expected = {}
-    for fmt in ("bfloat16", "q8"):
+    for fmt, pdtype, mode in STORAGE_CK_CASES:
         for shard in (False, True):
-            dp = storage_dp(fmt, shard)
+            key = f"{fmt}-{pdtype}-{mode}-{shard}"
+            dp = storage_dp(fmt, pdtype, mode, shard)
             storage_run(dp, 4, 1)
-            dp.save(os.path.join(folder, f"{fmt}_{shard}"))
+            dp.save(os.path.join(folder, key))
             storage_run(dp, 3, 2)
-            expected[f"{fmt}_{shard}"] = dp.flat.tobytes().hex()
+            expected[key] = dp.flat.view(np.uint8).tobytes().hex()
     if RANK == 0:
         with open(os.path.join(folder, "expected.json"), "w") as f:
             json.dump({"world": WORLD, "flat": expected}, f)
@@ -510,13 +517,70 @@ def storage_resume(folder):
     with open(os.path.join(folder, "expected.json")) as f:
         saved = json.load(f)
     for key, flat in saved["flat"].items():
-        fmt = key.split("_")[0]
+        fmt, pdtype, mode, _ = key.split("-")
+        mode = None if mode == "None" else mode
         for shard in (False, True):
-            dp = storage_dp(fmt, shard)
+            dp = storage_dp(fmt, pdtype, mode, shard)
             dp.load(os.path.join(folder, key))
             storage_run(dp, 3, 2)
             result(case=f"{key} -> shard {shard}", saved_on=saved["world"], world=WORLD,
-                   bitwise=dp.flat.tobytes().hex() == flat, in_sync=dp.check_in_sync())
+                   bitwise=dp.flat.view(np.uint8).tobytes().hex() == flat,
+                   in_sync=dp.check_in_sync())
+
+
+class GradArena:
+    """A 16-bit parameter buffer with float32 gradients."""
+
+    def __init__(self, size, dtype):
+        self.flat = np.zeros(size, dtype)
+        self.flat_grad = np.zeros(size, np.float32)
+
+
+def storage16():
+    """16-bit parameters with data parallelism, every param_mode, float32 and 8-bit state,
+    16-bit or float32 gradients: each unsharded step equals one process stepping with the
+    averaged gradient, bit for bit, and sharded equals unsharded."""
+    for pdtype in ("bfloat16", "float16"):
+        dt = np.dtype(getattr(ml_dtypes, pdtype, pdtype))
+        n = ch8fast.FlatParams(STORAGE_CK_SIZES, dt).flat.size     # padded tensors
+        for mode in ("master", "stochastic", "kahan"):
+            for fmt in ("float32", "q8"):
+                grads16 = mode != "kahan"          # kahan: float32 gradients
+                flats, out = {}, {"case": f"{pdtype}_{mode}_{fmt}", "world": WORLD,
+                                  "grads": "16-bit" if grads16 else "float32"}
+                start = np.random.default_rng(4).standard_normal(n).astype(dt)
+                for vname, kw in (("dp", {}), ("zero", dict(shard_state=True)),
+                                  ("zero_rs", dict(shard_state=True,
+                                                   grad_sync="reduce_scatter"))):
+                    arena = (ch8fast.FlatParams(STORAGE_CK_SIZES, dt) if grads16
+                             else GradArena(n, dt))
+                    arena.flat[...] = start
+                    dp = DataParallel(arena, ch8fast.Adam, COMM, lr=1e-2, param_mode=mode,
+                                      state_format=fmt, seed=5, **kw)
+                    ref = ref_opt = None
+                    if vname == "dp":
+                        ref = start.copy()
+                        ref_opt = ch8fast.Adam([ref], lr=1e-2, param_mode=mode,
+                                               state_format=fmt, seed=5)
+                    same = True
+                    for t in range(6):
+                        rng = np.random.default_rng(1000 * t + RANK)
+                        arena.flat_grad[...] = rng.standard_normal(n)
+                        dp.step(RANK + 1, WORLD * (WORLD + 1) // 2)
+                        if ref_opt is not None:
+                            ref_opt.step([dp.flat_grad.copy()])
+                            same = same and ref.view(np.uint16).tobytes() == \
+                                dp.flat.view(np.uint16).tobytes()
+                    flats[vname] = dp.flat.view(np.uint16).copy()
+                    out[vname] = {"in_sync": dp.check_in_sync(),
+                                  "moved": flats[vname].tobytes() !=
+                                  start.view(np.uint16).tobytes()}
+                    if vname == "dp":
+                        out["dp_bitwise_eq_one_process"] = same
+                out["zero_bitwise_eq_dp"] = flats["zero"].tobytes() == flats["dp"].tobytes()
+                out["zero_rs_bitwise_eq_dp"] = (flats["zero_rs"].tobytes() ==
+                                                flats["dp"].tobytes())
+                result(**out)
 
 
 def threads():
@@ -579,7 +643,7 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust",
                                      "agree", "single", "threads", "killsave",
                                      "storage", "rows", "storage_save",
-                                     "storage_resume"])
+                                     "storage_resume", "storage16"])
     ap.add_argument("folder", nargs="?")
     ap.add_argument("more", nargs="*")
     ap.add_argument("--shard", action="store_true")
@@ -604,6 +668,8 @@ if __name__ == "__main__":
         storage_modes()
     elif a.what == "rows":
         rows()
+    elif a.what == "storage16":
+        storage16()
     elif a.what == "storage_save":
         storage_save(a.folder)
     elif a.what == "storage_resume":
