@@ -28,10 +28,10 @@ def main(argv=None):
         row = bench.run_case("adam", "float32", 1, n, args.threads,
                              which=("ch8fast", "numpy", "roofline", "functional"),
                              repeats=args.repeats)
-        print(f"{n:>10}  {bench._fmt_time(row['time']['ch8fast']):>13}  "
-              f"{bench._fmt_time(row['time']['numpy']):>15}  "
+        print(f"{n:>10}  {bench.fmt_time(row['time']['ch8fast']):>13}  "
+              f"{bench.fmt_time(row['time']['numpy']):>15}  "
               f"{row['speedup']['numpy']:>16.2f}  {row['roofline_fraction']:>17.2f}  "
-              f"{bench._fmt_time(row['time']['functional']):>11}  "
+              f"{bench.fmt_time(row['time']['functional']):>11}  "
               f"{row['speedup']['functional']:>17.2f}")
 
 

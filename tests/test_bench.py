@@ -24,7 +24,7 @@ def test_numpy_peers_match_ch8fast(rule, peer, dtype):
     rng = np.random.default_rng(1)
     shapes = [(7,), (3, 5), (1,)]
     p0 = [(0.1 * rng.standard_normal(s)).astype(dtype) for s in shapes]
-    ours = bench._ch8fast(rule, [p.copy() for p in p0])
+    ours = bench.peers._ch8fast(rule, [p.copy() for p in p0])
     make = bench.NumpyOptimizer if peer == "inplace" else bench.reference_optimizer
     other = make(rule, [p.copy() for p in p0])
     for _ in range(5):
@@ -48,7 +48,7 @@ def test_cases_read_the_rule_specifications(rule):
     cls, given = bench.CASES[rule]
     h = bench.hyperparameters(rule)
     assert h == dict(cls.rule.defaults(), **given)
-    opt = bench._ch8fast(rule, [np.zeros(3)])
+    opt = bench.peers._ch8fast(rule, [np.zeros(3)])
     assert all(opt.param_groups[0][k] == v for k, v in h.items() if k in opt.param_groups[0])
     assert tuple(opt.state[0]) == bench.state_names(rule)
     peer = bench.NumpyOptimizer(rule, [np.zeros(3)])
@@ -152,11 +152,11 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
 
 
 def test_size_and_layout_parsing():
-    assert bench._parse_list("1e2,16e6, 3.2e7", bench._count, "size") == [
+    assert bench.command._parse_list("1e2,16e6, 3.2e7", bench.command._count, "size") == [
         100, 16_000_000, 32_000_000]
-    assert bench._parse_list("100x1e4,1000X1e3", bench._layout, "layout") == [
+    assert bench.command._parse_list("100x1e4,1000X1e3", bench.command._layout, "layout") == [
         (100, 10_000), (1000, 1000)]
-    assert bench._parse_list("none", bench._count, "size") == []
+    assert bench.command._parse_list("none", bench.command._count, "size") == []
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -197,7 +197,7 @@ def test_noisy_cases_get_more_rounds_then_a_question_mark(monkeypatch):
             return 2e-6 * k
         seen["ch8fast"] += 1
         return (90e-6 if seen["ch8fast"] % 3 else 1e-6) * k
-    monkeypatch.setattr(bench, "_time", fake_time)
+    monkeypatch.setattr(bench.timing, "_time", fake_time)
     samples, _ = bench.measure({"ch8fast": ch8, "numpy": peer}, repeats=3, min_time=1e-9)
     assert len(samples["ch8fast"]) == 15                  # measured longer, to the limit
     value, trusted = bench.ratio(samples["numpy"], samples["ch8fast"])
@@ -207,7 +207,7 @@ def test_noisy_cases_get_more_rounds_then_a_question_mark(monkeypatch):
            "time": {"ch8fast": 1e-6}, "spread": 44.0, "gbps": {"ch8fast": 1.0},
            "roofline_fraction": 0.5, "speedup": {"numpy": value}, "vs_flat": None,
            "withheld": ["numpy"]}
-    cells = dict(zip(bench.COLUMNS, bench._cells(row)))
+    cells = dict(zip(bench.COLUMNS, bench.report.cells(row)))
     assert cells["x numpy"] == "?" and cells["roofline"] == "0.50"
     md = bench.markdown({"ch8fast": "0", "cpu": "x", "cores": 2, "usable_cores": 2,
                          "isa": "baseline", "threads": [1], "python": "3", "numpy": "2",
@@ -218,7 +218,7 @@ def test_noisy_cases_get_more_rounds_then_a_question_mark(monkeypatch):
 def test_quiet_cases_stop_at_the_requested_rounds(monkeypatch):
     def ch8(): pass
     def peer(): pass
-    monkeypatch.setattr(bench, "_time", lambda fn, k: (2e-6 if fn is peer else 1e-6) * k)
+    monkeypatch.setattr(bench.timing, "_time", lambda fn, k: (2e-6 if fn is peer else 1e-6) * k)
     samples, _ = bench.measure({"ch8fast": ch8, "numpy": peer}, repeats=4, min_time=1e-9)
     assert len(samples["ch8fast"]) == 4
     assert bench.ratio(samples["numpy"], samples["ch8fast"]) == (pytest.approx(2.0), True)
