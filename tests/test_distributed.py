@@ -278,8 +278,33 @@ def test_16bit_arenas_need_matching_or_float32_gradients():
     dp = DataParallel(Arena(ml_dtypes.bfloat16, np.float32), ch8fast.Adam, lr=0.1)
     dp.arena.flat_grad[...] = 1
     dp.step()
+    assert dp.flat_grad is dp.arena.flat_grad and dp.averaged_grad is dp.flat_grad
+    arena16 = ch8fast.FlatParams({"w": (64,)}, ml_dtypes.bfloat16)
+    dp16 = DataParallel(arena16, ch8fast.SGD, lr=0.5)
+    arena16.flat_grad[...] = 2
+    dp16.step()
+    assert dp16.flat_grad is arena16.flat_grad            # the input, left as written
+    assert dp16.averaged_grad.dtype == np.float32 and np.all(dp16.averaged_grad == 2)
+    assert np.all(np.asarray(arena16.flat, np.float32) == -1)
     assert np.all(np.asarray(dp.flat, np.float32) == np.float32(-0.1).astype(
         ml_dtypes.bfloat16).astype(np.float32))
+
+
+@needs_mpi
+def test_what_data_parallel_holds_cannot_be_replaced():
+    """Replacing an array the collectives or the optimizer hold (the reduction would run
+    on one array and the step on another) is refused; writing into it works."""
+    from ch8fast.distributed import DataParallel
+    arena = ch8fast.FlatParams({"w": (10,)}, np.float32)
+    dp = DataParallel(arena, ch8fast.SGD, lr=0.5)
+    for name in ("flat", "flat_grad", "grad_view", "param_view", "optimizer", "arena",
+                 "bounds", "lo", "hi", "shard_state", "grad_sync", "comm", "rank",
+                 "world", "timeout", "check_steps", "averaged_grad"):
+        with pytest.raises(AttributeError):
+            setattr(dp, name, getattr(dp, name))
+    dp.flat_grad[...] = 1.0                   # in place: takes effect
+    dp.step()
+    assert np.all(dp.flat == -0.5) and dp.optimizer.params[0] is not None
 
 
 @needs_mpi

@@ -78,6 +78,19 @@ def _by_value(values):
     return sorted(groups.items(), key=lambda item: (-len(item[1]), item[1]))
 
 
+def _fixed(name, doc):
+    """A read-only attribute of DataParallel: the collectives, the optimizer's tables and
+    the shards hold what it names, so replacing it would be ignored or worse."""
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def refuse(self, value):
+        raise AttributeError(f"DataParallel.{name} cannot be replaced: the step's "
+                             f"collectives and the optimizer hold it (write into the "
+                             f"arrays in place, or make a new DataParallel)")
+    return property(get, refuse, doc=doc)
+
+
 class DataParallel:
     """Data-parallel training of the parameters in ``arena`` with a ch8fast optimizer.
 
@@ -86,8 +99,8 @@ class DataParallel:
             ``flat`` and ``flat_grad`` of one float dtype and length; float32 gradients
             are accepted for 16-bit parameters). The model's parameters are views of
             ``arena.flat``; its backward pass writes into ``arena.flat_grad``. 16-bit
-            gradients are widened into a float32 buffer, ``dp.flat_grad``, and reduced
-            there.
+            gradients are widened into a float32 buffer, ``dp.averaged_grad``, and
+            reduced there.
         optimizer: a ch8fast optimizer class (``ch8fast.Adam``) or its name (``"Adam"``).
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
         shard_state: keep optimizer state only for this rank's slice (ZeRO stage 1).
@@ -118,18 +131,52 @@ class DataParallel:
     Every rank must make the same calls in the same order (they are collective):
     ``step``, ``check_in_sync``, ``memory_report``, ``save``, ``load``, ``at_theta``.
 
-    Attributes:
-        optimizer: the ch8fast optimizer over ``[flat]`` or ``[flat[lo:hi]]``.
-        bounds: the slice boundaries of every rank; ``lo, hi`` this rank's.
-        steps, skipped_steps, last_grad_norm: the optimizer's counters and last norm.
+    Its attributes (``optimizer``, ``flat``, ``flat_grad``, ``bounds``, ...) are read-only:
+    the collectives and the optimizer hold what they name. ``steps``, ``skipped_steps`` and
+    ``last_grad_norm`` are the optimizer's counters and last norm.
     """
+
+    comm = _fixed("comm", "The communicator.")
+    rank = _fixed("rank", "This rank.")
+    world = _fixed("world", "The number of ranks.")
+    timeout = _fixed("timeout", "Seconds a rank may wait in a collective (None: forever).")
+    check_steps = _fixed("check_steps", "Whether each step checks that the ranks agree.")
+    arena = _fixed("arena", "The arena given at construction.")
+    flat = _fixed("flat", "``arena.flat``: every parameter, one 1-D array.")
+    shard_state = _fixed("shard_state", "Whether the state is sharded over the ranks.")
+    grad_sync = _fixed("grad_sync", "``'allreduce'`` or ``'reduce_scatter'``.")
+    bounds = _fixed("bounds", "The shards' bounds in ``flat``: rank r's is "
+                    "``[bounds[r], bounds[r + 1])``.")
+    lo = _fixed("lo", "The start of this rank's shard in ``flat``.")
+    hi = _fixed("hi", "The end of this rank's shard in ``flat``.")
+    param_view = _fixed("param_view", "The parameters this rank's optimizer updates: its "
+                        "shard of ``flat`` (all of it, unsharded).")
+    grad_view = _fixed("grad_view", "The averaged gradient of ``param_view`` after a step.")
+    optimizer = _fixed("optimizer", "This rank's optimizer (of ``param_view``).")
+
+    @property
+    def flat_grad(self):
+        """``arena.flat_grad``: where the backward pass writes this rank's gradient. For
+        float32 and float64 arenas a step averages it in place."""
+        return self._user_grad
+
+    @flat_grad.setter
+    def flat_grad(self, value):
+        _fixed("flat_grad", "").fset(self, value)
+
+    @property
+    def averaged_grad(self):
+        """The buffer that holds the averaged gradient after a step: ``flat_grad`` itself,
+        or, for 16-bit gradients, the float32 buffer they are widened into (see
+        ``grad_view`` for this rank's part of it with a reduce-scatter)."""
+        return self._grad
 
     def __init__(self, arena, optimizer, comm=None, *, shard_state=False,
                  grad_sync="allreduce", broadcast=True, timeout=DEFAULT_TIMEOUT,
                  check_steps=True, **opt_kwargs):
         self._MPI = mpi()
-        self.comm = comm = get_comm(comm)
-        self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        self._comm = comm = get_comm(comm)
+        self._rank, self._world = comm.Get_rank(), comm.Get_size()
         self._in_step = False
         self._row_calls = 0
         if self.world > 1:
@@ -142,7 +189,7 @@ class DataParallel:
             timeout = None if timeout is None else positive(timeout, "timeout")
         except (TypeError, ValueError) as exc:
             error, timeout = exc, DEFAULT_TIMEOUT
-        self.timeout = timeout
+        self._timeout = timeout
         self._coll = coll = Collectives(comm, timeout, self._where)
         if error is None:
             try:
@@ -219,20 +266,20 @@ class DataParallel:
                              f"{grad_sync!r}")
         shard_state = flag(shard_state, "shard_state")
         broadcast = flag(broadcast, "broadcast")
-        self.check_steps = flag(check_steps, "check_steps")
+        self._check_steps = flag(check_steps, "check_steps")
         if grad_sync == "reduce_scatter" and not shard_state:
             raise ValueError("grad_sync='reduce_scatter' needs shard_state=True (without "
                              "sharding every rank needs every averaged gradient)")
         for k, v in opt_kwargs.items():
             _describe_hyperparameter(k, v)
 
-        self.arena, self.flat = arena, flat
+        self._arena, self._flat = arena, flat
         # The gradients are reduced in float32 or float64: 16-bit gradients are widened
         # (exactly) into a float32 buffer first, which is then the averaged gradient.
         self._user_grad = flat_grad
         self._widen = storage.is_16bit(flat_grad.dtype)
-        self.flat_grad = np.zeros(flat.size, np.float32) if self._widen else flat_grad
-        self.shard_state, self.grad_sync = shard_state, grad_sync
+        self._grad = np.zeros(flat.size, np.float32) if self._widen else flat_grad
+        self._shard_state, self._grad_sync = shard_state, grad_sync
         if "element_offset" in opt_kwargs:
             raise ValueError("element_offset is DataParallel's to set (each rank's slice "
                              "starts at its offset in the buffer, so that stochastic "
@@ -242,9 +289,9 @@ class DataParallel:
         align = ALIGN_BYTES
         if opt_kwargs.get("state_format") == "q8":
             align = max(ALIGN_BYTES, storage.BLOCK * flat.dtype.itemsize)
-        self.bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize, align)
-        self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
-        g_dtype = self.flat_grad.dtype
+        self._bounds = shard_bounds(flat.size, self.world, flat.dtype.itemsize, align)
+        self._lo, self._hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        g_dtype = self._grad.dtype
         self._mpi_type = self._MPI.FLOAT if g_dtype == np.float32 else self._MPI.DOUBLE
         # the parameters travel as their bits (MPI has no 16-bit float type)
         if storage.is_16bit(flat.dtype):
@@ -254,15 +301,15 @@ class DataParallel:
         self._counts = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
         self._displs = self.bounds[:-1]
         if self.shard_state:
-            self.param_view = flat[self.lo:self.hi]
-            self.grad_view = (np.zeros(self.hi - self.lo, g_dtype)
-                              if grad_sync == "reduce_scatter" and self.world > 1
-                              else self.flat_grad[self.lo:self.hi])
+            self._param_view = flat[self.lo:self.hi]
+            self._grad_view = (np.zeros(self.hi - self.lo, g_dtype)
+                               if grad_sync == "reduce_scatter" and self.world > 1
+                               else self._grad[self.lo:self.hi])
         else:
-            self.param_view, self.grad_view = flat, self.flat_grad
+            self._param_view, self._grad_view = flat, self._grad
         if self.shard_state:
             opt_kwargs = dict(opt_kwargs, element_offset=self.lo)
-        self.optimizer = opt = optimizer([self.param_view], **opt_kwargs)
+        self._optimizer = opt = optimizer([self.param_view], **opt_kwargs)
         self._row = np.zeros(4, np.int64)
         # the step check's key of a group: its hyperparameters as objects
         self._hyper_of = operator.itemgetter(*(k for k in opt.param_groups[0]
@@ -314,7 +361,7 @@ class DataParallel:
         arguments are bad or differ in kind from the others', RuntimeError when the
         ranks are out of step or configured differently.
         """
-        opt, g, world = self.optimizer, self.flat_grad, self.world
+        opt, g, world = self.optimizer, self._grad, self.world
         self._in_step = True
         try:
             local_size, global_size = self._agree_on_step(opt, local_size, global_size)
@@ -634,7 +681,7 @@ class DataParallel:
                            [mine, D], [self._norms, D])
             parts = self._norms.tolist()
         else:
-            parts = [global_norm(self.flat_grad[self.bounds[r]:self.bounds[r + 1]])
+            parts = [global_norm(self._grad[self.bounds[r]:self.bounds[r + 1]])
                      for r in range(self.world)]
         if any(math.isnan(p) for p in parts):
             return math.nan

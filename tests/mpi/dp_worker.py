@@ -381,7 +381,7 @@ def storage_modes():
                         arena.flat_grad[...] = 0
                     dp.step(len(mine), len(idx))
                     if ref_opt is not None:     # the averaged gradient, one process
-                        ref_opt.step(dp.flat_grad.copy())
+                        ref_opt.step(dp.averaged_grad.copy())
                         same = same and ref.tobytes() == dp.flat.tobytes()
                 flats[vname] = dp.flat.copy()
                 out[vname] = {"in_sync": dp.check_in_sync(), "bounds": dp.bounds,
@@ -568,7 +568,7 @@ def storage16():
                         arena.flat_grad[...] = rng.standard_normal(n)
                         dp.step(RANK + 1, WORLD * (WORLD + 1) // 2)
                         if ref_opt is not None:
-                            ref_opt.step([dp.flat_grad.copy()])
+                            ref_opt.step([dp.averaged_grad.copy()])
                             same = same and ref.view(np.uint16).tobytes() == \
                                 dp.flat.view(np.uint16).tobytes()
                     flats[vname] = dp.flat.view(np.uint16).copy()
