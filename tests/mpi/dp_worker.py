@@ -354,6 +354,12 @@ STORAGE_CASES = [("adam", ch8fast.Adam, dict(lr=0.01)),
                  ("adagrad", ch8fast.AdaGrad, dict(lr=0.05))]
 
 
+def sharded_against_unsharded(flats):
+    """Whether the sharded variants ended with the unsharded one's parameter bits."""
+    return {f"{v}_bitwise_eq_dp": flats[v].tobytes() == flats["dp"].tobytes()
+            for v in ("zero", "zero_rs")}
+
+
 def storage_modes():
     """Compressed state with data parallelism: unsharded, each step equals one process
     stepping with the averaged gradient, bit for bit; sharded (8-bit blocks and random
@@ -390,10 +396,7 @@ def storage_modes():
                               "state_bytes_per_rank": dp.memory_report()["per_rank"]}
                 if vname == "dp":
                     out["dp_bitwise_eq_one_process"] = same
-            out["zero_bitwise_eq_dp"] = flats["zero"].tobytes() == flats["dp"].tobytes()
-            out["zero_rs_bitwise_eq_dp"] = (flats["zero_rs"].tobytes() ==
-                                            flats["dp"].tobytes())
-            result(**out)
+            result(**out, **sharded_against_unsharded(flats))
 
 
 def rows():
@@ -577,10 +580,7 @@ def storage16():
                                   start.view(np.uint16).tobytes()}
                     if vname == "dp":
                         out["dp_bitwise_eq_one_process"] = same
-                out["zero_bitwise_eq_dp"] = flats["zero"].tobytes() == flats["dp"].tobytes()
-                out["zero_rs_bitwise_eq_dp"] = (flats["zero_rs"].tobytes() ==
-                                                flats["dp"].tobytes())
-                result(**out)
+                result(**out, **sharded_against_unsharded(flats))
 
 
 def threads():
