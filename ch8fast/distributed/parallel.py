@@ -78,11 +78,14 @@ def _by_value(values):
     return sorted(groups.items(), key=lambda item: (-len(item[1]), item[1]))
 
 
-def _fixed(name, doc):
-    """A read-only attribute of DataParallel: the collectives, the optimizer's tables and
-    the shards hold what it names, so replacing it would be ignored or worse."""
+def _fixed(name, doc, attr=None):
+    """A read-only attribute of DataParallel (stored as ``attr``, default ``_name``): the
+    collectives, the optimizer's tables and the shards hold what it names, so replacing it
+    would be ignored or worse."""
+    attr = attr or "_" + name
+
     def get(self):
-        return getattr(self, "_" + name)
+        return getattr(self, attr)
 
     def refuse(self, value):
         raise AttributeError(f"DataParallel.{name} cannot be replaced: the step's "
@@ -154,15 +157,9 @@ class DataParallel:
     grad_view = _fixed("grad_view", "The averaged gradient of ``param_view`` after a step.")
     optimizer = _fixed("optimizer", "This rank's optimizer (of ``param_view``).")
 
-    @property
-    def flat_grad(self):
-        """``arena.flat_grad``: where the backward pass writes this rank's gradient. For
-        float32 and float64 arenas a step averages it in place."""
-        return self._user_grad
-
-    @flat_grad.setter
-    def flat_grad(self, value):
-        _fixed("flat_grad", "").fset(self, value)
+    flat_grad = _fixed("flat_grad", "``arena.flat_grad``: where the backward pass writes "
+                       "this rank's gradient. For float32 and float64 arenas a step "
+                       "averages it in place.", attr="_user_grad")
 
     @property
     def averaged_grad(self):
