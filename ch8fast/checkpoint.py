@@ -196,8 +196,16 @@ def _fsync_dir(folder):
 
 
 def _pid_alive(pid):
+    """Whether process ``pid`` still runs. A zombie (exited, not yet reaped by its parent)
+    answers signal 0 but writes nothing more: it counts as gone, where /proc tells."""
     if pid == os.getpid():
         return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -234,6 +234,17 @@ def test_bad_row_sparse_reductions_raise_on_every_rank(world):
 
 
 @needs_mpi
+def test_row_sparse_reduction_compares_the_table_dtype():
+    """A float16 table on one rank, float32 on the other, the same float32 gradient rows:
+    refused on every rank (the replicas would differ after one step)."""
+    r = rows_results(2)["rows_errors"]
+    msg = r["errors"]["table_dtype"]
+    assert msg is not None and "the ranks differ in table dtype: float32 on rank(s) [0], " \
+        "float16 on rank(s) [1]" in msg, msg
+    assert r["same_on_every_rank"]["table_dtype"] and r["table_unchanged"], r
+
+
+@needs_mpi
 @pytest.mark.parametrize("saved_on, resumed_on", [(2, 2), (3, 2), (2, 3)])
 def test_compressed_state_checkpoints_resume_bit_for_bit(tmp_path, saved_on, resumed_on):
     """bfloat16 and 8-bit state, and 16-bit parameters (master copy, stochastic rounding),
@@ -369,6 +380,97 @@ def test_failures_leave_every_rank_consistent(tmp_path):
     assert r["one_rank_refuses"] is not None and "rank(s) [1]" in r["one_rank_refuses"]
     assert "different hyperparameters" in r["one_rank_refuses"]
     assert r["state_unchanged"] == [True, True]
+
+
+_AUDIT = {}
+
+
+def audit(tmp_path_factory):
+    """The RESULT of ``dp_worker.py audit`` on 3 ranks (every value gathered from every
+    rank), run once."""
+    if not _AUDIT:
+        proc, res = mpirun(3, "audit", str(tmp_path_factory.mktemp("audit")))
+        check(proc)
+        _AUDIT.update(res[0])
+    return _AUDIT
+
+
+def same_error_everywhere(messages, *parts):
+    assert len(messages) == 3 and len(set(messages)) == 1, messages
+    assert messages[0] is not None and all(p in messages[0] for p in parts), messages
+
+
+@needs_mpi
+def test_8bit_state_recut_to_a_slice_of_one_element(tmp_path_factory):
+    """513 elements of 8-bit state on 3 ranks: the last slice holds one element and one
+    scale. Saved unsharded, loaded sharded (each scale told from each element by what it
+    is, not by its length): the run goes on with the same bits."""
+    r = audit(tmp_path_factory)
+    assert r["q8_one_element_bounds"][0] == [0, 256, 512, 513]
+    assert r["q8_one_element_load"] == [None] * 3, r["q8_one_element_load"]
+    assert r["q8_one_element_bitwise"] == [True] * 3
+    assert r["q8_one_element_in_sync"] == [True] * 3
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["unsharded", "sharded"])
+def test_load_refuses_ranks_that_read_other_checkpoints(tmp_path_factory, mode):
+    """Two saves of one run at the same step, the last rank given the other folder: every
+    rank refuses, naming the ranks and what they read, and nothing changes; loading one
+    checkpoint on every rank then works."""
+    r = audit(tmp_path_factory)
+    same_error_everywhere(r[f"other_checkpoint_{mode}"],
+                          "ValueError: DataParallel.load(): the ranks read different "
+                          "checkpoints: rank(s) [0, 1] save ", f"{mode}-one', rank(s) [2] "
+                          "save ", f"{mode}-two' (every rank must load the same checkpoint)")
+    assert r[f"other_checkpoint_{mode}_unchanged"] == [True] * 3
+    assert r[f"other_checkpoint_{mode}_then_loads"] == [None] * 3
+
+
+@needs_mpi
+def test_construction_compares_the_arena_layout(tmp_path_factory):
+    """One buffer size, other shapes on the last rank: refused on every rank, naming the
+    first tensor that differs and the rank."""
+    r = audit(tmp_path_factory)
+    same_error_everywhere(r["layout_differs"], "ValueError: DataParallel: the ranks disagree "
+                          "on the arena's layout (names, shapes, offsets): tensor 0: 'W' "
+                          "(2, 3) at offset 0 on rank 0, 'W' (3, 2) at offset 0 on rank 2")
+    assert r["layout_same"] == [None] * 3
+
+
+@needs_mpi
+def test_save_refuses_other_folders_and_steps(tmp_path_factory):
+    """Ranks that pass different folders, or whose optimizers made different numbers of
+    steps, are refused on every rank before anything is written."""
+    r = audit(tmp_path_factory)
+    same_error_everywhere(r["folders_differ"], "ValueError: DataParallel.save(): the ranks "
+                          "passed different folders: rank(s) [0]: '", "own-0', rank(s) [1]: "
+                          "'", "own-1', rank(s) [2]: '", "own-2'")
+    assert r["own_folder_written"] == [False] * 3
+    same_error_everywhere(r["save_out_of_step"], "ValueError: DataParallel.save(): the "
+                          "ranks are out of step: rank(s) [1, 2] had made 0 steps, rank(s) "
+                          "[0] had made 1 steps")
+    assert r["out_of_step_written"] == [False] * 3
+
+
+@needs_mpi
+def test_save_on_one_rank_leaves_nothing_for_the_next_save(tmp_path):
+    """Rank 0 saves while rank 1 steps, each catching its error: both say that the ranks
+    are in different collective calls (not the other call's bytes read as step counts),
+    and rank 0's save leaves no save id waiting: the next save on every rank writes every
+    shard under its own id and loads."""
+    proc, res = mpirun(2, "save_alone", str(tmp_path / "ck"), timeout=60)
+    check(proc)
+    r = res[0]
+    assert r["load"] == [None, None] and r["loaded_bitwise"] == [True, True], r
+    e0, e1 = r["error"]
+    assert e0.startswith("RuntimeError: ch8fast.distributed: rank 0 received more data in "
+                         "the save id and folder check of save()"), e0
+    assert "another rank is in another collective call" in e0, e0
+    assert e1.startswith("RuntimeError: DataParallel.step(), step 3 on rank 1: "
+                         "ch8fast.distributed: the ranks are in different collective "
+                         "calls: rank(s) [0] in another collective call, rank(s) [1] in the "
+                         "step check"), e1
 
 
 # ---------------------------------------------------------------------------------------

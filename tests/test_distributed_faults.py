@@ -49,8 +49,9 @@ BY_TIMEOUT = {
 }
 
 
-def run(fault):
-    proc, results, elapsed = _mpi.mpirun(2, WORKER, fault, str(TIMEOUT), timeout=BOUND)
+def run(fault, *more):
+    proc, results, elapsed = _mpi.mpirun(2, WORKER, fault, str(TIMEOUT), *more,
+                                         timeout=BOUND)
     return proc, results, elapsed, proc.stdout + proc.stderr
 
 
@@ -101,3 +102,16 @@ def test_rank_left_waiting_aborts_after_the_timeout(fault):
                      rf"{step}: not every rank joined it", out, re.M), explain(proc, elapsed)
     assert "aborting all 2 ranks" in out
     assert TIMEOUT <= elapsed < TIMEOUT + START, explain(proc, elapsed)
+
+
+@needs_mpi
+def test_a_call_made_on_one_rank_is_reported_as_such(tmp_path):
+    """Rank 0 saves while rank 1 steps: the ranks are in different collective calls, and
+    the rank that finds it says so (not the bytes of the other call read as step counts);
+    the job ends at once."""
+    proc, results, elapsed, out = run("save_on_one_rank", str(tmp_path))
+    assert proc.returncode != 0 and not results, explain(proc, elapsed)
+    assert re.search(r"^\[rank ([01])/2\] ch8fast\.distributed: rank \1 failed .*another "
+                     r"collective call", out, re.M), explain(proc, elapsed)
+    assert not re.search(r"had made \d+ steps", out), explain(proc, elapsed)
+    assert elapsed < TIMEOUT + START, explain(proc, elapsed)

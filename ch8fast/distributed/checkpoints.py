@@ -6,7 +6,13 @@ A folder holds ``manifest.json`` and the files it names, ``shard-<save id>-<r>-o
 shards, then the manifest, then removes the files of earlier saves: until the new manifest
 is in place the previous save stays complete. Each save also removes the temporary files
 that killed saves left (``.shard-....npz.tmp-<host>-<pid>-...``): those written on this
-host by a process that no longer exists, and those of any host untouched for a day.
+host by a process that no longer exists (a zombie, dead but not yet reaped by its parent,
+counts as gone where /proc tells), and those of any host untouched for a day.
+
+Every rank must pass the same folder: the ranks compare their folders (as absolute paths)
+and rank 0's save id in one allgather, which no rank completes alone, before anything is
+written. A load compares what every rank read (the save id and a digest of the manifest):
+ranks that read different checkpoints, even of as many steps, are refused.
 """
 
 import hashlib
@@ -20,7 +26,7 @@ import numpy as np
 from .. import storage
 from ..checkpoint import (atomic_write, canonical_json, read_checkpoint,
                           remove_stale_temporaries, save_checkpoint)
-from .collectives import collective_check
+from .collectives import by_value, collective_check
 
 __all__ = ["DIST_CHECKPOINT_FORMAT", "DIST_CHECKPOINT_VERSION", "MANIFEST",
            "STALE_TEMPORARY_AGE", "save", "load"]
@@ -30,13 +36,16 @@ DIST_CHECKPOINT_VERSION = 1
 MANIFEST = "manifest.json"
 STALE_TEMPORARY_AGE = 24 * 3600.0     # seconds: a temporary file older than this is stale
 _OWN_FILES = r"shard-[0-9a-f]+-[0-9]{5}-of-[0-9]{5}\.npz|" + MANIFEST.replace(".", r"\.")
+SCALES = ".absmax"        # the state entry of an 8-bit state's scales: name + SCALES
 
 
 def shard_file(save_id, r, world):
     return f"shard-{save_id}-{r:05d}-of-{world:05d}.npz"
 
 
-def _layout(arena):
+def arena_layout(arena):
+    """``[[name, shape, offset], ...]`` of a FlatParams (None for an arena without
+    names): compared by DataParallel() across ranks and by load() with the checkpoint."""
     if all(hasattr(arena, k) for k in ("names", "shapes", "offsets")):
         return [[n, list(s), int(o)] for n, s, o in zip(arena.names, arena.shapes,
                                                          arena.offsets)]
@@ -46,8 +55,28 @@ def _layout(arena):
 def save(dp, path, extra=None):
     """:meth:`DataParallel.save`."""
     coll, rank, world = dp._coll, dp.rank, dp.world
-    save_id = coll.run("the save id broadcast of save()", dp.comm.bcast,
-                       secrets.token_hex(8) if rank == 0 else None, root=0)
+    try:
+        folder = os.path.abspath(os.fspath(path))
+    except TypeError:
+        folder = None                        # refused by the argument check below
+    # An allgather, not a broadcast from rank 0: rank 0 cannot complete it alone (a save()
+    # on rank 0 only would leave its id waiting for the others' next save, which would
+    # then write shards under it)
+    everyone = coll.allgather("the save id and folder check of save()",
+                              (secrets.token_hex(8) if rank == 0 else None, folder,
+                               dp.steps + dp.skipped_steps))
+    save_id = everyone[0][0]
+    folders = by_value([f for _, f, _ in everyone])
+    counts = by_value([c for _, _, c in everyone])
+    if len(folders) > 1:
+        raise ValueError("DataParallel.save(): the ranks passed different folders: " +
+                         ", ".join(f"rank(s) {ranks}: {f!r}" for f, ranks in folders) +
+                         " (every rank must pass the same folder, compared as an absolute "
+                         "path)")
+    if len(counts) > 1:
+        raise ValueError("DataParallel.save(): the ranks are out of step: " + ", ".join(
+            f"rank(s) {ranks} had made {c} steps" for c, ranks in counts) +
+            " (their shards would mix two points of the run)")
     if dp.shard_state:
         shards = [{"file": shard_file(save_id, r, world), "lo": dp.bounds[r],
                    "hi": dp.bounds[r + 1]} for r in range(world)]
@@ -60,7 +89,7 @@ def save(dp, path, extra=None):
         "format": DIST_CHECKPOINT_FORMAT, "format_version": DIST_CHECKPOINT_VERSION,
         "save_id": save_id, "optimizer": type(dp.optimizer).__name__,
         "dtype": dp.flat.dtype.str, "size": int(dp.flat.size),
-        "layout": _layout(dp.arena), "world_size": world,
+        "layout": arena_layout(dp.arena), "world_size": world,
         "shard_state": dp.shard_state, "shards": shards,
         "steps": dp.steps, "skipped_steps": dp.skipped_steps,
         "last_grad_norm": norm if norm is None or math.isfinite(norm) else repr(norm),
@@ -99,19 +128,29 @@ def save(dp, path, extra=None):
 def load(dp, path):
     """:meth:`DataParallel.load`."""
     coll, opt = dp._coll, dp.optimizer
-    err, manifest, pieces = None, None, None
+    err, manifest, digest, pieces = None, None, None, None
     try:
-        manifest = _read_manifest(dp, path)
+        manifest, digest = _read_manifest(dp, path)
         pieces = _read_pieces(dp, path, manifest)
     except Exception as exc:
         err = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
     collective_check(coll, err, "the file check of load()")
     sd, params = pieces
-    # every rank must load the same hyperparameters and counters (files can differ)
+    # every rank must have read the same checkpoint (a rank given another folder reads
+    # another save, perhaps of as many steps) and the same hyperparameters and counters
+    # (the files of one save can differ)
     meta = hashlib.blake2b(canonical_json({k: v for k, v in sd.items() if k != "state"},
                                           "state_dict"), digest_size=16).hexdigest()
-    metas = coll.run("the allgather of the loaded hyperparameters in load()",
-                     dp.comm.allgather, meta)
+    read = coll.allgather("the comparison of what each rank read in load()",
+                          ((manifest["save_id"], digest), os.fspath(path), meta))
+    saves = by_value([s for s, _, _ in read])
+    if len(saves) > 1:
+        raise ValueError("DataParallel.load(): the ranks read different checkpoints: " +
+                         ", ".join(f"rank(s) {ranks} save {sid} (manifest {dg[:12]}) in "
+                                   f"{read[ranks[0]][1]!r}"
+                                   for (sid, dg), ranks in saves) +
+                         " (every rank must load the same checkpoint)")
+    metas = [m for _, _, m in read]
     if any(m != metas[0] for m in metas):
         raise ValueError(f"checkpoint {path!r}: the shard files hold different "
                          f"hyperparameters or step counts: rank(s) "
@@ -137,10 +176,12 @@ def load(dp, path):
 
 
 def _read_manifest(dp, path):
+    """The manifest in ``path``, checked against ``dp``, and a digest of its bytes."""
     where = os.path.join(path, MANIFEST)
     try:
-        with open(where) as fh:
-            m = json.load(fh)
+        with open(where, "rb") as fh:
+            raw = fh.read()
+        m = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{where}: no such file (not a ch8fast.distributed "
                          f"checkpoint, or its save did not finish)") from None
@@ -156,7 +197,7 @@ def _read_manifest(dp, path):
     if m["size"] != dp.flat.size or m["dtype"] != dp.flat.dtype.str:
         raise ValueError(f"{where}: holds {m['size']} parameters of dtype {m['dtype']}, "
                          f"this arena has {dp.flat.size} of {dp.flat.dtype.str}")
-    layout = _layout(dp.arena)
+    layout = arena_layout(dp.arena)
     if layout is not None and m["layout"] is not None and m["layout"] != layout:
         raise ValueError(f"{where}: the arena's names, shapes or offsets differ from the "
                          f"checkpoint's")
@@ -167,7 +208,7 @@ def _read_manifest(dp, path):
         lo = s["hi"]
     if lo != dp.flat.size:
         raise ValueError(f"{where}: the shards do not cover the buffer")
-    return m
+    return m, hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 def _copy_blocks(dst, src, a, b, at, fname, name):
@@ -188,12 +229,22 @@ def _read_pieces(dp, path, m):
     """(state dict, parameters) of this rank's slice, cut from the overlapping files."""
     lo, hi = (dp.lo, dp.hi) if dp.shard_state else (0, dp.flat.size)
     n = hi - lo
-    live = dp.optimizer.state[0]
+    opt = dp.optimizer
+    live = opt.state[0]
     names = list(live)
     # each state array as the optimizer keeps it: one entry per element (float32, or the
     # codes of compressed state), or one per block of storage.BLOCK elements (the scales
-    # of 8-bit state, whose slices start on a block)
-    blocked = {k for k in names if live[k].shape[0] != n}
+    # of 8-bit state, ``name + SCALES``, whose slices start on a block). Told by what the
+    # entry is, not by its length: a slice of one element has one scale too.
+    blocked = {k for k in names if opt.state_format == "q8" and k.endswith(SCALES)
+               and k[:-len(SCALES)] in live}
+    for k in names:
+        want = (-(-n // storage.BLOCK),) if k in blocked else (n,)
+        if live[k].shape != want:
+            raise ValueError(f"state {k!r} of this rank's optimizer has shape "
+                             f"{live[k].shape}, not {want} (one entry per "
+                             f"{'block' if k in blocked else 'element'} of its slice): "
+                             f"it cannot be cut from the checkpoint's")
     state = {k: np.empty(live[k].shape, live[k].dtype) for k in names}
     params = np.empty(n, dp.flat.dtype)
     meta = None

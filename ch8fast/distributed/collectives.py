@@ -17,6 +17,9 @@ rank with a non-zero exit.
 
 Agreement. :func:`collective_check` turns an error on some ranks into the same exception
 on every rank, so that no rank goes on into a collective that the others skip.
+:meth:`Collectives.allgather` sends the name of the call with the value: a rank in another
+call (one that some ranks skipped) makes the others raise, naming it and its call, rather
+than read its data as theirs.
 
 mpi4py is imported on first use, so ``import ch8fast`` works without it.
 """
@@ -31,10 +34,14 @@ import time
 import traceback
 import weakref
 
-__all__ = ["DEFAULT_TIMEOUT", "Collectives", "abort_on_error", "collective_check",
-           "get_comm", "install_excepthook", "mpi", "ranks_on_this_host"]
+__all__ = ["DEFAULT_TIMEOUT", "Collectives", "abort_on_error", "by_value",
+           "collective_check", "get_comm", "install_excepthook", "mismatched_calls", "mpi",
+           "ranks_on_this_host"]
 
 DEFAULT_TIMEOUT = 300.0        # seconds a rank may wait in one collective
+SAME_CALLS = ("every rank must make the same calls of a DataParallel, in the same order: "
+              "its construction, step(), save(), load(), check_in_sync(), memory_report(), "
+              "reduce_rows(), at_theta()")
 _NEVER = math.inf
 
 
@@ -200,15 +207,42 @@ class Collectives:
             _Watchdog.watch(self)
 
     def run(self, what, call, *args, **kwargs):
-        """``call(*args, **kwargs)``, a collective; ``what`` names it in the message."""
-        if self.timeout is None:
-            return call(*args, **kwargs)
-        self.what = what
-        self.deadline = time.monotonic() + self.timeout
+        """``call(*args, **kwargs)``, a collective; ``what`` names it in the message. MPI's
+        "message truncated" error becomes a RuntimeError that says what it means here."""
+        timed = self.timeout is not None
+        if timed:
+            self.what = what
+            self.deadline = time.monotonic() + self.timeout
         try:
             return call(*args, **kwargs)
+        except Exception as exc:
+            MPI = mpi()
+            if isinstance(exc, MPI.Exception) and exc.Get_error_class() == MPI.ERR_TRUNCATE:
+                raise RuntimeError(self._truncated(what, exc)) from exc
+            raise
         finally:
-            self.deadline = _NEVER
+            if timed:
+                self.deadline = _NEVER
+
+    def _truncated(self, what, exc):
+        # every collective here sends what the receivers expect (the counts are agreed
+        # first): more data comes only from a rank that is in another call
+        return (f"ch8fast.distributed: rank {self.comm.Get_rank()} received more data in "
+                f"{what} than that call sends ({exc}): another rank is in another "
+                f"collective call ({SAME_CALLS})")
+
+    def allgather(self, what, value):
+        """Every rank's ``value`` (``comm.allgather``), each sent with ``what``. A rank
+        whose contribution is not this call's (it is in another collective of this
+        DataParallel, one that some ranks skipped or made in another order) makes every
+        rank that received it raise a RuntimeError naming the ranks and their calls,
+        instead of reading its data as this call's."""
+        got = self.run(what, self.comm.allgather, (what, value))
+        calls = [g[0] if isinstance(g, tuple) and len(g) == 2 and isinstance(g[0], str)
+                 else "another collective call" for g in got]
+        if calls.count(what) != len(calls):
+            raise RuntimeError(mismatched_calls(calls))
+        return [v for _, v in got]
 
     def expire(self):
         """Called by the watchdog: this rank waited longer than ``timeout``."""
@@ -225,10 +259,26 @@ class Collectives:
             1, from_thread=True)
 
 
+def by_value(values):
+    """``[(value, [ranks holding it]), ...]``, the most common value first."""
+    groups = {}
+    for r, v in enumerate(values):
+        groups.setdefault(v, []).append(r)
+    return sorted(groups.items(), key=lambda item: (-len(item[1]), item[1]))
+
+
+def mismatched_calls(calls):
+    """The message for ranks found in different collective calls (``calls[r]``: what rank
+    r is in)."""
+    return ("ch8fast.distributed: the ranks are in different collective calls: " +
+            ", ".join(f"rank(s) {ranks} in {c}" for c, ranks in by_value(calls)) +
+            f" ({SAME_CALLS})")
+
+
 def collective_check(coll, message, what="the error check"):
     """Raise the same ValueError on every rank when any rank has a message (None: fine).
     Collective (an allgather through ``coll``)."""
-    msgs = coll.run(what, coll.comm.allgather, message)
+    msgs = coll.allgather(what, message)
     bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
     if bad and len(bad) == len(msgs) and len({m for _, m in bad}) == 1:
         raise ValueError(bad[0][1])

@@ -3,11 +3,12 @@ optimizer step, gather the parameters.
 
 One step of :class:`DataParallel` is
 
-1. the step check: one allgather of four integers per rank (the steps this rank's
-   optimizer has made, a hash of its configuration, ``local_size`` and ``global_size``),
-   from which every rank reaches the same verdict: a rank out of step, with another
-   configuration, or calling ``step()`` with other arguments makes every rank raise,
-   naming the ranks, before any array changes;
+1. the step check: one allgather of five integers per rank (a constant that marks a step
+   check, the steps this rank's optimizer has made, a hash of its configuration,
+   ``local_size`` and ``global_size``), from which every rank reaches the same verdict: a
+   rank out of step, with another configuration, calling ``step()`` with other arguments
+   or in another collective call makes every rank that sees it raise, naming the ranks,
+   before any array changes;
 2. the gradient reduction: one in-place ``Allreduce`` of ``arena.flat_grad`` (or a
    ``Reduce_scatter`` into this rank's slice), after weighting each rank's gradient by
    its share of the batch, or followed by the division by the number of ranks;
@@ -36,13 +37,14 @@ from ..flat import ALIGN_BYTES
 from ..optim import Optimizer, encode_hyperparameter
 from ..sparse import SparseRows
 from . import checkpoints
-from .collectives import (DEFAULT_TIMEOUT, Collectives, get_comm, install_excepthook, mpi,
-                          ranks_on_this_host)
+from .collectives import (DEFAULT_TIMEOUT, Collectives, by_value, get_comm,
+                          install_excepthook, mismatched_calls, mpi, ranks_on_this_host)
 from .sharding import shard_bounds
 
 __all__ = ["DataParallel", "default_num_threads"]
 
 _NONE, _BAD = -1, -2          # step check: an argument not given, or refused
+_STEP_CHECK = 0x6368386661737431   # "ch8fast1": the first integer of a step check's row
 DENSE_ROWS_ABOVE = 2.0        # reduce_rows: allreduce a dense buffer above this
 
 
@@ -70,12 +72,28 @@ def _describe_hyperparameter(name, value):
     return encode_hyperparameter(value)
 
 
-def _by_value(values):
-    """``[(value, [ranks holding it]), ...]``, the most common value first."""
-    groups = {}
-    for r, v in enumerate(values):
-        groups.setdefault(v, []).append(r)
-    return sorted(groups.items(), key=lambda item: (-len(item[1]), item[1]))
+def _disagreement(key, values):
+    """``key`` and every rank's value of it, for the message of the agreement check. For
+    the arena's layout (a list of ``[name, shape, offset]``, or None), the first tensor
+    where a rank's differs from rank 0's."""
+    if key != "layout" or not all(isinstance(v, list) for v in values):
+        return f"{key} (" + ", ".join(f"rank {r}: {v!r}"
+                                     for r, v in enumerate(values)) + ")"
+
+    def tensor(layout, i):
+        if i >= len(layout):
+            return "no tensor"
+        name, shape, offset = layout[i]
+        return f"{name!r} {tuple(shape)} at offset {offset}"
+    first = values[0]
+    parts = []
+    for r, v in enumerate(values[1:], 1):
+        if v != first:
+            i = next((i for i, (a, b) in enumerate(zip(first, v)) if a != b),
+                     min(len(first), len(v)))
+            parts.append(f"tensor {i}: {tensor(first, i)} on rank 0, {tensor(v, i)} on "
+                         f"rank {r}")
+    return "the arena's layout (names, shapes, offsets): " + "; ".join(parts)
 
 
 def _fixed(name, doc, attr=None):
@@ -103,7 +121,9 @@ class DataParallel:
             are accepted for 16-bit parameters). The model's parameters are views of
             ``arena.flat``; its backward pass writes into ``arena.flat_grad``. 16-bit
             gradients are widened into a float32 buffer, ``dp.averaged_grad``, and
-            reduced there.
+            reduced there. Every rank's arena must have the same size, dtype and layout
+            (the names, shapes and offsets of a FlatParams' tensors): construction
+            compares them.
         optimizer: a ch8fast optimizer class (``ch8fast.Adam``) or its name (``"Adam"``).
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
         shard_state: keep optimizer state only for this rank's slice (ZeRO stage 1).
@@ -121,7 +141,7 @@ class DataParallel:
             is aborted with a message naming the rank, the step and the operation;
             None waits forever.
         check_steps: the per-step check that the ranks agree (default True; it costs one
-            allgather of four integers per step).
+            allgather of five integers per step).
         **opt_kwargs: the optimizer's hyperparameters (``lr=...``; schedules from
             ``ch8fast.schedules``, compared across ranks by content; plain callables are
             refused) and ``clip_norm``, ``clip_value``, ``skip_nonfinite``,
@@ -132,7 +152,9 @@ class DataParallel:
             over the whole buffer, the same on every rank.
 
     Every rank must make the same calls in the same order (they are collective):
-    ``step``, ``check_in_sync``, ``memory_report``, ``save``, ``load``, ``at_theta``.
+    ``step``, ``check_in_sync``, ``memory_report``, ``save``, ``load``, ``at_theta``,
+    ``reduce_rows``. A rank found in another call than the others (one that some ranks
+    skipped) makes the ranks that find it raise a RuntimeError that says so.
 
     Its attributes (``optimizer``, ``flat``, ``flat_grad``, ``bounds``, ...) are read-only:
     the collectives and the optimizer hold what they name. ``steps``, ``skipped_steps`` and
@@ -195,9 +217,9 @@ class DataParallel:
             except Exception as exc:         # raised below, once every rank knows
                 error = exc
         token = secrets.randbits(62) if self.rank == 0 else None
-        everyone = coll.run("the agreement check of DataParallel()", comm.allgather,
-                            (None if error is None else f"{type(error).__name__}: {error}",
-                             mine, token))
+        everyone = coll.allgather("the agreement check of DataParallel()",
+                                  (None if error is None else
+                                   f"{type(error).__name__}: {error}", mine, token))
         failed = [(r, m) for r, (m, _, _) in enumerate(everyone) if m is not None]
         if error is not None:
             raise error
@@ -207,9 +229,7 @@ class DataParallel:
         differ = [k for k in mine if any(other[k] != mine[k] for _, other, _ in everyone)]
         if differ:
             raise ValueError("DataParallel: the ranks disagree on " + "; ".join(
-                f"{k} (" + ", ".join(f"rank {r}: {other[k]!r}"
-                                     for r, (_, other, _) in enumerate(everyone)) + ")"
-                for k in differ))
+                _disagreement(k, [other[k] for _, other, _ in everyone]) for k in differ))
         self._token = everyone[0][2]
         self._config = (None, None)
         if self.world > 1:
@@ -307,13 +327,14 @@ class DataParallel:
         if self.shard_state:
             opt_kwargs = dict(opt_kwargs, element_offset=self.lo)
         self._optimizer = opt = optimizer([self.param_view], **opt_kwargs)
-        self._row = np.zeros(4, np.int64)
+        self._row = np.array([_STEP_CHECK, 0, 0, 0, 0], np.int64)
         # the step check's key of a group: its hyperparameters as objects
         self._hyper_of = operator.itemgetter(*(k for k in opt.param_groups[0]
                                                if k != "params"))
-        self._table = np.zeros(4 * self.world, np.int64)
+        self._table = np.zeros(5 * self.world, np.int64)
         self._norms = np.zeros(self.world, np.float64)
         return {"size": flat.size, "dtype": flat.dtype.name,
+                "layout": checkpoints.arena_layout(arena),
                 "grad_dtype": self._user_grad.dtype.name, "optimizer": optimizer.__name__,
                 "shard_state": shard_state, "grad_sync": grad_sync, "broadcast": broadcast,
                 "check_steps": self.check_steps, **self._options(opt),
@@ -420,7 +441,8 @@ class DataParallel:
         two ways agree to rounding; the optimizer updates the same rows with either.
 
         Raises ValueError on every rank, before anything is exchanged, when a rank's
-        arguments are bad or the ranks' tables or calls differ (naming the ranks).
+        arguments are bad or the ranks' tables (shape or dtype) or calls differ (naming
+        the ranks).
         """
         world = self.world
         error, header = None, None
@@ -430,8 +452,8 @@ class DataParallel:
         except (TypeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         self._row_calls += 1
-        everyone = self._coll.run("the row-sparse gradient check (allgather)",
-                                  self.comm.allgather, (error, header, self._row_calls))
+        everyone = self._coll.allgather("the row-sparse gradient check (allgather)",
+                                        (error, header, self._row_calls))
         bad = [(r, e) for r, (e, _, _) in enumerate(everyone) if e is not None]
         if bad:
             raise ValueError("DataParallel.reduce_rows(): " + "; ".join(
@@ -440,14 +462,14 @@ class DataParallel:
         if len(set(calls)) > 1:
             raise ValueError("DataParallel.reduce_rows(): the ranks are out of step: " +
                              ", ".join(f"rank(s) {ranks} at call {c}"
-                                       for c, ranks in _by_value(calls)))
-        for key, what in ((1, "table shape"), (2, "gradient dtype"),
+                                       for c, ranks in by_value(calls)))
+        for key, what in ((1, "table shape"), (7, "table dtype"), (2, "gradient dtype"),
                           (3, "use of local_size"), (6, "dense_above")):
             values = [h[key] for _, h, _ in everyone]
             if len(set(values)) > 1:
                 raise ValueError(f"DataParallel.reduce_rows(): the ranks differ in "
                                  f"{what}: " + ", ".join(f"{v} on rank(s) {ranks}"
-                                                         for v, ranks in _by_value(values)))
+                                                         for v, ranks in by_value(values)))
         sizes = [h[4] for _, h, _ in everyone]
         if header[3]:
             total = sum(sizes)
@@ -512,7 +534,7 @@ class DataParallel:
         elif global_size is not None:
             raise ValueError("global_size given without local_size")
         header = (len(idx), (n_rows, d), np.dtype(wide).str, local_size is not None,
-                  lsize, gsize, dense_above)
+                  lsize, gsize, dense_above, storage.storage_name(table.dtype))
         return header, weight
 
     # ---- the step check -----------------------------------------------------------------
@@ -564,14 +586,19 @@ class DataParallel:
             row[0] = 0                          # exchange the sizes only
         else:
             row[1] = self._config_hash(opt)
-        mine = self._row
-        mine[0], mine[1], mine[2], mine[3] = row
+        mine, table = self._row, self._table
+        mine[1], mine[2], mine[3], mine[4] = row
         T = self._MPI.INT64_T
+        # a rank in another collective call sends no step check: its row must not keep
+        # the mark of an earlier one (nor have its bytes read as step counts)
+        table[::5] = 0
         self._coll.run("the step check (allgather)", self.comm.Allgather,
-                       [mine, T], [self._table, T])
-        t = self._table.tolist()
+                       [mine, T], [table, T])
+        t = table.tolist()
+        if t[0::5].count(_STEP_CHECK) != world:
+            raise RuntimeError(self._not_a_step_check(t[0::5]))
         # the usual case, decided with a few list operations
-        steps, configs, local, glob = t[0::4], t[1::4], t[2::4], t[3::4]
+        steps, configs, local, glob = t[1::5], t[2::5], t[3::5], t[4::5]
         if (not errors and steps.count(steps[0]) == world
                 and configs.count(configs[0]) == world and glob.count(glob[0]) == world):
             if glob[0] == _NONE and local.count(_NONE) == world:
@@ -580,7 +607,7 @@ class DataParallel:
                 total = sum(local)
                 if total > 0 and glob[0] in (_NONE, total):
                     return local[self.rank], total
-        return self._verdict([t[i:i + 4] for i in range(0, len(t), 4)], errors)
+        return self._verdict([t[i + 1:i + 5] for i in range(0, len(t), 5)], errors)
 
     def _verdict(self, rows, errors):
         """The same decision on every rank, from every rank's row."""
@@ -614,7 +641,7 @@ class DataParallel:
             raise ValueError(self._uneven_calls("global_size", missing, len(rows)))
         if len(set(glob)) > 1:
             raise ValueError("step(): the ranks disagree on global_size: " + ", ".join(
-                f"{v} on rank(s) {ranks}" for v, ranks in _by_value(glob))
+                f"{v} on rank(s) {ranks}" for v, ranks in by_value(glob))
                 + " (are they on different batches? a rank made an extra step() call, "
                   "or skipped one)")
         if glob[0] not in (_NONE, total):
@@ -629,9 +656,17 @@ class DataParallel:
                 f"rank must call step() with the same arguments (give {name} on every "
                 f"rank or on none)")
 
+    def _not_a_step_check(self, marks):
+        """The message for rows that are not step checks (what those ranks sent is not
+        read: it may be any bytes of another call)."""
+        calls = ["the step check" if m == _STEP_CHECK else "another collective call"
+                 for m in marks]
+        return (f"DataParallel.step(), {self._where()} on rank {self.rank}: " +
+                mismatched_calls(calls))
+
     def _out_of_step(self, rows):
-        steps = _by_value([row[0] for row in rows])
-        configs = _by_value([row[1] for row in rows])
+        steps = by_value([row[0] for row in rows])
+        configs = by_value([row[1] for row in rows])
         parts = []
         if len(steps) > 1:
             parts.append("the ranks are out of step: " + ", ".join(
@@ -714,8 +749,7 @@ class DataParallel:
         return h.hexdigest()
 
     def _out_of_sync(self):
-        digests = self._coll.run("the parameter hash allgather", self.comm.allgather,
-                                 self.digest())
+        digests = self._coll.allgather("the parameter hash allgather", self.digest())
         return [r for r, d in enumerate(digests) if d != digests[0]]
 
     def check_in_sync(self, raise_error=False):
@@ -734,8 +768,8 @@ class DataParallel:
     def memory_report(self):
         """``{"per_rank": [bytes of state on each rank], "unsharded": bytes the whole
         state would take, "params": bytes of the parameters}``. Collective."""
-        per_rank = self._coll.run("the allgather of memory_report()", self.comm.allgather,
-                                  self.state_memory_bytes())
+        per_rank = self._coll.allgather("the allgather of memory_report()",
+                                        self.state_memory_bytes())
         per_elem = (self.state_memory_bytes() / self.param_view.size
                     if self.param_view.size else
                     max(per_rank) / max(1, max(self._counts)))
@@ -756,7 +790,14 @@ class DataParallel:
         only then removes the files of earlier saves. Until the new manifest is in place
         the previous save stays complete and loadable, so a save that fails or is killed
         loses nothing; the temporary files a killed save leaves are removed by the next
-        save. Needs a folder every rank can write (a shared file system across hosts).
+        save (a writer that has died but is not yet reaped by its parent, a zombie,
+        counts as gone where /proc tells). Needs a folder every rank can write (a
+        shared file system across hosts).
+
+        Every rank must pass the same folder: the ranks compare their folders (as
+        absolute paths) and step counts, and take rank 0's save id, in one allgather that
+        no rank completes alone; a difference raises the same ValueError on every rank,
+        naming the ranks, before anything is written.
         """
         checkpoints.save(self, path, extra)
 
@@ -774,7 +815,8 @@ class DataParallel:
         files that overlap it: the state values are copied exactly, only re-cut (so the
         files must be readable from every rank). Everything is verified on every rank
         (format, save ids, checksums, optimizer, sizes, the same hyperparameters in every
-        file) before anything changes; any mismatch raises the same ValueError on every
-        rank.
+        file, and that every rank read the same checkpoint: its save id and a digest of
+        its manifest) before anything changes; any mismatch raises the same ValueError on
+        every rank, naming the ranks.
         """
         return checkpoints.load(self, path)

@@ -14,6 +14,8 @@
     mpirun -n P python tests/mpi/dp_worker.py storage16             # 16-bit parameters
     mpirun -n P python tests/mpi/dp_worker.py storage_save DIR      # compressed state saved
     mpirun -n Q python tests/mpi/dp_worker.py storage_resume DIR    # ... and resumed
+    mpirun -n 3 python tests/mpi/dp_worker.py audit DIR             # re-cuts, mismatches
+    mpirun -n 2 python tests/mpi/dp_worker.py save_alone DIR        # save() on rank 0 only
 
 Each rank computes the gradient of its share of every minibatch; rank 0 also trains the
 same model on whole minibatches in one process (the reference), and every variant is
@@ -458,6 +460,8 @@ def rows():
                                                       dense_above=1.0 + (RANK == 0)),
         "dense_above_bad": lambda: dp.reduce_rows(
             table, good, dense_above=-1.0 if RANK == WORLD - 1 else 1.0),
+        "table_dtype": lambda: dp.reduce_rows(
+            np.zeros((n_rows, d), np.float16 if RANK == WORLD - 1 else np.float32), good),
     }
     for name, call in cases.items():
         try:
@@ -623,6 +627,115 @@ def killsave(folder, kill):
     result(not_reached=True)
 
 
+def error_of(call):
+    """``"Type: message"`` of what ``call()`` raises (ValueError, TypeError or
+    RuntimeError), or None."""
+    try:
+        call()
+        return None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def state_bytes(dp):
+    """The parameter bytes, state bytes and step count of this rank, to see that nothing
+    changed."""
+    return (dp.flat.tobytes(), [a.tobytes() for st in dp.optimizer.state for a in
+                                st.values()], dp.optimizer.state_dict()["param_groups"][0]["step"])
+
+
+def audit(folder):
+    """Checkpoints and agreement on 3 ranks: 8-bit state re-cut to a slice of one element,
+    ranks that load different checkpoints of as many steps, arenas of one size and other
+    shapes, ranks that save to different folders or at different steps."""
+    out = {}
+    # 513 elements, 8-bit state: the slices of three ranks are 256, 256 and 1 elements;
+    # the last one has one scale. Saved unsharded, loaded sharded: the run goes on with
+    # the same bits.
+    expected = {}
+    for shard in (False, True):
+        dp = DataParallel(GradArena(513, np.float32), ch8fast.Adam, COMM, lr=1e-2,
+                          state_format="q8", seed=9, shard_state=shard)
+        dp.flat[...] = np.random.default_rng(4).standard_normal(513)
+        if not shard:
+            storage_run(dp, 2, 1)
+            dp.save(os.path.join(folder, "q8"))
+            storage_run(dp, 2, 2)
+            expected = dp.flat.tobytes()
+            continue
+        out["q8_one_element_bounds"] = dp.bounds
+        out["q8_one_element_load"] = error_of(lambda: dp.load(os.path.join(folder, "q8")))
+        if out["q8_one_element_load"] is None:
+            storage_run(dp, 2, 2)
+        out["q8_one_element_bitwise"] = dp.flat.tobytes() == expected
+        out["q8_one_element_in_sync"] = dp.check_in_sync()
+
+    # Two checkpoints of the same run at the same step, other parameters; the last rank
+    # loads the other one: refused on every rank, nothing changes.
+    for shard in ("unsharded", "sharded"):
+        arena = ch8fast.FlatParams({"w": (40,)}, np.float64)
+        dp = DataParallel(arena, ch8fast.Adam, COMM, lr=0.1, shard_state=shard == "sharded")
+        arena.flat_grad[...] = 1.0
+        dp.step()
+        one, two = (os.path.join(folder, f"{shard}-{k}") for k in ("one", "two"))
+        dp.save(one)
+        arena.flat[...] += 1.0                      # on every rank alike
+        dp.save(two)
+        dp2 = DataParallel(ch8fast.FlatParams({"w": (40,)}, np.float64), ch8fast.Adam, COMM,
+                           lr=0.1, shard_state=shard == "sharded")
+        before = state_bytes(dp2)
+        out[f"other_checkpoint_{shard}"] = error_of(
+            lambda: dp2.load(two if RANK == WORLD - 1 else one))
+        out[f"other_checkpoint_{shard}_unchanged"] = state_bytes(dp2) == before
+        out[f"other_checkpoint_{shard}_then_loads"] = error_of(lambda: dp2.load(one))
+
+    # The same buffer size, other shapes on the last rank.
+    def made(shape):
+        return lambda: DataParallel(ch8fast.FlatParams({"W": shape, "b": (3,)},
+                                                       np.float64), ch8fast.SGD, COMM, lr=0.1)
+    out["layout_differs"] = error_of(made((3, 2) if RANK == WORLD - 1 else (2, 3)))
+    out["layout_same"] = error_of(made((2, 3)))
+
+    # Each rank saves to a folder of its own: refused, nothing written.
+    arena = ch8fast.FlatParams({"w": (40,)}, np.float64)
+    dp = DataParallel(arena, ch8fast.SGD, COMM, lr=0.1)
+    own = os.path.join(folder, f"own-{RANK}")
+    out["folders_differ"] = error_of(lambda: dp.save(own))
+    out["own_folder_written"] = os.path.exists(own)
+    # A rank whose optimizer stepped alone: its save would mix two points of the run.
+    if RANK == 0:
+        dp.optimizer.step(dp.grad_view)
+    out["save_out_of_step"] = error_of(lambda: dp.save(os.path.join(folder, "mixed")))
+    out["out_of_step_written"] = os.path.exists(os.path.join(folder, "mixed"))
+    result(**{k: COMM.allgather(v) for k, v in out.items()})
+
+
+def save_alone(folder):
+    """Rank 0 calls save() while rank 1 steps, each catching its error (2 ranks); then a
+    save on every rank and a load of it."""
+    arena = ch8fast.FlatParams({"w": (40,)}, np.float64)
+    dp = DataParallel(arena, ch8fast.SGD, COMM, lr=0.1, shard_state=True, timeout=20)
+    out = {}
+    for t in range(5):
+        arena.flat_grad[...] = 1.0
+        if t == 1:
+            dp.save(folder)                                 # every rank: a good save
+        if t == 2:
+            try:                        # MPI's own errors too: the job must go on here
+                dp.save(folder) if RANK == 0 else dp.step()
+                out["error"] = None
+            except Exception as exc:
+                out["error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            dp.step()
+    dp.save(folder)                                         # every rank
+    fresh = DataParallel(ch8fast.FlatParams({"w": (40,)}, np.float64), ch8fast.SGD, COMM,
+                         lr=0.1, shard_state=True, timeout=20)
+    out["load"] = error_of(lambda: fresh.load(folder))
+    out["loaded_bitwise"] = fresh.flat.tobytes() == dp.flat.tobytes()
+    result(**{k: COMM.allgather(v) for k, v in out.items()})
+
+
 def fail():
     X, y = data()
     model, arena = new_model(np.float64)
@@ -643,7 +756,8 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["equivalence", "save", "resume", "fail", "robust",
                                      "agree", "single", "threads", "killsave",
                                      "storage", "rows", "storage_save",
-                                     "storage_resume", "storage16"])
+                                     "storage_resume", "storage16", "audit",
+                                     "save_alone"])
     ap.add_argument("folder", nargs="?")
     ap.add_argument("more", nargs="*")
     ap.add_argument("--shard", action="store_true")
@@ -676,5 +790,9 @@ if __name__ == "__main__":
         storage_resume(a.folder)
     elif a.what == "single":
         single()
+    elif a.what == "audit":
+        audit(a.folder)
+    elif a.what == "save_alone":
+        save_alone(a.folder)
     else:
         {"save": save, "resume": resume}[a.what](a.folder, a.shard)

@@ -1,13 +1,14 @@
 """Run under mpirun by tests/test_distributed_faults.py: a plain training script (no
 abort_on_error, no try) in which one rank misbehaves.
 
-    mpirun -n 2 python tests/mpi/fault_worker.py FAULT TIMEOUT
+    mpirun -n 2 python tests/mpi/fault_worker.py FAULT TIMEOUT [FOLDER]
 
-FAULT is one of the names in FAULTS; TIMEOUT is DataParallel's timeout in seconds. A
-least-squares model on a FlatParams arena, 8 minibatches of uneven sizes, each split
-between the ranks and passed to ``step(local_size, global_size)``; the last rank
-misbehaves at step 4 (t == 3) or at the end. Every rank that finishes prints
-"RESULT {...}".
+FAULT is one of the names in FAULTS; TIMEOUT is DataParallel's timeout in seconds; FOLDER
+is where "save_on_one_rank" saves. A least-squares model on a FlatParams arena, 8
+minibatches of uneven sizes, each split between the ranks and passed to
+``step(local_size, global_size)``; the last rank misbehaves at step 4 (t == 3) or at the
+end (with "save_on_one_rank", rank 0 saves at step 4 while the others step). Every rank
+that finishes prints "RESULT {...}".
 """
 import json
 import os
@@ -25,7 +26,8 @@ from ch8fast.distributed import DataParallel, get_comm, split_batch  # noqa: E40
 BATCHES = [13, 7, 2, 13, 5, 11, 13, 8]
 FAULTS = ["none", "raise", "sigkill", "extra_step", "fewer_step", "extra_step_at_end",
           "fewer_step_at_end", "extra_step_equal_batches", "config_at_construction",
-          "config_in_run", "no_global_size", "optimizer_stepped_alone"]
+          "config_in_run", "no_global_size", "optimizer_stepped_alone",
+          "save_on_one_rank"]
 
 
 def model(seed=0):
@@ -44,7 +46,7 @@ def gradient(arena, X, Y):
     arena.grad("b")[...] = r.mean(axis=0)
 
 
-def main(fault, timeout):
+def main(fault, timeout, folder=None):
     comm = get_comm()
     rank, world = comm.Get_rank(), comm.Get_size()
     ch8fast.set_num_threads(1)
@@ -62,6 +64,9 @@ def main(fault, timeout):
         idx = rng.choice(len(X), size=b, replace=False)
         mine = split_batch(idx, rank, world)
         gradient(arena, X[mine], Y[mine])
+        if t == 3 and rank == 0 and fault == "save_on_one_rank":
+            dp.save(folder)
+            continue
         if t == 3 and bad:
             if fault == "raise":
                 raise RuntimeError(f"deliberate failure in step {t + 1}")
@@ -90,4 +95,4 @@ def main(fault, timeout):
 
 if __name__ == "__main__":
     assert sys.argv[1] in FAULTS, sys.argv[1]
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:])
