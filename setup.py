@@ -41,6 +41,9 @@ if os.environ.get("CH8FAST_MARCH_NATIVE") == "1":
     base_args.append("-march=native")
 
 modules = ["_kernels"] + (["_kernels_avx2", "_kernels_avx512"] if X86 else [])
+# (a development build of some of them only: CH8FAST_ONLY=_kernels_avx2)
+if os.environ.get("CH8FAST_ONLY"):
+    modules = [m for m in modules if m in os.environ["CH8FAST_ONLY"].split(",")]
 
 extensions = [
     Extension(

@@ -49,11 +49,19 @@ def norm_from_sumsq(sumsq, grads):
     largest magnitude; an Inf or NaN entry gives inf/nan."""
     if not math.isinf(sumsq):
         return math.sqrt(sumsq)
-    grads = [getattr(g, "values", g) for g in grads]       # row-sparse: its rows
+    grads = [_summed_rows(g) if hasattr(g, "indices") else g for g in grads]
     if not all(np.isfinite(g).all() for g in grads):
         return math.inf
     big = max(float(np.max(np.abs(g))) for g in grads if g.size)
     return big * math.sqrt(sum(float(np.sum(np.square(g / big))) for g in grads))
+
+
+def _summed_rows(g):
+    """The rows of a row-sparse gradient with its duplicates summed, as a step sums them
+    (the norm is that of the gradient the step applies)."""
+    n_rows = int(g.indices.max()) + 1 if g.indices.size else 0
+    return K.sum_duplicate_rows(np.asarray(g.indices), np.ascontiguousarray(g.values),
+                                n_rows)[1]
 
 
 def global_norm(grads):

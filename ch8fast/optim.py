@@ -148,6 +148,12 @@ def _as_param_list(value):
                         f"{type(value).__name__}") from None
 
 
+def _own(value):
+    """A hyperparameter as a group keeps it: a list (``betas=[0.9, 0.99]``) as a tuple of
+    its items, so that the caller's list, edited later, changes nothing here."""
+    return tuple(value) if type(value) is list else value
+
+
 class ParamGroup(dict):
     """A parameter group: a dict of ``"params"`` and hyperparameters that notes when it is
     changed (``group["lr"] = 0.01``, ``update``, ``del``, ...), so that the optimizer
@@ -172,7 +178,9 @@ class ParamGroup(dict):
             edits.hook(self, keys)
 
     def _wrap(self, key, value):
-        return ParamList(_as_param_list(value), self) if key == "params" else value
+        if key == "params":
+            return ParamList(_as_param_list(value), self)
+        return _own(value)
 
     def __reduce__(self):
         return (dict, (dict(self),))
@@ -305,7 +313,7 @@ class _Meta:
     schedules, and the kernel's scalars."""
 
     __slots__ = ("params", "fixed", "layout", "values", "next_values", "scheduled",
-                 "scalars", "dtypes")
+                 "ahead", "scalars", "dtypes")
 
 
 class _Core:
@@ -327,17 +335,43 @@ class _Core:
         return _Core(**dict({k: getattr(self, k) for k in self.__slots__}, **kw))
 
 
-def encode_hyperparameter(value):
-    """A hyperparameter as plain (JSON) data: a schedule becomes ``{"schedule": ...}``
-    (its ``to_dict()``), a tuple a list."""
+def encode_hyperparameter(value, pickling=False):
+    """A hyperparameter as plain (JSON) data, for ``state_dict()`` and checkpoints: a
+    schedule becomes ``{"schedule": ...}`` (its ``to_dict()``), a tuple a list. Plain data
+    cannot hold code, so any other callable raises ``TypeError``.
+
+    With ``pickling=True`` (pickle and ``copy.deepcopy`` of an optimizer) a callable
+    without ``to_dict()`` is kept as it is, if pickle can save it: a module-level function
+    (pickle stores it by its importable name), a ``functools.partial`` of one, an instance
+    of a picklable class with ``__call__``. What pickle cannot save (a lambda, a function
+    defined inside another) raises ``TypeError``."""
     if callable(value):
         to_dict = getattr(value, "to_dict", None)
-        if to_dict is None:
-            raise TypeError(f"cannot save the hyperparameter {value!r}: a callable needs "
-                            f"a to_dict() method (use a ch8fast.schedules schedule)")
-        return {"schedule": to_dict()}
+        if to_dict is not None:
+            return {"schedule": to_dict()}
+        if not pickling:
+            raise TypeError(f"cannot save the hyperparameter {value!r} in a state dict or "
+                            f"checkpoint: a callable needs a to_dict() method (use a "
+                            f"ch8fast.schedules schedule; pickle and copy.deepcopy also "
+                            f"take a module-level function)")
+        return _picklable_callable(value)
     if isinstance(value, tuple):
         return list(value)
+    return value
+
+
+def _picklable_callable(value):
+    """``value`` if pickle can save it, else a ``TypeError`` that says why."""
+    import pickle
+    try:
+        pickle.dumps(value)
+    except Exception as e:        # PicklingError, AttributeError or TypeError by case
+        raise TypeError(
+            f"cannot pickle or deep-copy the hyperparameter {value!r}: pickle stores a "
+            f"function by its importable name (module and qualified name), and a lambda "
+            f"or a function defined inside another function has none ({e}); use a "
+            f"ch8fast.schedules schedule, or a function defined at module level (with a "
+            f"functools.partial of it for its arguments)") from e
     return value
 
 
@@ -438,7 +472,7 @@ class Optimizer:
         self.seed = _seed(options["seed"], "seed")
         self.element_offset = count(options["element_offset"], "element_offset")
         self.sparse = _sparse(options["sparse"], "sparse")
-        self.defaults = dict(rule.defaults(), **given)
+        self.defaults = dict(rule.defaults(), **{k: _own(v) for k, v in given.items()})
         self.skipped_steps = 0          # steps skipped for non-finite gradients
         self.last_grad_norm = None      # global norm before clipping, when computed
         self._lock = threading.RLock()
@@ -486,7 +520,7 @@ class Optimizer:
                             f"for {type(self).__name__} (expected one of "
                             f"{sorted(self.rule.hyper)})")
         out = dict(self.defaults)
-        out.update(group)
+        out.update({k: _own(v) for k, v in group.items()})
         out["params"] = _as_param_list(group["params"])
         return out
 
@@ -531,8 +565,10 @@ class Optimizer:
         plain = {k: (group[k](step) if k in meta.scheduled else group[k])
                  for k in rule.hyper}
         meta.values = rule.check_all(plain, where, dtypes, meta.layout)
-        meta.next_values = dict(meta.values)      # those of the update after this one
-        for k in meta.scheduled:
+        # those of the update after this one, where the rule reads them (else this one's)
+        meta.ahead = tuple(k for k in rule.ahead(meta.fixed) if k in meta.scheduled)
+        meta.next_values = dict(meta.values)
+        for k in meta.ahead:
             meta.next_values[k] = self._scheduled(group, meta, k, step + 1, where)
         meta.scalars = K.Scalars(rule.kernel(meta.layout))
         rule.scalars(meta.scalars, meta.values, meta.next_values)
@@ -575,7 +611,8 @@ class Optimizer:
             fixed = dict(m.values, **m.fixed)
             index = self.element_offset        # the group's elements, concatenated
             for p in m.params:
-                st, stor = self._new_state(p, m.layout, fixed, kept.get(id(p), {}))
+                st, stor = self._new_state(p, m.layout, fixed, kept.get(id(p), {}),
+                                           steps[gi])
                 state.append(st)
                 layouts.append((stor, index))
                 index += p.size
@@ -642,6 +679,16 @@ class Optimizer:
                              f"unset or make the parameters float32")
 
     def _check_sparse(self, metas, params):
+        for m in metas:
+            if not m.fixed.get("rowwise"):
+                continue
+            sixteen = [p for p in m.params if storage.is_16bit(p.dtype)]
+            if sixteen or self._state_format not in (None, "float32"):
+                what = (f"a {sixteen[0].dtype} parameter" if sixteen
+                        else f"state_format={self._state_format!r}")
+                raise ValueError(f"rowwise=True needs float32/float64 parameters and "
+                                 f"float32 state (got {what}); use rowwise=False for "
+                                 f"16-bit parameters or compressed state")
         if self.sparse != "catch_up":
             return
         why = None
@@ -663,9 +710,10 @@ class Optimizer:
             return "none"
         return self._param_mode or "master"
 
-    def _new_state(self, p, layout, fixed, have):
+    def _new_state(self, p, layout, fixed, have, step):
         """The state entries of parameter ``p`` (reusing the arrays of ``have`` that fit)
-        and the storage of each layout name."""
+        and the storage of each layout name; ``step``: the group's completed steps (a
+        parameter added later has missed none of them: catch-up starts there)."""
         compute = _F64 if p.dtype == _F64 else _F32
         fmt = None if p.dtype == _F64 else self._state_format
         stor = [storage.state_storage(fmt, self.rule.kinds[name]) for name in layout]
@@ -691,8 +739,8 @@ class Optimizer:
         if self.sparse == "catch_up" and p.ndim == 2:
             last, ds = have.get("last_step"), have.get("dense_step")
             fits = last is not None and last.shape == p.shape[:1] and ds is not None
-            st["last_step"] = last if fits else np.zeros(p.shape[:1], np.int64)
-            st["dense_step"] = ds if fits else np.zeros(1, np.int64)
+            st["last_step"] = last if fits else np.full(p.shape[:1], step, np.int64)
+            st["dense_step"] = ds if fits else np.full(1, step, np.int64)
         keep = self._keep(p.dtype)
         if keep == "master":
             m = have.get("master")
@@ -835,27 +883,32 @@ class Optimizer:
         if keep == "none":
             return p
         if keep == "master":
-            return st["master"]
+            return storage.sync_master(p, st["master"])
         phi = storage.to_float32(p)
         if keep == "kahan":
             phi = phi + storage.decode("bfloat16", st["compensation"])
         return phi
 
-    def _set_phi(self, i, values):
-        """Make parameter ``i`` hold ``values`` (float32 for a 16-bit one), keeping its
-        master copy or compensation consistent."""
+    def _set_phi(self, i, values, rows=None):
+        """Make parameter ``i`` (or its ``rows``) hold ``values`` (float32 for a 16-bit
+        one), keeping its master copy or compensation consistent."""
         core = self._core
         keep, p, st = core.how[i][0], core.params[i], core.state[i]
+        sel = slice(None) if rows is None else rows
         if keep == "none":
-            np.copyto(p, values)
+            p[sel] = values
             return
         if keep == "master":
-            np.copyto(st["master"], values)
-        storage.round_to(p, values)
+            st["master"][sel] = values
+        part = p[sel] if rows is not None else p         # (a copy for rows)
+        storage.round_to(part, values, saturate=keep == "kahan")
+        if rows is not None:
+            p[rows] = part
         if keep == "kahan":
-            st["compensation"][...] = K.encode_block_state(
-                "bfloat16", np.ascontiguousarray(values - storage.to_float32(p), np.float32)
-                .reshape(-1))[0].reshape(p.shape)
+            st["compensation"][sel] = K.encode_block_state(
+                "bfloat16", np.ascontiguousarray(values - storage.to_float32(part),
+                                                 np.float32).reshape(-1))[0].reshape(
+                np.shape(part))
 
     # ---- stepping ---------------------------------------------------------------------
 
@@ -900,19 +953,39 @@ class Optimizer:
             t = type(grads)
             if not ((t is list or t is tuple) and len(grads) == len(core.params)):
                 grads = self._as_grads(grads, len(core.params))
+            interim = list(core.engine.interim) if core.nesterov else None
             if core.plain and grad_norm is None:
                 core.engine.step(grads, core.plan, core.form)
-                return None
-            core.engine.bind(grads)
-            plan = self._clip_plan(core, grads, grad_norm)
-            if plan is None:
-                self.skipped_steps += 1
             else:
-                core.engine.run(plan, core.form)
+                core.engine.bind(grads)
+                plan = self._clip_plan(core, grads, grad_norm)
+                if plan is None:
+                    self.skipped_steps += 1
+                else:
+                    core.engine.run(plan, core.form)
+            if interim is not None and interim != core.engine.interim:
+                self._replace_untouched(core, grads, interim)
             return None
         finally:
             self._busy = False
             lock.release()
+
+    def _replace_untouched(self, core, grads, before):
+        """After a shifted-form step whose momentum differs from the last one's: the rows
+        that a row-sparse gradient left alone still hold theta + alpha_prev v; move them to
+        theta + alpha v, as the step moved the others (their theta does not change)."""
+        engine = core.engine
+        for gi in core.nesterov:
+            delta = engine.interim[gi] - before[gi]
+            for i in core.rows[gi]:
+                g = grads[i]
+                if not delta or type(g) is not SparseRows:
+                    continue
+                rest = np.ones(core.params[i].shape[0], bool)
+                rest[g.indices] = False
+                phi = self._phi_values(i)
+                v = self._state_values(i, "velocity")
+                self._set_phi(i, phi[rest] + v[rest] * phi.dtype.type(delta), rest)
 
     def _refuse_reentry(self, what):
         if self._theta_depth:
@@ -934,7 +1007,8 @@ class Optimizer:
         group, where = self.param_groups[gi], self._where(gi, len(core.meta))
         values, nxt = meta.values, meta.next_values
         for name in meta.scheduled:
-            values[name] = self._scheduled(group, meta, name, k, where)
+            values[name] = nxt[name] = self._scheduled(group, meta, name, k, where)
+        for name in meta.ahead:
             nxt[name] = self._scheduled(group, meta, name, k + 1, where)
         self.rule.scalars(meta.scalars, values, nxt)
 
@@ -1011,6 +1085,12 @@ class Optimizer:
                 self.skipped_steps += 1
             else:
                 engine.run(plan, _LITERAL if core.nesterov else 0)
+                for i in moved:          # rows a row-sparse gradient left: back to theta
+                    g = grads[i]
+                    if type(g) is SparseRows:
+                        rest = np.ones(core.params[i].shape[0], bool)
+                        rest[g.indices] = False
+                        core.params[i][rest] = self._scratch[i][rest]
             return loss
         finally:
             for s, prev, nxt in kept:         # the shifted form's scalars, as they were
@@ -1099,7 +1179,10 @@ class Optimizer:
 
     def state_dict(self):
         """Plain Python and NumPy data: hyperparameters (schedules as dicts), step counts,
-        copies of the state arrays. Waits for a step running in another thread."""
+        copies of the state arrays. Waits for a step running in another thread. A
+        callable hyperparameter must be a schedule (with ``to_dict()``); any other
+        raises ``TypeError`` here, though pickle and ``copy.deepcopy`` take what pickle
+        can save (:doc:`contract`)."""
         with self._lock:
             return self._state_dict(copy=True)
 
@@ -1121,12 +1204,13 @@ class Optimizer:
                 between = [self._phi.get(index.get(id(p), -1), p) for p in between]
             yield self._state_dict(copy=False), between
 
-    def _state_dict(self, copy):
+    def _state_dict(self, copy, pickling=False):
         core = self._core
         engine = core.engine
         groups = []
         for gi, g in enumerate(self.param_groups):
-            d = {k: encode_hyperparameter(v) for k, v in g.items() if k != "params"}
+            d = {k: encode_hyperparameter(v, pickling) for k, v in g.items()
+                 if k != "params"}
             d["params"] = list(core.rows[gi])
             d["step"] = engine.steps[gi]
             d["interim_momentum"] = engine.interim[gi]
@@ -1315,6 +1399,10 @@ class Optimizer:
                           engine.form)
 
     def __reduce__(self):
+        """Pickle and ``copy.deepcopy``: the groups and options, then the state dict. A
+        callable hyperparameter may be anything pickle saves (a module-level function, a
+        ``functools.partial`` of one, a picklable callable object, a schedule); a lambda
+        or a nested function raises ``TypeError``."""
         with self._lock:
             groups = [dict(g, params=list(g["params"])) for g in self.param_groups]
             options = {"clip_norm": self.clip_norm, "clip_value": self.clip_value,
@@ -1322,7 +1410,10 @@ class Optimizer:
                        "state_format": self._state_format, "param_mode": self._param_mode,
                        "seed": self.seed, "element_offset": self.element_offset,
                        "sparse": self.sparse}
-            return (_restore, (type(self), groups, options, self._state_dict(copy=True)))
+            # Through the state dict, with callables that have no to_dict() kept as
+            # themselves where pickle can save them (module-level functions by name).
+            return (_restore, (type(self), groups, options,
+                               self._state_dict(copy=True, pickling=True)))
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

@@ -184,6 +184,12 @@ class Rule:
         interim point of the shifted Nesterov form between steps."""
         return bool(h.get("nesterov")) and self.profile(h).nesterov == "shifted"
 
+    def ahead(self, h):
+        """The hyperparameters whose value at the *next* update this update reads: the
+        momentum, in the shifted Nesterov form (it places the next interim point); no other
+        rule looks ahead, so no other schedule is evaluated a step early."""
+        return ("momentum",) if self.shifted(h) else ()
+
     def scalars_for(self, h, h_next=None):
         """A new :class:`Scalars` for checked hyperparameters ``h``, for the state layout
         these hyperparameters make."""
@@ -199,8 +205,9 @@ class Rule:
         args = "\n".join(f"    {k}: {h.doc}" for k, h in self.hyper.items()
                          if h.in_signature)
         parts = [self.summary, self.math.strip("\n"), self.notes.strip("\n"),
-                 "Args:\n    params: a sequence of float32/float64 C-contiguous arrays, "
-                 "updated in place,\n        or of dicts (param groups) with "
+                 "Args:\n    params: a sequence of C-contiguous float32, float64, "
+                 "float16 or\n        bfloat16 arrays, updated in place, or of dicts "
+                 "(param groups) with\n        "
                  "``\"params\"`` and their own hyperparameters.\n" + args
                  + ("\n" + options_doc if options_doc else ""),
                  self.state_doc.strip("\n")]
@@ -520,7 +527,8 @@ _ADAM_PROFILES = {
     "optax": Profile("optax.adam / adamw"),
     "keras": Profile("keras.optimizers.Adam / AdamW", frozenset({"eps_hat"}),
                      weight_decay="decoupled", lr_float32=True),
-    "sklearn": Profile("sklearn.neural_network's adam solver", frozenset({"eps_hat"})),
+    "sklearn": Profile("sklearn.neural_network's adam solver; torch.optim.SparseAdam",
+                       frozenset({"eps_hat"})),
 }
 
 
@@ -601,7 +609,9 @@ lr * weight_decay > 1 that factor is negative and flips theta's sign every step,
 torch.optim.AdamW. ``amsgrad=True`` divides by the running maximum of r (Reddi et al.).
 Keras and scikit-learn add delta to sqrt(r) before the bias correction
 (``convention="keras"``, ``"sklearn"``: step lr sqrt(1 - rho2^t) / (1 - rho1^t) times
-s / (sqrt(r) + delta)).
+s / (sqrt(r) + delta)), and so does torch.optim.SparseAdam: lazy Adam on row-sparse
+gradients with ``convention="sklearn"`` equals SparseAdam to rounding, the default does
+not (:doc:`sparse`).
 """,
     hyper=_ADAM_HYPER,
     state=_adam_state,

@@ -21,7 +21,10 @@ Parameters (the dtype of the arrays you give the optimizer):
   - ``"kahan"``: the 16-bit array plus a bfloat16 compensation (state entry
     ``"compensation"``), the rounding error of the last write, so that theta is their sum
     (about 16 significant bits for bfloat16, 19 for float16). An edit of the 16-bit array
-    keeps the compensation (at most half a unit in its last place).
+    keeps the compensation (at most half a unit in its last place). A theta past the
+    largest finite 16-bit value (65504 for float16) leaves that value in the array and
+    the rest in the compensation, so theta stays right (with a master copy, the array
+    shows inf).
 
 State (``state_format``), for float32 and 16-bit parameters (float64 ones keep float64):
 
@@ -128,13 +131,26 @@ def to_float32(a):
     return np.array(a, np.float32)
 
 
-def round_to(a, values, stochastic=False, key=0, index=0):
+def sync_master(a, master):
+    """Where the 16-bit array ``a`` no longer holds the rounding of its float32 ``master``
+    copy (the user edited it), the master copy takes its value, as the next step would
+    (the kernels compare the bits the same way)."""
+    bits = K.round16(storage_name(a.dtype), master.reshape(-1), "nearest")
+    edited = bits != a.view(np.uint16).reshape(-1)
+    if edited.any():
+        master.reshape(-1)[edited] = to_float32(a).reshape(-1)[edited]
+    return master
+
+
+def round_to(a, values, stochastic=False, key=0, index=0, saturate=False):
     """Write float32 ``values`` into the 16-bit (or float32/64) array ``a`` in place,
     rounded to nearest even (or stochastically, with the random words of ``key`` from
-    element ``index`` on)."""
+    element ``index`` on; or, with ``saturate``, to nearest even with finite values past
+    the largest finite one kept at it, as the 16-bit part of a "kahan" parameter)."""
     if not is_16bit(a.dtype):
         np.copyto(a, values, casting="same_kind")
         return
+    how = "stochastic" if stochastic else "saturate" if saturate else "nearest"
     bits = K.round16(storage_name(a.dtype), np.ascontiguousarray(values, np.float32)
-                     .reshape(-1), "stochastic" if stochastic else "nearest", key, index)
+                     .reshape(-1), how, key, index)
     a.view(np.uint16).reshape(-1)[...] = bits

@@ -26,6 +26,8 @@ cdef extern from "storage.h" nogil:
     float ch8_f16_to_f32(uint16_t h)
     uint16_t ch8_f16_rne(float x)
     uint16_t ch8_f16_sr(float x, uint32_t r16)
+    uint16_t ch8_f16_rne_sat(float x)
+    uint16_t ch8_bf16_rne_sat(float x)
     float ch8_e4m3_decode(uint8_t b)
     uint8_t ch8_e4m3_rne(float y)
     float ch8_e5m3_decode(uint8_t b)
@@ -39,6 +41,12 @@ cdef extern from "storage.h" nogil:
 
 cdef enum:
     QB = 256              # = CH8_QBLOCK: elements per block (and per 8-bit scale)
+
+# A block scale below this (the smallest normal float32, 2^-126) is encoded with the
+# block multiplied by TINY_UP = 2^64 (exact), so that the scale's reciprocal never
+# overflows.
+cdef float TINY_SCALE = 1.1754943508222875e-38
+cdef double TINY_UP = 18446744073709551616.0
 
 # How a column is stored.
 cdef enum:
@@ -123,6 +131,18 @@ cdef inline void _encode_q8(const float* x, uint8_t* q, float* s_out, Py_ssize_t
         s_out[0] = s if s == 0 else <float>NAN
         return
     s_out[0] = s
+    if s < TINY_SCALE:
+        # 0.9375 / s would overflow (s below ~2.8e-39): scale the block up by 2^64 first.
+        # Both products are exact, so x * 2^64 * (0.9375 / (s 2^64)) rounds the same real
+        # number x * 0.9375 / s that the plain loop rounds for larger scales.
+        f = <float>0.9375 / (s * <float>TINY_UP)
+        if fmt == ST_Q8_SIGNED:
+            for i in range(n):
+                q[i] = ch8_e4m3_rne((x[i] * <float>TINY_UP) * f)
+        else:
+            for i in range(n):
+                q[i] = ch8_e5m3_sr((x[i] * <float>TINY_UP) * f, w[i] >> 16, x[i])
+        return
     f = <float>0.9375 / s
     if fmt == ST_Q8_SIGNED:
         for i in range(n):
@@ -230,15 +250,16 @@ cdef void _block(int rule, const intptr_t* row, const intptr_t* aux, const Codec
             for i in range(n):
                 p16[i] = ch8_bf16_sr(pb[i], w[i] & 0xffffu)
     elif c.keep == KEEP_KAHAN:
-        # theta = hi + lo: hi the 16-bit rounding of theta, lo (bfloat16) what it missed
+        # theta = hi + lo: hi the 16-bit rounding of theta (saturating at the largest
+        # finite value), lo (bfloat16) what it missed
         if c.pfmt == ST_F16:
             for i in range(n):
-                hi = ch8_f16_rne(pb[i])
+                hi = ch8_f16_rne_sat(pb[i])
                 p16[i] = hi
                 comp[i] = ch8_bf16_rne(pb[i] - ch8_f16_to_f32(hi))
         else:
             for i in range(n):
-                hi = ch8_bf16_rne(pb[i])
+                hi = ch8_bf16_rne_sat(pb[i])
                 p16[i] = hi
                 comp[i] = ch8_bf16_rne(pb[i] - ch8_bf16_to_f32(hi))
     # encode the state
@@ -380,17 +401,23 @@ def round16(str storage, const float[::1] x, str rounding="nearest", uint64_t ke
             uint64_t index=0):
     """float32 values ``x`` as 16-bit bits (uint16) of ``storage`` ("bfloat16" or
     "float16"), by nearest-even or stochastic rounding (the random words of ``key`` from
-    element ``index`` on, low 16 bits, as for a parameter)."""
+    element ``index`` on, low 16 bits, as for a parameter), or nearest-even saturating at
+    the largest finite value ("saturate": the 16-bit part of a "kahan" parameter)."""
     cdef int fmt = STORAGE[storage]
     cdef Py_ssize_t i, n = x.shape[0]
     cdef uint16_t[::1] o
     cdef bint sr = rounding == "stochastic"
     if fmt not in (ST_BF16, ST_F16):
         raise ValueError(f"storage must be 'bfloat16' or 'float16', got {storage!r}")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding not in ("nearest", "stochastic", "saturate"):
+        raise ValueError(f"rounding must be 'nearest', 'stochastic' or 'saturate', got "
+                         f"{rounding!r}")
     out = np.empty(n, np.uint16)
     o = out
+    if rounding == "saturate":
+        for i in range(n):
+            o[i] = ch8_f16_rne_sat(x[i]) if fmt == ST_F16 else ch8_bf16_rne_sat(x[i])
+        return out
     for i in range(n):
         if fmt == ST_F16:
             o[i] = (ch8_f16_sr(x[i], ch8_word(key, <uint32_t>(index + <uint64_t>i)) & 0xffffu)

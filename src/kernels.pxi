@@ -366,32 +366,84 @@ cdef void _momentum_loop(floating* p, const floating* g, floating* v, Py_ssize_t
                 p[i] = pi + vn
 
 
+cdef inline floating _adagrad_accumulate(floating ri, floating gi, ops* o) noexcept nogil:
+    # r + g*g (Torch: fma(g, g, r))
+    if ops is Torch:
+        return _fma(gi, gi, ri)
+    else:
+        return ri + gi * gi
+
+
+cdef inline floating _adagrad_apply(floating pi, floating gi, floating ri, floating lr,
+                                    floating e_in, floating e_out, ops* o) noexcept nogil:
+    # theta - eps g / (sqrt(r + e_in) + e_out)  (Torch: theta + (-eps g) / (...))
+    if ops is Torch:
+        return pi + (-lr * gi) / (_sqrt(ri + e_in) + e_out)
+    else:
+        return pi - lr * (gi / (_sqrt(ri + e_in) + e_out))
+
+
+cdef inline void _adagrad_eps(const Hyper* h, floating* e_in, floating* e_out) noexcept nogil:
+    # sqrt(r + e_in) + e_out: x + 0 == x for every x >= 0 and NaN, so one formula holds
+    # both placements of delta (FLAG_EPS_INSIDE: inside the root)
+    if h.flags & FLAG_EPS_INSIDE:
+        e_in[0] = <floating>h.eps
+        e_out[0] = 0
+    else:
+        e_in[0] = 0
+        e_out[0] = <floating>h.eps
+
+
 cdef void _adagrad(floating* p, const floating* g, floating* r, Py_ssize_t n,
                    const Hyper* h, ops* o) noexcept nogil:
     # r <- r + g*g;  theta <- theta - eps / (delta + sqrt(r)) * g          (Alg 8.4)
     # FLAG_EPS_INSIDE: sqrt(r + delta). Torch: r <- fma(g, g, r) and
     # theta + (-eps g) / (sqrt(r) + delta).
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
-    cdef bint inside = h.flags & FLAG_EPS_INSIDE
-    # sqrt(r + e_in) + e_out: x + 0 == x for every x >= 0 and NaN, so one formula holds
-    # both placements of delta
-    cdef floating e_in = <floating>h.eps if inside else 0, e_out = 0 if inside else <floating>h.eps
+    cdef floating e_in, e_out
     cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
     cdef floating pi, gi, ri
     cdef Py_ssize_t i
+    _adagrad_eps(h, &e_in, &e_out)
     for i in range(n):
         pi = p[i] * decay
         gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
-        if ops is Torch:
-            ri = _fma(gi, gi, r[i])
-            r[i] = ri
-            p[i] = pi + (-lr * gi) / (_sqrt(ri + e_in) + e_out)
-        else:
-            ri = r[i] + gi * gi
-            r[i] = ri
-            p[i] = pi - lr * (gi / (_sqrt(ri + e_in) + e_out))
+        ri = _adagrad_accumulate(r[i], gi, o)
+        r[i] = ri
+        p[i] = _adagrad_apply(pi, gi, ri, lr, e_in, e_out, o)
+
+
+cdef void _adagrad_rowwise(floating* p, const floating* g, floating* r, Py_ssize_t n,
+                           const Hyper* h, ops* o) noexcept nogil:
+    # Row-wise AdaGrad: AdaGrad's rule with one accumulator r for the row's n elements,
+    # which gains the mean of their g*g (summed in double in 16 lanes by index, added in
+    # order: it vectorizes and its bits do not depend on threads); the step of each
+    # element is AdaGrad's, in every convention.
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
+    cdef floating e_in, e_out
+    cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef double acc[SUM_LANES]
+    cdef double total = 0.0
+    cdef floating gi, rr, pi
+    cdef Py_ssize_t i, j
+    _adagrad_eps(h, &e_in, &e_out)
+    for j in range(SUM_LANES):
+        acc[j] = 0.0
+    for i in range(n):
+        gi = _l2(_grad(g[i], gs, cv, clip), p[i] * decay, wd, l2, o)
+        acc[i % SUM_LANES] += <double>gi * <double>gi
+    for j in range(SUM_LANES):
+        total += acc[j]
+    rr = r[0] + <floating>(total / <double>n) if n else r[0]
+    r[0] = rr
+    for i in range(n):
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        p[i] = _adagrad_apply(pi, gi, rr, lr, e_in, e_out, o)
 
 
 cdef inline floating _rms_denominator(floating gi, floating* r, floating* ga, Py_ssize_t i,
@@ -1249,7 +1301,8 @@ cdef class Table:
     cdef list aux             # the extra arrays (references held)
     cdef list names           # "grads[i]" and "params[i]" of each row, for messages
     cdef Guard guard
-    cdef uintptr_t[::1] checked  # each row's last gradient address found clear of the guard
+    cdef uintptr_t[::1] checked  # each row's last gradient span [checked, checked_hi)
+    cdef uintptr_t[::1] checked_hi  # found clear of the guard
     cdef list keep            # contiguous copies of non-contiguous gradients, this step
     cdef double[::1] blocks   # per-block sums of squares
     # row-sparse gradients and row-wise state (sparse.pxi)
@@ -1275,6 +1328,7 @@ cdef class Table:
         self.states = [list(col) for col in states]
         self.guard = guard
         self.checked = np.zeros(max(1, self.nrows), dtype=np.uintp)
+        self.checked_hi = np.zeros(max(1, self.nrows), dtype=np.uintp)
         self.keep = []
         self.index = np.asarray(index, dtype=np.intp).copy()
         self.names = [(f"grads[{i}]", f"params[{i}]") for i in self.index]
@@ -1431,7 +1485,7 @@ cdef class Table:
     cdef int _bind(self, object grads) except -1:
         cdef Py_ssize_t r
         cdef cnp.ndarray g, p
-        cdef uintptr_t lo
+        cdef uintptr_t lo, hi
         cdef int gfmt = -1, f
         cdef RowBatch b
         if self.keep:
@@ -1458,15 +1512,18 @@ cdef class Table:
                                     f"all of them in the parameters' dtype or all float32")
                 gfmt = f
             lo = <uintptr_t>cnp.PyArray_DATA(g)
+            hi = lo + <uintptr_t>cnp.PyArray_NBYTES(g)
             # The guarded arrays never move (checked above for the parameters; the state
-            # arrays are the optimizer's own) and the shape fixes the byte count, so a
-            # gradient at the address checked last time is still clear of them.
-            if lo != self.checked[r]:
-                if self.guard.overlaps(lo, lo + <uintptr_t>cnp.PyArray_NBYTES(g)):
+            # arrays are the optimizer's own), so a gradient over the bytes checked last
+            # time is still clear of them. (Its byte count is not fixed by the shape: a
+            # float32 gradient of a 16-bit parameter covers twice a 16-bit one's.)
+            if lo != self.checked[r] or hi != self.checked_hi[r]:
+                if self.guard.overlaps(lo, hi):
                     raise ValueError(f"{self.names[r][0]} shares memory with a parameter or "
                                      f"an optimizer state array; pass a separate gradient "
                                      f"array")
                 self.checked[r] = lo
+                self.checked_hi[r] = hi
             self.table[r, 1] = <intptr_t>lo
         if gfmt >= 0:
             self.codec.gfmt = gfmt

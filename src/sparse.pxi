@@ -45,15 +45,26 @@ cdef int _cmp_double(const void* a, const void* b) noexcept nogil:
     return (x > y) - (x < y)
 
 
-cdef void _catch_up(int rule, floating* p, floating* s0, floating* s1, Py_ssize_t n,
-                    double dt, const Hyper* h) noexcept nogil:
+cdef void _catch_up(int rule, floating* p, floating* s0, floating* s1, floating* s2,
+                    Py_ssize_t n, double dt, const Hyper* h) noexcept nogil:
     # dt steps of a zero gradient, in closed form: the state decays (rho^dt, beta^dt,
-    # alpha^dt); momentum moves theta by sum_{k=1..dt} alpha^k v = v alpha (1 - alpha^dt)
-    # / (1 - alpha) first; AdamW's decoupled decay multiplies theta by decay^dt.
+    # alpha^dt; centered RMSProp's average gradient by rho^dt too); momentum moves theta by
+    # sum_{k=1..dt} alpha^k v = v alpha (1 - alpha^dt) / (1 - alpha) first; AdamW's
+    # decoupled decay multiplies theta by decay^dt. s0.. are the rule's state columns in
+    # its order (RMSProp: r[, gbar]; with momentum: r, v[, gbar]).
     cdef floating f0 = 1, f1 = 1, drift = 0, an
     cdef floating* v = NULL
+    cdef floating* gbar = NULL
     cdef Py_ssize_t i
     cdef double a = h.alpha
+    if rule == RMSPROP or rule == RMSPROP_MOMENTUM:
+        f0 = <floating>pow(h.rho, dt)
+        for i in range(n):
+            s0[i] = s0[i] * f0
+        if h.flags & FLAG_CENTERED:
+            gbar = s1 if rule == RMSPROP else s2
+            for i in range(n):
+                gbar[i] = gbar[i] * f0
     if rule == MOMENTUM or rule == RMSPROP_MOMENTUM:
         v = s0 if rule == MOMENTUM else s1
         an = <floating>pow(a, dt)
@@ -61,14 +72,6 @@ cdef void _catch_up(int rule, floating* p, floating* s0, floating* s1, Py_ssize_
         for i in range(n):
             p[i] = p[i] + drift * v[i]
             v[i] = v[i] * an
-        if rule == RMSPROP_MOMENTUM:
-            f0 = <floating>pow(h.rho, dt)
-            for i in range(n):
-                s0[i] = s0[i] * f0
-    elif rule == RMSPROP:
-        f0 = <floating>pow(h.rho, dt)
-        for i in range(n):
-            s0[i] = s0[i] * f0
     elif rule == ADAM:
         f0 = <floating>pow(h.beta1, dt)
         f1 = <floating>pow(h.beta2, dt)
@@ -86,56 +89,39 @@ cdef void _catch_up(int rule, floating* p, floating* s0, floating* s1, Py_ssize_
             s1[i] = s1[i] * f0
 
 
-cdef void _adagrad_rowwise(floating* p, const floating* g, floating* r, Py_ssize_t n,
-                           const Hyper* h) noexcept nogil:
-    # Row-wise AdaGrad: r <- r + mean over the row of g*g (one r per row), then
-    # theta <- theta - eps g / (delta + sqrt(r)). The mean is summed in double in 16 lanes
-    # by index, added in order, so it vectorizes and its bits do not depend on threads.
-    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
-    cdef floating decay = <floating>h.decay
-    cdef bint l2 = h.flags & FLAG_L2
-    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
-    cdef bint clip = h.flags & FLAG_CLIP
-    cdef double acc[SUM_LANES]
-    cdef double total = 0.0
-    cdef floating gi, rr, denom, pi
-    cdef Py_ssize_t i, j
-    for j in range(SUM_LANES):
-        acc[j] = 0.0
-    for i in range(n):
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * (p[i] * decay)
-        acc[i % SUM_LANES] += <double>gi * <double>gi
-    for j in range(SUM_LANES):
-        total += acc[j]
-    rr = r[0] + <floating>(total / <double>n) if n else r[0]
-    r[0] = rr
-    denom = eps + _sqrt(rr)
-    for i in range(n):
-        pi = p[i] * decay
-        gi = _grad(g[i], gs, cv, clip)
-        if l2:
-            gi = gi + wd * pi
-        p[i] = pi - lr * (gi / denom)
+cdef inline void _rowwise(floating* p, const floating* g, floating* r, Py_ssize_t n,
+                          const Hyper* h) noexcept nogil:
+    # row-wise AdaGrad (kernels.pxi) in the step's operation sequence
+    if h.flags & FLAG_FMA:
+        _adagrad_rowwise(p, g, r, n, h, <Torch*>NULL)
+    else:
+        _adagrad_rowwise(p, g, r, n, h, <Plain*>NULL)
 
 
 cdef void _row(int rule, bint f64, const intptr_t* row, const intptr_t* aux, Py_ssize_t ncols,
                const Codec* c, bint coded, bint rowwise, Py_ssize_t d, int64_t r,
                intptr_t g, double dt, uint64_t index, const Hyper* h) noexcept nogil:
     # Row r of one tensor: its d elements, the gradient row at g.
-    cdef Py_ssize_t lo = r * d
+    cdef Py_ssize_t lo = r * d, b
+    cdef Py_ssize_t gsize = 4 if c.gfmt == ST_F32 else 8
     if coded:
-        _block(rule, row, aux, c, lo, d, index + <uint64_t>lo, h, g)
+        # through the block codec, in pieces of at most one block (its buffers' size);
+        # each element keeps its index in the group, so its random words are the dense
+        # step's
+        b = 0
+        while b < d:
+            _block(rule, row, aux, c, lo + b, min(QB, d - b), index + <uint64_t>(lo + b),
+                   h, g + b * gsize)
+            b += QB
         return
     if f64:
         if dt > 0:
             _catch_up(rule, (<double*>row[0]) + lo,
                       (<double*>row[2]) + lo if ncols > 2 else NULL,
-                      (<double*>row[3]) + lo if ncols > 3 else NULL, d, dt, h)
+                      (<double*>row[3]) + lo if ncols > 3 else NULL,
+                      (<double*>row[4]) + lo if ncols > 4 else NULL, d, dt, h)
         if rowwise:
-            _adagrad_rowwise((<double*>row[0]) + lo, <const double*>g,
-                             (<double*>row[2]) + r, d, h)
+            _rowwise((<double*>row[0]) + lo, <const double*>g, (<double*>row[2]) + r, d, h)
         else:
             _span_ptrs(rule, (<double*>row[0]) + lo, <const double*>g,
                        (<double*>row[2]) + lo if ncols > 2 else NULL,
@@ -145,10 +131,10 @@ cdef void _row(int rule, bint f64, const intptr_t* row, const intptr_t* aux, Py_
         if dt > 0:
             _catch_up(rule, (<float*>row[0]) + lo,
                       (<float*>row[2]) + lo if ncols > 2 else NULL,
-                      (<float*>row[3]) + lo if ncols > 3 else NULL, d, dt, h)
+                      (<float*>row[3]) + lo if ncols > 3 else NULL,
+                      (<float*>row[4]) + lo if ncols > 4 else NULL, d, dt, h)
         if rowwise:
-            _adagrad_rowwise((<float*>row[0]) + lo, <const float*>g,
-                             (<float*>row[2]) + r, d, h)
+            _rowwise((<float*>row[0]) + lo, <const float*>g, (<float*>row[2]) + r, d, h)
         else:
             _span_ptrs(rule, (<float*>row[0]) + lo, <const float*>g,
                        (<float*>row[2]) + lo if ncols > 2 else NULL,

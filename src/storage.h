@@ -72,6 +72,17 @@ static inline uint16_t ch8_f16_rne(float x) {
     return (uint16_t)(ch8_sel(a < 0x38800000u, sub, ch8_sel(a < 0x47800000u, nrm, big)) | sign);
 }
 
+/* Round to nearest even, saturating: a finite x past the largest finite value gives that
+ * value (with x's sign) instead of an infinity. The 16-bit part of a "kahan" parameter:
+ * its compensation then holds the rest, so theta = hi + lo stays finite and right. */
+static inline uint16_t ch8_sat16(float x, uint16_t h, uint16_t inf_bits) {
+    uint32_t a = ch8_f2u(x) & 0x7fffffffu;
+    uint32_t over = (uint32_t)((h & 0x7fffu) == inf_bits) & (uint32_t)(a < 0x7f800000u);
+    return (uint16_t)ch8_sel(over, (uint32_t)(h & 0x8000u) | (uint32_t)(inf_bits - 1u), h);
+}
+static inline uint16_t ch8_f16_rne_sat(float x) { return ch8_sat16(x, ch8_f16_rne(x), 0x7c00u); }
+static inline uint16_t ch8_bf16_rne_sat(float x) { return ch8_sat16(x, ch8_bf16_rne(x), 0x7f80u); }
+
 /* r16: 16 random bits. Normal range: 13 of them below the last kept bit, then truncate
  * (exact). Subnormal range (|x| < 2^-14, spacing 2^-24): up iff r16 < frac * 2^16. */
 static inline uint16_t ch8_f16_sr(float x, uint32_t r16) {

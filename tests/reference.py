@@ -169,7 +169,12 @@ def q8_encode(x, signed, w=None):
         scales[b] = s
         if s == 0:
             continue
-        y = blk * (np.float32(0.9375) / s)
+        if s < np.float32(2.0 ** -126):
+            # a tiny block: scaled up by 2^64 (exact), so 0.9375 / s cannot overflow
+            up = np.float32(2.0 ** 64)
+            y = (blk * up) * (np.float32(0.9375) / (s * up))
+        else:
+            y = blk * (np.float32(0.9375) / s)
         if signed:
             codes[b * QBLOCK:b * QBLOCK + blk.size] = e4m3_rne(y)
         else:

@@ -76,7 +76,10 @@ def _round_param(dtype, keep, theta, key, index):
         sr = R.bf16_sr if dtype == BF16 else R.f16_sr
         return sr(flat, R.words(key, index, flat.size) & np.uint32(0xFFFF)), None
     hi = rne(flat)
-    if keep == "kahan":
+    if keep == "kahan":              # saturating at the largest finite value
+        top = np.uint16(0x7BFF if dtype == F16 else 0x7F7F)
+        over = ((hi & np.uint16(0x7FFF)) == top + np.uint16(1)) & np.isfinite(flat)
+        hi = np.where(over, (hi & np.uint16(0x8000)) | top, hi).astype(np.uint16)
         return hi, R.bf16_rne(flat - to32(hi))
     return hi, None
 
