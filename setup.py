@@ -9,9 +9,11 @@ profile); the AVX2 module is built with -mfma so that those become vector instru
 and is used only on CPUs with FMA. No fast-math flags: they change NaN, Inf and rounding
 semantics.
 
-On x86-64 the same source (src/kernels.pxi) is built three times: for the baseline
-instruction set, for AVX2 and for AVX-512; ``ch8fast`` picks the widest one the CPU runs,
-at import time. Set CH8FAST_MARCH_NATIVE=1 to add -march=native to a local build.
+The checks and the types Python sees (src/_core.pyx) are built once. The loops
+(src/loops.pxi) are built three times on x86-64: for the baseline instruction set, for
+AVX2 and for AVX-512; ``ch8fast`` picks the widest one the CPU runs, at import time, and
+_core runs its loops through the table of function pointers it exports. Set
+CH8FAST_MARCH_NATIVE=1 to add -march=native to a local build.
 """
 import os
 import platform
@@ -40,10 +42,17 @@ else:
 if os.environ.get("CH8FAST_MARCH_NATIVE") == "1":
     base_args.append("-march=native")
 
-modules = ["_kernels"] + (["_kernels_avx2", "_kernels_avx512"] if X86 else [])
-# (a development build of some of them only: CH8FAST_ONLY=_kernels_avx2)
+modules = ["_core", "_kernels"] + (["_kernels_avx2", "_kernels_avx512"] if X86 else [])
+# (a development build of some of them only: CH8FAST_ONLY=_core,_kernels_avx2)
 if os.environ.get("CH8FAST_ONLY"):
     modules = [m for m in modules if m in os.environ["CH8FAST_ONLY"].split(",")]
+
+# The glue the rules' table makes (src/rule_table.py: rule codes, dispatch, catch-up, the
+# per-step scalars), filled into src/*.pxi from its Tempita templates before Cython runs.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+import rule_table  # noqa: E402
+
+rule_table.generate()
 
 extensions = [
     Extension(

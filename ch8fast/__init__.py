@@ -17,7 +17,7 @@ def _without_kernels(exc):
     imports instead of the installed copy."""
     here = _os.path.dirname(_os.path.abspath(__file__))
     suffixes = tuple(_machinery.EXTENSION_SUFFIXES)
-    built = any(name.startswith("_kernels") and name.endswith(suffixes)
+    built = any(name.startswith(("_kernels", "_core")) and name.endswith(suffixes)
                 for name in _os.listdir(here))
     if built:
         return exc

@@ -1,5 +1,9 @@
 """Pick the kernel module built for the widest instruction set this CPU runs.
 
+``K`` is ``ch8fast._core``, the checks and types every module uses (built once); the loops
+it runs come from one of the kernel modules (``_kernels``, ``_kernels_avx2``,
+``_kernels_avx512``), through the table of function pointers each exports.
+
 All variants compute the same IEEE operations in the same order (the compiler contracts
 nothing into fused multiply-adds; the fused multiply-adds of torch's formula profile are
 explicit C99 fma calls, rounded once on every build), so they give the same bits; only
@@ -20,8 +24,8 @@ def load(isa):
 
     The CPU is asked first, by the baseline module: a module built for a wider
     instruction set may use it as soon as it is imported."""
-    from . import _kernels as baseline
-    if not baseline.cpu_supports(isa):
+    from . import _core
+    if not _core.cpu_supports(isa):
         return None
     try:
         return importlib.import_module(f"{__package__}.{_MODULES[isa]}")
@@ -51,11 +55,21 @@ def _choose():
     raise ImportError("no ch8fast kernel module could be loaded")
 
 
-K = _choose()
+from . import _core as K  # noqa: E402
+
+_mod = _choose()
+K.use_loops(_mod.LOOPS, _mod.ISA)
 
 
-def _loaded():
-    return [m for m in (load(isa) for isa in ISAS) if m is not None]
+def use(isa):
+    """Run the loops built for ``isa`` from now on (for tests and benchmarks that compare
+    the builds); returns the instruction set in use before."""
+    mod = load(isa)
+    if mod is None:
+        raise ValueError(f"no kernels for {isa!r} here (available: {available()})")
+    before = K.ISA
+    K.use_loops(mod.LOOPS, mod.ISA)
+    return before
 
 
 _requested = 0                # the n > 0 last given to set_num_threads; 0: none
@@ -78,8 +92,7 @@ def requested_num_threads():
 def set_default_num_threads(n):
     """Use ``n`` kernel threads without counting as a choice of the user's (what
     ch8fast.distributed does for each rank: an explicit setting wins)."""
-    for mod in _loaded():
-        mod.set_num_threads(int(n))
+    K.set_num_threads(int(n))
 
 
 def get_num_threads():

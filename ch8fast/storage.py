@@ -2,7 +2,7 @@
 
 An update is bound by memory traffic at sizes that do not fit in cache, so storing fewer
 bytes is the way to be faster. The arithmetic always runs in float32 registers; only what
-is stored changes (the kernels, ``src/codec.pxi`` and ``src/storage.h``, decode a block of
+is stored changes (the kernels, ``src/loops.pxi`` and ``src/storage.h``, decode a block of
 256 elements, update it, and encode it back, in one pass).
 
 Parameters (the dtype of the arrays you give the optimizer):

@@ -1,6 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""ch8fast's kernels compiled for AVX2 (256-bit vectors); the code is in kernels.pxi."""
+"""ch8fast's loops compiled for AVX2 (256-bit vectors) and FMA: the code is in
+loops.pxi; ch8fast._core runs them through ``LOOPS``."""
+
+from cpython.pycapsule cimport PyCapsule_New
 
 ISA = "avx2"
 
-include "kernels.pxi"
+include "types.pxi"
+include "shared.pxi"
+include "loops.pxi"

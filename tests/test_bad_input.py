@@ -213,3 +213,19 @@ def test_aliasing_gradient_is_refused_after_clean_steps():
     assert all(a.tobytes() == c.tobytes() for a, c in
                zip([a for st in opt.state for a in st.values()], before[2]))
     opt.step([gw, gb])
+
+
+def test_an_engine_of_wrong_types_is_refused():
+    """The kernels cast the engine's tables and scalars unchecked: an Engine built from
+    other objects used to crash the process at its first step."""
+    from ch8fast._isa import K
+    w = np.zeros(4)
+    table = K.Table([w], [], [0], K.Guard([w]))
+    scalars = K.Scalars("sgd")
+    with pytest.raises(TypeError, match=r"tables\[0\] must be a Table"):
+        K.Engine([object()], [0], [scalars], [0], [0.0])
+    with pytest.raises(TypeError, match=r"scalars\[0\] must be a Scalars"):
+        K.Engine([table], [0], [{"lr": 0.1}], [0], [0.0])
+    engine = K.Engine([table], [0], [scalars], [0], [0.0])
+    with pytest.raises((TypeError, AttributeError)):
+        engine.tables.append(object())            # the tuple the kernels trust is fixed

@@ -21,17 +21,24 @@ def test_the_widest_available_isa_is_used():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name,cls,ref_name,hyper", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_same_bits_on_every_isa(name, cls, ref_name, hyper, dtype, monkeypatch):
-    from ch8fast import optim
+def test_same_bits_on_every_isa(name, cls, ref_name, hyper, dtype):
     results = {}
     for isa in _isa.available():
-        monkeypatch.setattr(optim, "K", _isa.load(isa))
+        _isa.use(isa)
         params, grads = random_problem([(1003,), (5, 7)], dtype, seed=7, n_steps=4)
         opt = cls(params, clip_value=1.5, **hyper)
         for g in grads:
             opt.step(g)
         results[isa] = [p.tobytes() for p in params]
     assert len({tuple(v) for v in results.values()}) == 1, list(results)
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    """Each test leaves the loops of the widest instruction set in use."""
+    before = ch8fast.isa()
+    yield
+    _isa.use(before)
 
 
 def _disassembly(isa):
@@ -66,14 +73,13 @@ PROFILE_CONFIGS = [
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name,cls,hyper", PROFILE_CONFIGS, ids=[c[0] for c in PROFILE_CONFIGS])
-def test_profiles_same_bits_on_every_isa(name, cls, hyper, dtype, monkeypatch):
+def test_profiles_same_bits_on_every_isa(name, cls, hyper, dtype):
     """The formula profiles too, fused multiply-adds included (C99 fma is rounded once on
     every build: an instruction with -mfma and AVX-512, the libm function on the
     baseline)."""
-    from ch8fast import optim
     results = {}
     for isa in _isa.available():
-        monkeypatch.setattr(optim, "K", _isa.load(isa))
+        _isa.use(isa)
         params, grads = random_problem([(1003,), (5, 7), (13,)], dtype, seed=7, n_steps=4)
         opt = cls(params, **hyper)
         for g in grads:
@@ -112,13 +118,13 @@ def test_adam_loop_uses_packed_square_roots():
 _NO_WIDE_CPU = r"""
 import importlib.machinery, importlib.util, sys, pathlib
 pkg = pathlib.Path(sys.argv[1])
-path = next(pkg.glob("_kernels.*.so"), None) or next(pkg.glob("_kernels.*.pyd"))
-loader = importlib.machinery.ExtensionFileLoader("ch8fast._kernels", str(path))
-spec = importlib.util.spec_from_file_location("ch8fast._kernels", path, loader=loader)
-base = importlib.util.module_from_spec(spec)
-loader.exec_module(base)
-base.cpu_supports = lambda isa: isa == "baseline"     # a CPU without AVX2 or AVX-512
-sys.modules["ch8fast._kernels"] = base
+path = next(pkg.glob("_core.*.so"), None) or next(pkg.glob("_core.*.pyd"))
+loader = importlib.machinery.ExtensionFileLoader("ch8fast._core", str(path))
+spec = importlib.util.spec_from_file_location("ch8fast._core", path, loader=loader)
+core = importlib.util.module_from_spec(spec)
+loader.exec_module(core)
+core.cpu_supports = lambda isa: isa == "baseline"     # a CPU without AVX2 or AVX-512
+sys.modules["ch8fast._core"] = core
 
 class Refuse:
     def find_spec(self, name, path=None, target=None):
@@ -133,7 +139,8 @@ print(ch8fast.isa(), ch8fast._isa.available())
 
 def test_wider_modules_are_not_imported_on_a_cpu_without_them():
     """A module built for AVX-512 may execute AVX-512 instructions as soon as it is loaded,
-    so the CPU is asked (by the baseline module) before a wider module is imported."""
+    so the CPU is asked (by ch8fast._core, built for the baseline) before a wider module is
+    imported."""
     import os
     import sys
     pkg = os.path.dirname(ch8fast.__file__)

@@ -131,7 +131,8 @@ def test_a_source_folder_without_kernels_says_what_to_do(tmp_path):
     assert "circular import" not in last
 
 
-PRIVATE_MODULES = {"_isa", "_validation", "_kernels", "_kernels_avx2", "_kernels_avx512"}
+PRIVATE_MODULES = {"_isa", "_validation", "_core", "_kernels", "_kernels_avx2",
+                   "_kernels_avx512"}
 
 
 @pytest.mark.parametrize("module", library_modules())

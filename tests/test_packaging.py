@@ -42,7 +42,8 @@ def test_the_sdist_has_the_tests_helpers_and_data_without_warnings(tmp_path):
     (sdist,) = list(tmp_path.glob("ch8fast-*.tar.gz"))
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    expected = {"LICENSE", "README.md", "pyproject.toml", "setup.py", "src/kernels.pxi",
+    expected = {"LICENSE", "README.md", "pyproject.toml", "setup.py", "src/loops.pxi",
+                "src/_core.pyx", "src/types.pxi", "src/shared.pxi",
                 "tests/conftest.py", "tests/reference.py", "tests/_checkpoint_worker.py",
                 "tests/mpi/dp_worker.py", "ch8fast/apps/data/digits.npz",
                 "ch8fast/apps/data/DIGITS_LICENSE.txt", "ch8fast/apps/reference.py",
