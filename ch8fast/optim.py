@@ -3,7 +3,7 @@ the fused kernels over the user's arrays in place.
 
 Each class is its rule's specification (:mod:`ch8fast.rules`) plus this shared machinery.
 A parameter group of one dtype is one table in the extension (``Table`` in
-src/kernels.pxi), and all the tables of an optimizer form its ``Engine``, which also keeps
+src/_core.pyx), and all the tables of an optimizer form its ``Engine``, which also keeps
 the step counters. The engine holds a reference to every array whose address it holds:
 the parameters (the user's arrays, checked at every step to be still the same arrays) and
 the state arrays, which the optimizer owns and lends out only as views in read-only
@@ -27,22 +27,21 @@ import numpy as np
 
 from . import rules, storage
 from ._isa import K
-from ._validation import (Choice, Integer, check_param, count, flag, positive,
+from ._validation import (Choice, check_param, count, flag, positive,
                           unit_interval)
+from . import _statedict
+from ._statedict import (_FORMS, _LITERAL, _SHIFTED, _seed,  # noqa: F401
+                         decode_hyperparameter, encode_hyperparameter)
 from .clip import norm_from_sumsq
 from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
            "AdaDelta", "encode_hyperparameter", "decode_hyperparameter"]
 
-_SHIFTED, _LITERAL = 1, 2            # the Engine's codes of the two Nesterov forms
-_FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
-_FORM_CODES = {v: k for k, v in _FORMS.items()}
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
             "seed", "element_offset", "sparse")
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_seed = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
 _state_format = Choice(storage.STATE_FORMATS)
 _param_mode = Choice(storage.PARAM_MODES)
 _sparse = Choice(("lazy", "catch_up"))
@@ -335,56 +334,6 @@ class _Core:
         return _Core(**dict({k: getattr(self, k) for k in self.__slots__}, **kw))
 
 
-def encode_hyperparameter(value, pickling=False):
-    """A hyperparameter as plain (JSON) data, for ``state_dict()`` and checkpoints: a
-    schedule becomes ``{"schedule": ...}`` (its ``to_dict()``), a tuple a list. Plain data
-    cannot hold code, so any other callable raises ``TypeError``.
-
-    With ``pickling=True`` (pickle and ``copy.deepcopy`` of an optimizer) a callable
-    without ``to_dict()`` is kept as it is, if pickle can save it: a module-level function
-    (pickle stores it by its importable name), a ``functools.partial`` of one, an instance
-    of a picklable class with ``__call__``. What pickle cannot save (a lambda, a function
-    defined inside another) raises ``TypeError``."""
-    if callable(value):
-        to_dict = getattr(value, "to_dict", None)
-        if to_dict is not None:
-            return {"schedule": to_dict()}
-        if not pickling:
-            raise TypeError(f"cannot save the hyperparameter {value!r} in a state dict or "
-                            f"checkpoint: a callable needs a to_dict() method (use a "
-                            f"ch8fast.schedules schedule; pickle and copy.deepcopy also "
-                            f"take a module-level function)")
-        return _picklable_callable(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _picklable_callable(value):
-    """``value`` if pickle can save it, else a ``TypeError`` that says why."""
-    import pickle
-    try:
-        pickle.dumps(value)
-    except Exception as e:        # PicklingError, AttributeError or TypeError by case
-        raise TypeError(
-            f"cannot pickle or deep-copy the hyperparameter {value!r}: pickle stores a "
-            f"function by its importable name (module and qualified name), and a lambda "
-            f"or a function defined inside another function has none ({e}); use a "
-            f"ch8fast.schedules schedule, or a function defined at module level (with a "
-            f"functools.partial of it for its arguments)") from e
-    return value
-
-
-def decode_hyperparameter(value):
-    """The inverse of :func:`encode_hyperparameter`."""
-    if isinstance(value, dict) and set(value) == {"schedule"}:
-        from . import schedules
-        return schedules.Schedule.from_dict(value["schedule"])
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
 def _dtypes_in(arrays):
     """The distinct dtypes of ``arrays``, in order of first appearance."""
     out = []
@@ -394,8 +343,7 @@ def _dtypes_in(arrays):
     return out
 
 
-def _namer(where):
-    return lambda k: f"{where}['{k}']"
+
 
 
 def _same_arrays(a, b):
@@ -812,7 +760,7 @@ class Optimizer:
     def storage(self):
         """How the state and 16-bit parameters are stored: ``{"state_format",
         "param_mode", "seed"}`` (see :mod:`ch8fast.storage`)."""
-        return self._storage_record()
+        return _statedict.storage_record(self)
 
     @property
     def steps(self):
@@ -1184,7 +1132,7 @@ class Optimizer:
         raises ``TypeError`` here, though pickle and ``copy.deepcopy`` take what pickle
         can save (:doc:`contract`)."""
         with self._lock:
-            return self._state_dict(copy=True)
+            return _statedict.state_dict(self, copy=True)
 
     @contextlib.contextmanager
     def snapshot(self, params=None):
@@ -1202,29 +1150,7 @@ class Optimizer:
             if self._phi and between is not None:
                 index = {id(p): i for i, p in enumerate(core.params)}
                 between = [self._phi.get(index.get(id(p), -1), p) for p in between]
-            yield self._state_dict(copy=False), between
-
-    def _state_dict(self, copy, pickling=False):
-        core = self._core
-        engine = core.engine
-        groups = []
-        for gi, g in enumerate(self.param_groups):
-            d = {k: encode_hyperparameter(v, pickling) for k, v in g.items()
-                 if k != "params"}
-            d["params"] = list(core.rows[gi])
-            d["step"] = engine.steps[gi]
-            d["interim_momentum"] = engine.interim[gi]
-            groups.append(d)
-        return {
-            "optimizer": type(self).__name__,
-            "version": 2,
-            "storage": self._storage_record(),
-            "nesterov_form": _FORMS[engine.form],
-            "skipped_steps": self.skipped_steps,
-            "param_groups": groups,
-            "state": [{k: a.copy() if copy else a for k, a in st.items()}
-                      for st in core.state],
-        }
+            yield _statedict.state_dict(self, copy=False), between
 
     def load_state_dict(self, state_dict):
         """Restore a ``state_dict()``. Everything is checked first; a mismatch raises and
@@ -1234,123 +1160,7 @@ class Optimizer:
                 self._refuse_reentry("load_state_dict()")
             if self._edits.dirty:
                 self._refresh()
-            self._load(state_dict)
-
-    def _storage_record(self):
-        return {"state_format": self._state_format, "param_mode": self._param_mode,
-                "seed": self.seed}
-
-    def _load(self, sd):
-        rule, core = self.rule, self._core
-        if not isinstance(sd, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
-        for key in ("optimizer", "version", "param_groups", "state", "nesterov_form",
-                    "skipped_steps"):
-            if key not in sd:
-                raise ValueError(f"state_dict has no {key!r} entry")
-        if sd["optimizer"] != type(self).__name__:
-            raise ValueError(f"state_dict is for {sd['optimizer']}, not "
-                             f"{type(self).__name__}")
-        if sd["version"] not in (1, 2):
-            raise ValueError(f"state_dict version {sd['version']} is not supported")
-        saved_storage = (sd.get("storage") if sd["version"] == 2 else
-                         {"state_format": None, "param_mode": None, "seed": 0})
-        if not isinstance(saved_storage, dict) or set(saved_storage) != {
-                "state_format", "param_mode", "seed"}:
-            raise ValueError(f"state_dict['storage'] must be a dict of state_format, "
-                             f"param_mode and seed, got {saved_storage!r}")
-        mine = self._storage_record()
-        for k in ("state_format", "param_mode"):
-            if saved_storage[k] != mine[k]:
-                raise ValueError(f"state_dict was saved with {k}={saved_storage[k]!r}, "
-                                 f"this optimizer has {k}={mine[k]!r}")
-        seed = _seed(saved_storage["seed"], "state_dict['storage']['seed']")
-        if sd["nesterov_form"] not in _FORM_CODES:
-            raise ValueError(f"state_dict['nesterov_form'] is {sd['nesterov_form']!r}")
-        skipped = count(sd["skipped_steps"], "state_dict['skipped_steps']")
-        groups = sd["param_groups"]
-        if not isinstance(groups, list):
-            raise TypeError(f"state_dict['param_groups'] must be a list, got "
-                            f"{type(groups).__name__}")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer "
-                             f"has {len(self.param_groups)}")
-        new_values, steps, interim = [], [], []
-        for gi, (saved, meta) in enumerate(zip(groups, core.meta)):
-            where = f"state_dict['param_groups'][{gi}]"
-            if not isinstance(saved, dict):
-                raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
-            if saved.get("params") != list(core.rows[gi]):
-                raise ValueError(f"{where}['params'] is {saved.get('params')}, expected "
-                                 f"{list(core.rows[gi])}")
-            expected = set(rule.hyper) | {"params", "step", "interim_momentum"}
-            if set(saved) != expected:
-                raise ValueError(f"{where} has entries {sorted(saved)}, expected "
-                                 f"{sorted(expected)}")
-            name = _namer(where)
-            values = {k: decode_hyperparameter(saved[k]) for k in rule.hyper}
-            for k, v in meta.fixed.items():
-                if rule.check(k, values[k], name(k)) != v:
-                    raise ValueError(f"{name(k)} is {values[k]}, but this optimizer was "
-                                     f"made with {k}={v}")
-            step = count(saved["step"], name("step"))
-            need = rule.state({**values, **meta.fixed})
-            missing = [n for n in need if n not in meta.layout]
-            if missing:
-                raise ValueError(f"{where}: its hyperparameters need the state {missing} "
-                                 f"(e.g. momentum > 0 needs 'velocity'), which this group "
-                                 f"was made without; make the optimizer with the same "
-                                 f"momentum settings")
-            plain = {k: (v(step) if callable(v) and k not in meta.fixed else v)
-                     for k, v in values.items()}
-            rule.check_all(plain, name, meta.dtypes, meta.layout)
-            steps.append(step)
-            interim.append(unit_interval(saved["interim_momentum"],
-                                         name("interim_momentum")))
-            new_values.append(values)
-        state = sd["state"]
-        if not isinstance(state, list) or len(state) != len(core.state):
-            raise ValueError(f"state_dict['state'] must be a list of {len(core.state)} "
-                             f"dicts (one per parameter)")
-        for i, (saved, mine) in enumerate(zip(state, core.state)):
-            if not isinstance(saved, dict) or set(saved) != set(mine):
-                raise ValueError(f"state_dict['state'][{i}] must have the entries "
-                                 f"{sorted(mine)}, got "
-                                 f"{sorted(saved) if isinstance(saved, dict) else saved!r}")
-            for k, a in mine.items():
-                b = saved[k]
-                where = f"state_dict['state'][{i}][{k!r}]"
-                if not isinstance(b, np.ndarray) or isinstance(b, np.ma.MaskedArray):
-                    raise TypeError(f"{where} must be a numpy.ndarray (not masked), got "
-                                    f"{type(b).__name__}")
-                if b.dtype != a.dtype or b.shape != a.shape:
-                    raise ValueError(f"{where} has shape {b.shape} and dtype {b.dtype}, "
-                                     f"expected {a.shape} and {a.dtype}")
-        # Everything checked: apply, with the momentum hook quiet (the saved interim
-        # momentum is restored as it was).
-        for saved, mine in zip(state, core.state):
-            for k, a in mine.items():
-                np.copyto(a, saved[k])
-        hook = self._edits.hook
-        self._edits.hook = lambda group, keys: None
-        try:
-            for group, values in zip(self.param_groups, new_values):
-                group.update(values)
-        finally:
-            self._edits.hook = hook
-        core.engine.set_counters(steps, interim, _FORM_CODES[sd["nesterov_form"]])
-        self.skipped_steps = skipped
-        if seed != self.seed:                 # the saved seed: resuming is exact
-            self.seed = seed
-            self._rebuild_engine_seed()
-        self._refresh()
-
-    def _rebuild_engine_seed(self):
-        core = self._core
-        e = core.engine
-        self._core = core.replace(engine=K.Engine(list(e.tables), e.groups, list(e.scalars),
-                                                  list(e.steps), list(e.interim), e.form,
-                                                  self.seed))
+            _statedict.load(self, state_dict)
 
     @property
     def state_format(self):
@@ -1413,7 +1223,7 @@ class Optimizer:
             # Through the state dict, with callables that have no to_dict() kept as
             # themselves where pickle can save them (module-level functions by name).
             return (_restore, (type(self), groups, options,
-                               self._state_dict(copy=True, pickling=True)))
+                               _statedict.state_dict(self, copy=True, pickling=True)))
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
