@@ -7,10 +7,10 @@ import numpy as np
 from ._isa import K
 from ._validation import Integer, count, unit_interval
 
-_SHIFTED, _LITERAL = 1, 2            # the Engine's codes of the two Nesterov forms
-_FORMS = {0: None, _SHIFTED: "shifted", _LITERAL: "literal"}
-_FORM_CODES = {v: k for k, v in _FORMS.items()}
-_seed = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
+SHIFTED, LITERAL = 1, 2            # the Engine's codes of the two Nesterov forms
+FORMS = {0: None, SHIFTED: "shifted", LITERAL: "literal"}
+FORM_CODES = {v: k for k, v in FORMS.items()}
+seed_value = Integer(0, 2 ** 64 - 1, "an integer in [0, 2**64)")
 
 
 def encode_hyperparameter(value, pickling=False):
@@ -84,7 +84,7 @@ def state_dict(opt, copy, pickling=False):
         "optimizer": type(opt).__name__,
         "version": 2,
         "storage": storage_record(opt),
-        "nesterov_form": _FORMS[engine.form],
+        "nesterov_form": FORMS[engine.form],
         "skipped_steps": opt.skipped_steps,
         "param_groups": groups,
         "state": [{k: a.copy() if copy else a for k, a in st.items()}
@@ -124,8 +124,8 @@ def load(opt, sd):
         if saved_storage[k] != mine[k]:
             raise ValueError(f"state_dict was saved with {k}={saved_storage[k]!r}, "
                              f"this optimizer has {k}={mine[k]!r}")
-    seed = _seed(saved_storage["seed"], "state_dict['storage']['seed']")
-    if sd["nesterov_form"] not in _FORM_CODES:
+    seed = seed_value(saved_storage["seed"], "state_dict['storage']['seed']")
+    if sd["nesterov_form"] not in FORM_CODES:
         raise ValueError(f"state_dict['nesterov_form'] is {sd['nesterov_form']!r}")
     skipped = count(sd["skipped_steps"], "state_dict['skipped_steps']")
     groups = sd["param_groups"]
@@ -198,12 +198,13 @@ def load(opt, sd):
             group.update(values)
     finally:
         opt._edits.hook = hook
-    core.engine.set_counters(steps, interim, _FORM_CODES[sd["nesterov_form"]])
+    core.engine.set_counters(steps, interim, FORM_CODES[sd["nesterov_form"]])
     opt.skipped_steps = skipped
     if seed != opt.seed:                 # the saved seed: resuming is exact
         opt.seed = seed
         rebuild_engine_seed(opt)
-    opt._refresh()
+    from ._build import refresh      # (the builder imports this module)
+    refresh(opt)
 
 
 def rebuild_engine_seed(opt):

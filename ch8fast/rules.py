@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._isa import K
+from ._points import InterimPoint
 from ._validation import (Choice, Exactly, betas_pair, closed_unit, flag, nonnegative,
                           positive, unit_interval)
 
@@ -118,6 +119,9 @@ class Rule:
             hyperparameters; ``where(name)`` names one in a message.
         profiles: convention name -> :class:`Profile`, the libraries whose formulas this
             rule can follow (``"book"`` first).
+        point: where the optimizer keeps the parameter arrays between steps, a subclass
+            of :class:`ch8fast._points.Point` (None: theta itself). Nesterov momentum's
+            shifted form keeps the interim point (:class:`ch8fast._points.InterimPoint`).
     """
 
     name: str
@@ -136,6 +140,7 @@ class Rule:
     state_formats: tuple = ("float32", "bfloat16", "q8")
     state_format_note: str = ""
     profiles: dict = field(default_factory=dict)
+    point: object = None
 
     # ---- reading the specification ------------------------------------------------------
 
@@ -368,6 +373,7 @@ theta by -lr (g + momentum b), the arrays holding the library's theta (also with
     scalars=_sgd_scalars,
     structure=_momentum_structure(_SGD_PROFILES),
     profiles=_SGD_PROFILES,
+    point=InterimPoint,
 )
 
 
@@ -512,6 +518,7 @@ gradient (Graves 2013), as torch's, optax's and Keras's ``centered``.
     scalars=_rmsprop_scalars,
     structure=_momentum_structure(_RMSPROP_PROFILES),
     profiles=_RMSPROP_PROFILES,
+    point=InterimPoint,
 )
 
 

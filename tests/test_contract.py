@@ -490,6 +490,7 @@ def test_state_dicts_and_checkpoints_taken_while_another_thread_steps(tmp_path):
             if stop.is_set():
                 break
             opt.step(g)
+            time.sleep(0.0002)        # the lock is not fair: let the snapshots in
     th = threading.Thread(target=stepper)
     th.start()
     try:

@@ -132,7 +132,7 @@ def test_a_source_folder_without_kernels_says_what_to_do(tmp_path):
 
 
 PRIVATE_MODULES = {"_isa", "_validation", "_core", "_kernels", "_kernels_avx2",
-                   "_kernels_avx512"}
+                   "_kernels_avx512", "_statedict", "_points", "_build", "_groups"}
 
 
 @pytest.mark.parametrize("module", library_modules())
