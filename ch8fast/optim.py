@@ -267,7 +267,8 @@ class Optimizer:
             if grads is None:
                 raise TypeError("step() takes either grads or closure=, exactly one of "
                                 "them")
-            token = self._point.before_step(core)
+            # (the rule's hook runs for groups that keep their arrays elsewhere than theta)
+            token = self._point.before_step(core) if core.nesterov else None
             t = type(grads)
             if not ((t is list or t is tuple) and len(grads) == len(core.params)):
                 grads = self._as_grads(grads, len(core.params))
@@ -280,7 +281,8 @@ class Optimizer:
                     self.skipped_steps += 1
                 else:
                     core.engine.run(plan, core.form)
-            self._point.after_step(core, grads, token)
+            if token is not None:
+                self._point.after_step(core, grads, token)
             return None
         finally:
             self._busy = False
