@@ -8,21 +8,14 @@ import pytest
 
 import ch8fast
 from ch8fast import SparseRows
-from conftest import reference_hyper
+from conftest import CONFIGS, reference_hyper
 import reference as R
 
 N, D = 60, 12
 
-LAZY = [
-    ("sgd", ch8fast.SGD, "SGD", dict(lr=0.1)),
-    ("momentum", ch8fast.SGD, "SGD", dict(lr=0.05, momentum=0.9)),
-    ("adagrad", ch8fast.AdaGrad, "AdaGrad", dict(lr=0.1, weight_decay=0.01)),
-    ("rmsprop", ch8fast.RMSProp, "RMSProp", dict(lr=0.01)),
-    ("rmsprop_momentum", ch8fast.RMSProp, "RMSProp", dict(lr=0.01, momentum=0.5)),
-    ("adam", ch8fast.Adam, "Adam", dict(lr=0.01)),
-    ("adamw", ch8fast.AdamW, "Adam", dict(lr=0.01, weight_decay=0.1)),
-    ("adadelta", ch8fast.AdaDelta, "AdaDelta", dict()),
-]
+# the dense suite's configurations (conftest.CONFIGS), but Nesterov's: a lazy row of the
+# shifted form is checked against the dense step in tests/test_product.py
+LAZY = [c for c in CONFIGS if not c[3].get("nesterov")]
 
 
 def _batches(rng, steps, dtype=np.float64, k=15, dup=True):

@@ -21,22 +21,15 @@ import ch8fast
 from ch8fast import storage
 from ch8fast._isa import K
 import reference as R
+from conftest import CONFIGS
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 
-RULES = [
-    ("adam", ch8fast.Adam, dict(lr=1e-2)),
-    ("adamw_amsgrad", ch8fast.AdamW, dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
-    ("adam_l2", ch8fast.Adam, dict(lr=1e-2, weight_decay=0.01)),
-    ("momentum", ch8fast.SGD, dict(lr=0.05, momentum=0.9)),
-    ("nesterov", ch8fast.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    ("rmsprop", ch8fast.RMSProp, dict(lr=1e-2)),
-    ("rmsprop_nesterov", ch8fast.RMSProp, dict(lr=1e-2, momentum=0.5, nesterov=True)),
-    ("adagrad", ch8fast.AdaGrad, dict(lr=0.1, initial_accumulator_value=0.1)),
-    ("adadelta", ch8fast.AdaDelta, dict()),
-]
+# the dense suite's configurations (conftest.CONFIGS): every rule and option, centered
+# RMSProp included, in every storage it has
+RULES = [(name, cls, hyper) for name, cls, _, hyper in CONFIGS]
 
 MODES = ([("float32", None, fmt) for fmt in ("bfloat16", "q8")]
          + [(dt, keep, fmt) for dt in ("bfloat16", "float16")

@@ -73,19 +73,26 @@ class AdaGrad(Reference):
 class RMSProp(Reference):
     """r <- rho r + (1 - rho) g*g; dtheta = -eps / sqrt(delta + r) * g (Alg 8.5).
     With momentum: v <- alpha v - eps / sqrt(delta + r) * g; theta <- theta + v (Alg 8.6,
-    Nesterov in the shifted form)."""
+    Nesterov in the shifted form). Centered (Graves 2013): gbar <- rho gbar + (1 - rho) g,
+    and r - gbar^2 in place of r."""
 
     def init_state(self, p):
         st = {"square_avg": np.zeros_like(p)}
         if self.h.get("momentum", 0):
             st["velocity"] = np.zeros_like(p)
+        if self.h.get("centered"):
+            st["grad_avg"] = np.zeros_like(p)
         return st
 
     def update(self, p, g, st):
         g = self.l2(p, g)
         lr, rho, eps = self.h["lr"], self.h["rho"], self.h["eps"]
         st["square_avg"] = rho * st["square_avg"] + (1 - rho) * (g * g)
-        step = -lr / np.sqrt(eps + st["square_avg"]) * g
+        var = st["square_avg"]
+        if self.h.get("centered"):
+            st["grad_avg"] = rho * st["grad_avg"] + (1 - rho) * g
+            var = var - st["grad_avg"] * st["grad_avg"]
+        step = -lr / np.sqrt(eps + var) * g
         alpha = self.h.get("momentum", 0.0)
         if not alpha:
             return p + step
