@@ -14,7 +14,7 @@ Python. The loops themselves are in the kernel module of the instruction set in 
 """
 
 from cython cimport floating
-from libc.math cimport sqrt, fabs, pow, INFINITY, NAN
+from libc.math cimport INFINITY, NAN
 from libc.stdlib cimport qsort
 
 cimport numpy as cnp
@@ -1213,6 +1213,9 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
     b.buf = np.empty((u if wide else ndup, d), out_dtype)
     tmp = np.empty(max(1, int(count[:u].max()) if u else 1), np.float64)
     cdef double[::1] t = tmp
+    cdef double[::1] acc = np.empty(max(1, d), np.float64)
+    cdef int32_t[::1] elo = np.empty(max(1, d), np.int32)
+    cdef int32_t[::1] ehi = np.empty(max(1, d), np.int32)
     cdef Py_ssize_t slot_out = 0, row_out
     vals = values.reshape(k, d)
     if wide:
@@ -1234,22 +1237,55 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
             slot_out += 1
         if f64:
             _sum_rows(<const double*>vbase, <double*>bbase + row_out * d, d, fi[j], &nx[0],
-                      cn[j], &t[0])
+                      cn[j], &t[0], &acc[0], &elo[0], &ehi[0])
         else:
             _sum_rows(<const float*>vbase, <float*>bbase + row_out * d, d, fi[j], &nx[0],
-                      cn[j], &t[0])
+                      cn[j], &t[0], &acc[0], &elo[0], &ehi[0])
         b.ptrs[j] = bbase + row_out * d * cnp.PyArray_ITEMSIZE(buf)
     return b
 
 
 cdef void _sum_rows(const floating* vals, floating* out, Py_ssize_t d, int64_t first,
-                    const int64_t* nxt, Py_ssize_t m, double* tmp) noexcept nogil:
+                    const int64_t* nxt, Py_ssize_t m, double* tmp, double* acc, int32_t* lo,
+                    int32_t* hi) noexcept nogil:
     # The rows first, nxt[first], ... (m of them) summed: each element's m contributions
-    # sorted, added in double from the smallest, rounded once.
+    # sorted, added in double from the smallest, rounded once. The same bits, faster: one
+    # pass over the rows adds each element in double and notes the largest and smallest
+    # (nonzero) exponents of its contributions; where they are within 29 - bitlen(m)
+    # binades of each other (float32 values), every partial sum in any order is exact in
+    # double, so that sum is the sorted one. Only the other elements (float64 values, wide
+    # ranges, NaN or Inf) are gathered and sorted.
     cdef Py_ssize_t col, k, i, q
     cdef int64_t pos
     cdef double x
+    cdef const floating* row
+    cdef uint32_t u, e
+    cdef int32_t limit = 29, mm = <int32_t>m
+    cdef bint fast = floating is float
+    if fast:
+        while mm > 0:
+            limit -= 1
+            mm >>= 1
+        for col in range(d):
+            acc[col] = 0.0
+            lo[col] = 255
+            hi[col] = 0
+        pos = first
+        while pos >= 0:
+            row = vals + pos * d
+            for col in range(d):
+                u = ch8_f2u(<float>row[col])
+                e = (u >> 23) & 0xff
+                acc[col] += <double>row[col]
+                hi[col] = <int32_t>e if <int32_t>e > hi[col] else hi[col]
+                # a subnormal's unit is that of exponent 1; a zero adds nothing
+                e = (e if e else 1) if (u & 0x7fffffffu) else 255
+                lo[col] = <int32_t>e if <int32_t>e < lo[col] else lo[col]
+            pos = nxt[pos]
     for col in range(d):
+        if fast and hi[col] < 255 and hi[col] - lo[col] <= limit:
+            out[col] = <floating>acc[col]
+            continue
         pos = first
         k = 0
         while pos >= 0:
