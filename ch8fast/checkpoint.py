@@ -497,7 +497,8 @@ def load_checkpoint(path, optimizer, params=None):
 
     kind = type(optimizer).__name__
     _expect(header["optimizer"] == kind, path,
-            f"it holds the state of a {header['optimizer']}, not of a {kind}")
+            f"it holds the state of the optimizer {header['optimizer']}, not of "
+            f"{kind}")
     stored = header["state_dict"].get("storage")
     ours = getattr(optimizer, "storage", None)
     if isinstance(stored, dict) and isinstance(ours, dict):

@@ -411,6 +411,17 @@ class Optimizer:
         None when not chosen. Fixed when the optimizer is made."""
         return self._param_mode
 
+    def hyperparameters(self):
+        """The hyperparameters the next step uses, one plain dict per param group, each
+        schedule evaluated at that step (``param_groups`` holds the schedules themselves):
+        ``opt.hyperparameters()[0]["lr"]`` is the learning rate in force, as torch's
+        ``scheduler.get_last_lr()``."""
+        with self._lock:
+            steps = self._core.engine.steps
+            return [{k: (v(steps[gi]) if callable(v) else v) for k, v in group.items()
+                     if k != "params"}
+                    for gi, group in enumerate(self.param_groups)]
+
     def decoded_state(self, i):
         """The state of parameter ``i`` as float32/float64 numbers, copies (decoded from
         bfloat16 or 8-bit storage), with ``"master"`` for a master copy and ``"theta"``

@@ -188,7 +188,7 @@ def _setitem(d, keys, value):
 
 MISMATCHES = [
     # (id, how the optimizer differs or how the file is edited, expected message)
-    ("class", dict(cls=ch8fast.AdamW), None, "holds the state of a Adam, not of a AdamW"),
+    ("class", dict(cls=ch8fast.AdamW), None, "holds the state of the optimizer Adam, not of AdamW"),
     ("n_params", dict(shapes=((5, 4), (3,))), None, "holds 3 parameters, the optimizer has 2"),
     ("shape", dict(shapes=((4, 5), (3,), (0,))), None, r"'state.0.exp_avg' has shape \(5, 4\)"),
     ("dtype", dict(dtype=np.float32), None, "'state.0.exp_avg' has shape .* dtype float64"),

@@ -465,3 +465,19 @@ def test_a_loop_after_a_break_finishes_the_epoch_and_epochs_none_never_ends():
     assert endless.step == 50 and endless.epoch == 17
     three = minibatches(10, 4, rng=0, epochs=3)
     assert len(list(three)) == 9 and len(list(three)) == 9
+
+
+def test_the_hyperparameters_in_force_are_one_call_away():
+    """param_groups holds the schedule; hyperparameters() its value at the coming step."""
+    import ch8fast
+    from ch8fast.schedules import linear_decay
+    w = np.zeros(3)
+    sched = linear_decay(0.1, 4, 0.02)
+    opt = ch8fast.SGD([{"params": [w]}, {"params": [np.zeros(2)], "lr": 0.5}], lr=sched,
+                      momentum=0.9)
+    for k in range(6):
+        values = opt.hyperparameters()
+        assert values[0]["lr"] == sched(k) and values[1]["lr"] == 0.5
+        assert values[0]["momentum"] == 0.9 and not callable(values[0]["lr"])
+        opt.step([np.ones(3), np.ones(2)])
+    assert callable(opt.param_groups[0]["lr"])
