@@ -137,3 +137,60 @@ def test_the_readme_is_a_landing_page():
         assert os.path.exists(os.path.join(ROOT, target)), target
     for target in re.findall(r"\]\(([A-Z]+[^)]*)\)", text):
         assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+# Options whose values are strings or flags: every value a page or a docstring names must be
+# one the API accepts (a page once named nesterov="shifted", which is refused).
+_OPTION_VALUE = re.compile(r"\b(nesterov|sparse|state_format|param_mode|convention)"
+                           r"""\s*=\s*(["'][\w\-]+["']|True|False)""")
+
+
+def _named_option_values():
+    import ch8fast
+    texts = []
+    for name in sorted(os.listdir(DOCS)):
+        if name.endswith(".rst"):
+            with open(os.path.join(DOCS, name), encoding="utf-8") as f:
+                texts.append((name, f.read()))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        texts.append(("README.md", f.read()))
+    for cls in (ch8fast.SGD, ch8fast.AdaGrad, ch8fast.RMSProp, ch8fast.Adam, ch8fast.AdamW,
+                ch8fast.AdaDelta):
+        texts.append((cls.__name__, cls.__doc__))
+    found = {}
+    for where, text in texts:
+        for m in _OPTION_VALUE.finditer(text):
+            if "Embedding(" in text[max(0, m.start() - 30):m.start()]:
+                continue                           # torch's own sparse=True
+            found.setdefault((m.group(1), m.group(2)), where)
+    return found
+
+
+def test_every_option_value_the_docs_name_is_accepted():
+    import ast
+    import numpy as np
+    import ch8fast
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    found = _named_option_values()
+    assert found                                    # the pages do name option values
+    bad = []
+    for (name, literal), where in sorted(found.items()):
+        value = ast.literal_eval(literal)
+        ok = False
+        for cls in (ch8fast.SGD, ch8fast.AdaGrad, ch8fast.RMSProp, ch8fast.Adam,
+                    ch8fast.AdamW, ch8fast.AdaDelta):
+            dtype = ml_dtypes.bfloat16 if name == "param_mode" else np.float32
+            kw = {name: value}
+            if name == "nesterov" and value:
+                kw["momentum"] = 0.9
+            if cls is ch8fast.AdaGrad and name == "sparse":
+                kw["lr"] = 0.1
+            try:
+                cls([np.zeros((3, 2), dtype)], **kw)
+                ok = True
+                break
+            except (TypeError, ValueError):
+                continue
+        if not ok:
+            bad.append(f"{where}: {name}={literal}")
+    assert not bad, bad
