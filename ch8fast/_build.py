@@ -229,6 +229,12 @@ def check_sparse(opt, metas, params):
                              f"16-bit parameters or compressed state")
     if opt.sparse != "catch_up":
         return
+    for m in metas:
+        kernel = opt.rule.kernel(m.layout)
+        if not K.CATCH_UP[kernel]:
+            raise ValueError(f"sparse='catch_up': {type(opt).__name__} has no closed form "
+                             f"for the steps a row misses (a zero gradient still moves "
+                             f"theta); use sparse='lazy'")
     why = None
     if any(m.fixed.get("nesterov") for m in metas):
         why = "Nesterov momentum has no closed-form catch-up"

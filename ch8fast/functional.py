@@ -19,7 +19,7 @@ from . import rules
 from ._isa import K
 from ._validation import step_count, unit_interval
 
-__all__ = ["update", "sgd", "momentum", "adagrad", "rmsprop", "adam", "adadelta"]
+__all__ = ["update", "sgd", "momentum", "adagrad", "rmsprop", "adam", "adadelta", "lion"]
 
 
 def update(rule, param, grad, states, *, step=1, momentum_next=None, **hyper):
@@ -179,3 +179,9 @@ def adadelta(param, grad, square_avg, acc_delta, **hyper):
     :class:`ch8fast.AdaDelta`."""
     _update(rules.ADADELTA, param, grad, {"square_avg": square_avg,
                                           "acc_delta": acc_delta}, 1, None, hyper)
+
+
+def lion(param, grad, exp_avg, **hyper):
+    """One Lion step (Chen et al. 2023), in place. Hyperparameters: those of
+    :class:`ch8fast.Lion`."""
+    _update(rules.LION, param, grad, {"exp_avg": exp_avg}, 1, None, hyper)

@@ -39,7 +39,7 @@ from .clip import norm_from_sumsq
 from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
-           "AdaDelta", "encode_hyperparameter", "decode_hyperparameter"]
+           "AdaDelta", "Lion", "encode_hyperparameter", "decode_hyperparameter"]
 
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
@@ -510,3 +510,7 @@ class AdamW(Adam):
 
 class AdaDelta(Optimizer):
     rule = rules.ADADELTA
+
+
+class Lion(Optimizer):
+    rule = rules.LION

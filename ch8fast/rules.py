@@ -31,7 +31,7 @@ from ._validation import (Choice, Exactly, betas_pair, closed_unit, flag, nonneg
                           positive, unit_interval)
 
 __all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
-           "ADAM", "ADAMW", "ADADELTA", "ALL", "CONVENTIONS"]
+           "ADAM", "ADAMW", "ADADELTA", "LION", "ALL", "CONVENTIONS"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan
@@ -716,7 +716,62 @@ Defaults rho = 0.95, eps = 1e-6 are Zeiler's (torch: rho 0.9).
     profiles=_ADADELTA_PROFILES,
 )
 
-ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA)
+# ---------------------------------------------------------------------------------------
+# Lion (Chen et al. 2023): a rule from after the book
+# ---------------------------------------------------------------------------------------
+
+_LION_PROFILES = {
+    "book": Profile("Chen et al. 2023, as optax.lion", weight_decay="decoupled"),
+    "optax": Profile("optax.lion", weight_decay="decoupled"),
+    "keras": Profile("keras.optimizers.Lion", weight_decay="decoupled", lr_float32=True),
+}
+
+
+def _lion_scalars(s, h, h_next):
+    _common_scalars(s, h, _LION_PROFILES[h["convention"]])
+    s.beta1, s.beta2 = h["betas"]
+
+
+LION = Rule(
+    name="Lion",
+    summary="Lion, the sign of an interpolated momentum (Chen et al. 2023, \"Symbolic "
+            "Discovery of Optimization Algorithms\").",
+    math=r"""
+.. math::
+
+    c = \beta_1 m + (1 - \beta_1) g, \quad
+    \theta \leftarrow \theta - \epsilon\,(\operatorname{sign}(c) + \lambda \theta),
+    \quad m \leftarrow \beta_2 m + (1 - \beta_2) g
+""",
+    notes=r"""
+Every coordinate moves by exactly ``lr`` (or not at all), so Lion's learning rate is
+typically 3-10 times smaller than Adam's, and its weight decay as many times larger (the
+paper's advice). The weight decay is decoupled: theta is scaled by 1 - lr * weight_decay
+first, as optax.lion and keras.optimizers.Lion do. Keras keeps the learning rate in
+float32 (``convention="keras"`` rounds it so too; ``"optax"`` is the paper's, the
+default). ``sign(0) = 0``. Steps of zero gradient
+still move theta, so there is no closed-form catch-up (``sparse="catch_up"`` is refused;
+lazy row-sparse updates work).
+""",
+    hyper={
+        "lr": Hyper(1e-4, nonnegative, _LR),
+        "betas": Hyper((0.9, 0.99), betas_pair,
+                       "(beta1, beta2): beta1 interpolates the update's direction, beta2 "
+                       "is the decay of the momentum; each in [0, 1)."),
+        "weight_decay": Hyper(0.0, nonnegative, "decoupled decay rate lambda: theta is "
+                                                "scaled by 1 - lr * lambda first."),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_LION_PROFILES),
+    },
+    state=lambda h: ("exp_avg",),
+    state_doc="State per parameter: ``exp_avg`` (m).",
+    kinds={"exp_avg": "signed"},
+    kernel=lambda state: "lion",
+    scalars=_lion_scalars,
+    profiles=_LION_PROFILES,
+)
+
+ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION)
 
 #: every convention name, in the order of the SGD rule's (the widest set)
 CONVENTIONS = tuple(SGD.profiles)

@@ -516,6 +516,31 @@ cdef void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
             p[i] = pi - lr * (mi / (_sqrt(vi) * c2 + eps))
 
 
+cdef inline floating _sign(floating c) noexcept nogil:
+    # -1, 0 or 1 as c is negative, zero or positive; NaN stays NaN (c * 0)
+    return _pick(<floating>1, _pick(<floating>-1, c * 0, c < 0), c > 0)
+
+
+cdef void _lion(floating* p, const floating* g, floating* m, floating* s1, floating* s2,
+                Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
+    # c <- b1 m + (1 - b1) g;  theta <- theta - eps sign(c);  m <- b2 m + (1 - b2) g
+    # (Chen et al. 2023, Algorithm 2; the decoupled weight decay scales theta first)
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, decay = <floating>h.decay
+    cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
+    cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
+    cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating pi, gi, mi
+    cdef Py_ssize_t i
+    for i in range(n):
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        mi = m[i]
+        p[i] = _step(pi, _sign(b1 * mi + b1c * gi), lr, o)
+        m[i] = b2 * mi + b2c * gi
+
+
 cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed, floating* s2,
                     Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # E[g^2] <- rho E[g^2] + (1 - rho) g*g

@@ -26,9 +26,11 @@ import os
 Column = namedtuple("Column", "name decay drift when", defaults=(None, False, None))
 
 # A rule: its name (its code is the upper-case name; its span function ``_<name>``), its
-# state columns in the order the kernel takes them, a comment, and whether a step of zero
-# gradient also applies the decoupled weight decay (theta *= decay^dt in the catch-up).
-Rule = namedtuple("Rule", "name columns doc decoupled", defaults=(False,))
+# state columns in the order the kernel takes them, a comment, whether a step of zero
+# gradient also applies the decoupled weight decay (theta *= decay^dt in the catch-up), and
+# whether steps of zero gradient have a closed form at all (else sparse="catch_up" is
+# refused when the optimizer is made).
+Rule = namedtuple("Rule", "name columns doc decoupled catch_up", defaults=(False, True))
 
 RULES = [
     Rule("sgd", [], "theta <- theta - eps g  (Alg 8.1)"),
@@ -49,6 +51,10 @@ RULES = [
          decoupled=True),
     Rule("adadelta", [Column("square_avg", "rho"), Column("acc_delta", "rho")],
          "E[g^2], E[dx^2]  (Zeiler 2012)"),
+    # (a zero gradient still moves theta by lr sign(m): no closed form kept here)
+    Rule("lion", [Column("exp_avg", "beta2")],
+         "theta <- theta - eps sign(b1 m + (1 - b1) g)  (Chen et al. 2023)",
+         catch_up=False),
 ]
 
 # The per-step scalars, double precision, by name: (name, what it is, default). Python

@@ -33,6 +33,8 @@ CONFIGS = [
     ("adadelta", ch8fast.AdaDelta, "AdaDelta", dict(lr=1.0, rho=0.95, eps=1e-6)),
     ("adadelta_wd", ch8fast.AdaDelta, "AdaDelta",
      dict(lr=0.5, rho=0.9, eps=1e-6, weight_decay=0.01)),
+    ("lion", ch8fast.Lion, "Lion", dict(lr=1e-3, betas=(0.9, 0.99))),
+    ("lion_wd", ch8fast.Lion, "Lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.5)),
 ]
 
 

@@ -376,7 +376,7 @@ def test_demo_help_lists_the_options(capsys):
 def test_every_demo_optimizer_is_a_ch8fast_class():
     import ch8fast
     assert list(OPTIMIZERS) == ["sgd", "momentum", "nesterov", "adagrad", "rmsprop",
-                                "rmsprop_nesterov", "adam", "adamw", "adadelta"]
+                                "rmsprop_nesterov", "adam", "adamw", "adadelta", "lion"]
     for c in OPTIMIZERS.values():
         assert issubclass(getattr(ch8fast, c.cls_name), ch8fast.Optimizer)
     # every class of the library is in the demo (AdamW and AdaDelta were once refused)

@@ -67,6 +67,7 @@ RULES = [
     ("adamw", ch8fast.AdamW, dict(lr=0.01, weight_decay=0.1), {"moments"}),
     ("adam_torch", ch8fast.Adam, dict(lr=0.01, convention="torch"), set()),
     ("adadelta", ch8fast.AdaDelta, dict(), {"exact"}),
+    ("lion", ch8fast.Lion, dict(lr=1e-3, weight_decay=0.1), {"no_catch_up"}),
 ]
 
 BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
@@ -94,6 +95,8 @@ def refusal(rule, store, form, nform):
     dt, keep, fmt = store
     convention = hyper.get("convention", "book")
     if form == "catch_up":
+        if "no_catch_up" in flags:
+            return "sparse"
         if hyper.get("nesterov"):
             return "Nesterov"
         if convention != "book":

@@ -85,6 +85,7 @@ OPTIMIZERS = {c.name: c for c in [
     Contender("adam", "Adam", 1e-3, False, "Adam", ()),
     Contender("adamw", "AdamW", 1e-3, False, "AdamW", ()),
     Contender("adadelta", "AdaDelta", 1.0, False, "AdaDelta", ()),
+    Contender("lion", "Lion", 3e-4, False, "Lion", ()),
 ]}
 
 # One colour per optimizer, by name: the same in every figure and every run.

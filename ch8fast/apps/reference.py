@@ -11,7 +11,7 @@ own) and works on copies of the parameters.
 
 import numpy as np
 
-__all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "for_rule",
+__all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "Lion", "for_rule",
            "nesterov_literal"]
 
 
@@ -148,6 +148,24 @@ class AdaDelta(Reference):
         return p - lr * d
 
 
+class Lion(Reference):
+    """Chen et al. 2023, Algorithm 2: c = b1 m + (1 - b1) g; theta <- theta - lr (sign(c)
+    + lambda theta); m <- b2 m + (1 - b2) g."""
+
+    def init_state(self, p):
+        return {"exp_avg": np.zeros_like(p)}
+
+    def update(self, p, g, st):
+        lr, wd = self.h["lr"], self.h["weight_decay"]
+        b1, b2 = self.h["betas"]
+        if self.h.get("maximize"):
+            g = -g
+        m = st["exp_avg"]
+        c = b1 * m + (1 - b1) * g
+        st["exp_avg"] = b2 * m + (1 - b2) * g
+        return p - lr * (np.sign(c) + wd * p)
+
+
 def nesterov_literal(theta, grad_at, lr, alpha, steps):
     """The book's Algorithm 8.3 verbatim: gradient at theta + alpha v."""
     theta = theta.copy()
@@ -163,4 +181,4 @@ def for_rule(rule):
     """The reference class of a :class:`ch8fast.rules.Rule` (AdamW's is :class:`Adam`,
     with ``decoupled_weight_decay=True`` among the rule's defaults)."""
     return {"SGD": SGD, "AdaGrad": AdaGrad, "RMSProp": RMSProp, "Adam": Adam,
-            "AdamW": Adam, "AdaDelta": AdaDelta}[rule.name]
+            "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion}[rule.name]
