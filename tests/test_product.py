@@ -16,7 +16,7 @@ carries:
 * the dense form gives the same bits for 1 and 2 threads.
 
 The full product has a few thousand valid cases; each run checks a seeded random sample of
-``CH8FAST_PRODUCT_CASES`` (default 400) of them, the seed ``CH8FAST_PRODUCT_SEED``
+``CH8FAST_PRODUCT_CASES`` (default 2000) of them, the seed ``CH8FAST_PRODUCT_SEED``
 (default: the day's number, so that successive days cover more of it); a failing case's id
 says everything needed to rerun it alone.
 """
@@ -145,7 +145,7 @@ def _case_id(c):
 
 def _sample():
     cases = _all_cases()
-    n = int(os.environ.get("CH8FAST_PRODUCT_CASES", "400"))
+    n = int(os.environ.get("CH8FAST_PRODUCT_CASES", "2000"))
     seed = int(os.environ.get("CH8FAST_PRODUCT_SEED",
                               datetime.date.today().toordinal()))
     rng = random.Random(seed)
