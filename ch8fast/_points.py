@@ -14,8 +14,19 @@ import contextlib
 import numpy as np
 
 from . import storage
+from ._isa import K
 from ._statedict import FORMS, LITERAL, SHIFTED
+from ._validation import unit_interval
 from .sparse import SparseRows
+
+
+def _untouched(p, g):
+    """The rows of ``p`` a row-sparse gradient ``g`` leaves alone (a mask), else None."""
+    if type(g) is not SparseRows:
+        return None
+    rest = np.ones(p.shape[0], bool)
+    rest[g.indices] = False
+    return rest
 
 
 class Point:
@@ -55,7 +66,6 @@ class Point:
     def set_phi(self, i, values, rows=None):
         """Make parameter ``i`` (or its ``rows``) hold ``values`` (float32 for a 16-bit
         one), keeping its master copy or compensation consistent."""
-        from ._isa import K
         core = self.opt._core
         keep, p, st = core.how[i][0], core.params[i], core.state[i]
         sel = slice(None) if rows is None else rows
@@ -88,20 +98,25 @@ class Point:
 
     def closure_step(self, core, closure, grad_norm):
         """A step whose gradients come from ``closure``, evaluated at the arrays."""
-        opt, engine = self.opt, core.engine
+        return self.run_closure(core, closure, grad_norm, 0)[0]
+
+    def run_closure(self, core, closure, grad_norm, form):
+        """Call ``closure``, bind the gradients it returns and run the kernels in Nesterov
+        form ``form`` (or skip the step): ``(loss, grads, applied)``."""
+        opt = self.opt
         out = closure()
         loss, grads = None, out
         if (isinstance(out, tuple) and len(out) == 2
                 and not isinstance(out[0], (np.ndarray, list, tuple))):
             loss, grads = out
         grads = opt._as_grads(grads, len(core.params))
-        engine.bind(grads)
+        core.engine.bind(grads)
         plan = opt._clip_plan(core, grads, grad_norm)
         if plan is None:
             opt.skipped_steps += 1
-        else:
-            engine.run(plan, 0)
-        return loss
+            return loss, grads, False
+        core.engine.run(plan, form)
+        return loss, grads, True
 
     # ---- theta -----------------------------------------------------------------------
 
@@ -197,7 +212,6 @@ class InterimPoint(Point):
 
     def replace_interim(self, gi):
         """Move group ``gi``'s arrays to the interim point of its momentum now."""
-        from ._validation import unit_interval
         opt = self.opt
         core = opt._core
         engine, meta = core.engine, core.meta[gi]
@@ -256,11 +270,9 @@ class InterimPoint(Point):
         for gi in core.nesterov:
             delta = engine.interim[gi] - before[gi]
             for i in core.rows[gi]:
-                g = grads[i]
-                if not delta or type(g) is not SparseRows:
+                rest = _untouched(core.params[i], grads[i]) if delta else None
+                if rest is None:
                     continue
-                rest = np.ones(core.params[i].shape[0], bool)
-                rest[g.indices] = False
                 phi = self.phi_values(i)
                 v = self.state_values(i, "velocity")
                 self.set_phi(i, phi[rest] + v[rest] * phi.dtype.type(delta), rest)
@@ -272,7 +284,7 @@ class InterimPoint(Point):
         theta' in them."""
         if not core.nesterov:
             return super().closure_step(core, closure, grad_norm)
-        opt, engine = self.opt, core.engine
+        engine = core.engine
         self.check_form(LITERAL)
         for gi in core.nesterov:
             for i in core.rows[gi]:
@@ -299,23 +311,11 @@ class InterimPoint(Point):
                     np.multiply(self.state_values(i, "velocity"), alpha, out=p)
                     np.add(th, p, out=p)             # theta + alpha v
                 s.alpha_prev, s.alpha_next = alpha, 0.0
-            out = closure()
-            loss, grads = None, out
-            if (isinstance(out, tuple) and len(out) == 2
-                    and not isinstance(out[0], (np.ndarray, list, tuple))):
-                loss, grads = out
-            grads = opt._as_grads(grads, len(core.params))
-            engine.bind(grads)
-            plan = opt._clip_plan(core, grads, grad_norm)
-            if plan is None:
-                opt.skipped_steps += 1
-            else:
-                engine.run(plan, LITERAL)
+            loss, grads, applied = self.run_closure(core, closure, grad_norm, LITERAL)
+            if applied:
                 for i in moved:          # rows a row-sparse gradient left: back to theta
-                    g = grads[i]
-                    if type(g) is SparseRows:
-                        rest = np.ones(core.params[i].shape[0], bool)
-                        rest[g.indices] = False
+                    rest = _untouched(core.params[i], grads[i])
+                    if rest is not None:
                         core.params[i][rest] = self.scratch[i][rest]
             return loss
         finally:

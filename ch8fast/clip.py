@@ -16,6 +16,7 @@ import numpy as np
 
 from ._isa import K
 from ._validation import check_param, positive
+from .sparse import SparseRows, sum_duplicates
 
 __all__ = ["global_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",
            "all_finite", "norm_from_sumsq"]
@@ -49,7 +50,7 @@ def norm_from_sumsq(sumsq, grads):
     largest magnitude; an Inf or NaN entry gives inf/nan."""
     if not math.isinf(sumsq):
         return math.sqrt(sumsq)
-    grads = [_summed_rows(g) if hasattr(g, "indices") else g for g in grads]
+    grads = [_summed_rows(g) if isinstance(g, SparseRows) else g for g in grads]
     if not all(np.isfinite(g).all() for g in grads):
         return math.inf
     big = max(float(np.max(np.abs(g))) for g in grads if g.size)
@@ -59,9 +60,8 @@ def norm_from_sumsq(sumsq, grads):
 def _summed_rows(g):
     """The rows of a row-sparse gradient with its duplicates summed, as a step sums them
     (the norm is that of the gradient the step applies)."""
-    n_rows = int(g.indices.max()) + 1 if g.indices.size else 0
-    return K.sum_duplicate_rows(np.asarray(g.indices), np.ascontiguousarray(g.values),
-                                n_rows)[1]
+    return sum_duplicates(g.indices, g.values,
+                          int(g.indices.max()) + 1 if g.indices.size else 0)[1]
 
 
 def global_norm(grads):

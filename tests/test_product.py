@@ -198,10 +198,6 @@ def _bytes(opt, i):
     return opt.params[i].tobytes(), st
 
 
-def _rows_of(a, rows):
-    return np.asarray(a)[rows]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_product(case):
     rule, store, form, nform, sched, clip, d, nt = case

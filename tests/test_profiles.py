@@ -97,6 +97,18 @@ def _optax():
     return jax, optax
 
 
+def _optax_run(tx, theta, grads):
+    """theta after optax transformation ``tx`` applied to ``grads`` in turn."""
+    jax, optax = _optax()
+    th = jax.numpy.asarray(theta)
+    st = tx.init(th)
+    update = jax.jit(tx.update)
+    for g in grads:
+        u, st = update(jax.numpy.asarray(g), st, th)
+        th = optax.apply_updates(th, u)
+    return np.asarray(th)
+
+
 OPTAX = [
     (ch8fast.SGD, dict(lr=0.01, momentum=0.9), "sgd", dict(learning_rate=0.01, momentum=0.9)),
     (ch8fast.SGD, dict(lr=0.01, momentum=0.9, nesterov=True), "sgd",
@@ -118,17 +130,11 @@ OPTAX = [
 @pytest.mark.parametrize("cls,kw,name,okw", OPTAX, ids=[f"{c[2]}{i}" for i, c in
                                                          enumerate(OPTAX)])
 def test_optax_convention(cls, kw, name, okw):
-    jax, optax = _optax()
+    _, optax = _optax()
     theta, grads = _problem()
-    tx = getattr(optax, name)(**okw)
-    th = jax.numpy.asarray(theta)
-    st = tx.init(th)
-    update = jax.jit(tx.update)
-    for g in grads:
-        u, st = update(jax.numpy.asarray(g), st, th)
-        th = optax.apply_updates(th, u)
+    th = _optax_run(getattr(optax, name)(**okw), theta, grads)
     ours = _ours(cls, dict(kw, convention="optax"), theta, grads)
-    assert_close(ours, np.asarray(th), np.float64, name)
+    assert_close(ours, th, np.float64, name)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -136,19 +142,14 @@ def test_lion_is_optax_lion(wd):
     """Lion (Chen et al. 2023) against optax.lion: float64, 1,000 steps. The directions are
     the same bits (the same operations on the same moments); theta differs only by where
     the decoupled decay is rounded, so 1e-12 relative."""
-    jax, optax = _optax()
+    _, optax = _optax()
     theta, grads = _problem()
-    tx = optax.lion(learning_rate=3e-3, b1=0.9, b2=0.99, weight_decay=wd)
-    th = jax.numpy.asarray(theta)
-    st = tx.init(th)
-    update = jax.jit(tx.update)
-    for g in grads:
-        u, st = update(jax.numpy.asarray(g), st, th)
-        th = optax.apply_updates(th, u)
+    th = _optax_run(optax.lion(learning_rate=3e-3, b1=0.9, b2=0.99, weight_decay=wd),
+                    theta, grads)
     for convention in ("book", "optax"):
         ours = _ours(ch8fast.Lion, dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=wd,
                                         convention=convention), theta, grads)
-        assert_close(ours, np.asarray(th), np.float64, "lion")
+        assert_close(ours, th, np.float64, "lion")
 
 
 def test_lion_is_keras_lion():
