@@ -228,6 +228,8 @@ def main():
         if args.sizes == SIZES:
             args.sizes = ["1e3", "1e5", "1e6"]
     load = os.getloadavg()
+    from ch8fast.apps.bench.report import machine_line
+    print(f"Machine: {machine_line()}")
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         sys.exit("bench_distributed: mpirun not found (run .ci/install_mpi.sh)")

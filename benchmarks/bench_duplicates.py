@@ -15,6 +15,7 @@ import timeit
 import numpy as np
 
 import ch8fast
+from ch8fast.apps.bench.report import machine_line
 
 
 def main(argv=None):
@@ -34,6 +35,7 @@ def main(argv=None):
              "one_row": np.zeros(a.lookups, np.int64),
              "uniform": rng.integers(0, a.rows, a.lookups)}
     times = {}
+    print(f"Machine: {machine_line()}")
     for name, idx in cases.items():
         sp = ch8fast.SparseRows(idx.astype(np.int64),
                                 rng.standard_normal((len(idx), a.dim)).astype(np.float32))

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 import ch8fast
+from ch8fast.apps.bench.report import machine_line
 from ch8fast.roofline import Roofline
 
 
@@ -57,9 +58,8 @@ def main(argv=None):
         torch = None
     n, d = a.rows, a.dim
     rng = np.random.default_rng(0)
-    print(f"ch8fast {ch8fast.__version__}, kernels {ch8fast.isa()}, "
-          f"{ch8fast.get_num_threads()} threads, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.2f} at start; table {n} x {d} float32")
+    print(f"Machine: {machine_line()} at start; {ch8fast.get_num_threads()} threads; "
+          f"table {n} x {d} float32")
     lines = ["| rule | rows touched | lazy ms | dense ms | dense / lazy | torch ms | "
              "torch / lazy | limit ms | limit / lazy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -14,12 +14,12 @@ parameters.
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 
 import ch8fast
+from ch8fast.apps.bench.report import machine_line
 from ch8fast.roofline import Roofline
 
 try:
@@ -113,9 +113,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     sizes = [int(float(s)) for s in a.sizes.split(",")]
     threads = [int(t) for t in a.threads.split(",")]
-    print(f"ch8fast {ch8fast.__version__}, kernels {ch8fast.isa()}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(f"Machine: {machine_line()} at start")
     run(sizes, threads, a.rounds, a.out)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 

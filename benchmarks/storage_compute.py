@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 import ch8fast
+from ch8fast.apps.bench.report import machine_line
 
 MODES = (("float32", np.float32, {}),
          ("f32 p, bf16 state", np.float32, {"state_format": "bfloat16"}),
@@ -31,6 +32,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ch8fast.set_num_threads(a.threads)
     rng = np.random.default_rng(0)
+    print(f"Machine: {machine_line()}\n")
     print(f"| mode | ns / element ({a.n} elements, {a.threads} thread(s), in cache) |")
     print("|---|---:|")
     for name, dtype, kw in MODES:

@@ -26,12 +26,15 @@ except ImportError as exc:  # pragma: no cover - exercised without torch
     raise ImportError("ch8fast.torch needs PyTorch (pip install torch); the rest of "
                       "ch8fast works without it") from exc
 
+from operator import is_ as _is
+
 from . import rules
 from ._isa import K
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
 
 _FLOAT = (torch.float32, torch.float64)
+_STRIDED = torch.strided
 _IDENTITY = K.GradPlan()
 
 
@@ -125,7 +128,75 @@ class _Group:
     """A param group's checked values (ch8fast's names), its state layout, and the
     kernel's Scalars."""
 
-    __slots__ = ("key", "values", "layout", "scalars")
+    __slots__ = ("key", "raw", "values", "layout", "scalars")
+
+
+_PLAIN = (float, int, bool, str, type(None))
+
+
+def _raw(group):
+    """A param group's settings as a tuple that ``==`` compares exactly (each value with
+    its type), or None when one is not a plain number, string or tuple of them (a tensor
+    ``lr`` may change in place, so it is read again at every step)."""
+    out = []
+    for k, v in group.items():
+        if k == "params":
+            continue
+        t = type(v)
+        if t is tuple:
+            if not all(type(x) in _PLAIN for x in v):
+                return None
+            t = tuple(map(type, v))
+        elif t not in _PLAIN:
+            return None
+        out.append((k, t, v))
+    return tuple(out)
+
+
+class _Plan:
+    """What a step bound, kept for the next steps while it holds: the same groups with
+    the same parameters, each with its entry, the same state tensors and step counts, and
+    the same parameters with a gradient. Such a step checks each gradient with a few
+    attribute reads and passes the kernels its address (``Engine.step_addresses``)
+    instead of going through NumPy views and the tables' cache."""
+
+    __slots__ = ("ids", "scalars", "layouts", "order", "absent", "engine", "slots",
+                 "counts")
+
+    def addresses(self, opt):
+        """The gradients' addresses in the engine's order, or None when the plan no
+        longer holds (the step then takes the general path)."""
+        groups = opt.param_groups
+        if len(groups) != len(self.ids):
+            return None
+        for gi, group in enumerate(groups):
+            g = opt._prepare(gi, group)
+            if g.scalars is not self.scalars[gi] or g.layout != self.layouts[gi]:
+                return None
+            if list(map(id, group["params"])) != self.ids[gi]:
+                return None
+        if _counts(opt) != self.counts:       # a step count was edited
+            return None
+        for p in self.absent:
+            if p.grad is not None:
+                return None
+        out = []
+        state = opt.state
+        for p, e, dt, n, names, tensors in self.order:
+            g = p.grad
+            if (g is None or g.dtype is not dt or g.layout is not _STRIDED or not g.is_cpu
+                    or g.is_neg() or not g.is_contiguous() or g.numel() != n
+                    or p.data_ptr() != e.ptr or p.dtype is not dt or not p.is_contiguous()
+                    or names and state.get(p) is not e.state
+                    or not all(map(_is, map(e.state.get, names), tensors))):
+                return None
+            out.append(g.data_ptr())
+        return out
+
+
+def _counts(opt):
+    """The bytes of every step count (they live in shared blocks, see ``_new_step``)."""
+    return b"".join(b[1].tobytes() for b in opt._step_blocks)
 
 
 class _Optimizer(torch.optim.Optimizer):
@@ -147,6 +218,7 @@ class _Optimizer(torch.optim.Optimizer):
         self._groups = {}
         self._step_blocks = []        # [tensor, its NumPy view, slots used]
         self._state_seen = None
+        self._plan = None             # the last step's bindings (_Plan)
 
     def _new_step(self, value=0.0):
         """A 0-d step tensor, a view of one slot of a shared block, so that one NumPy
@@ -177,6 +249,7 @@ class _Optimizer(torch.optim.Optimizer):
         """torch's ``add_param_group``, then ch8fast's checks of the new parameters and
         hyperparameters."""
         super().add_param_group(param_group)
+        self._plan = None
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
         try:
@@ -211,6 +284,10 @@ class _Optimizer(torch.optim.Optimizer):
     def _prepare(self, gi, group):
         """The checked values, layout and Scalars of group ``gi`` (cached while its
         hyperparameters stay the same)."""
+        g = self._groups.get(gi)
+        raw = _raw(group)
+        if g is not None and raw is not None and g.raw == raw:
+            return g
         convention = self._options(gi, group)
         values = self._values(group, convention)
         try:
@@ -218,8 +295,8 @@ class _Optimizer(torch.optim.Optimizer):
             hash(key)
         except TypeError:
             key = None
-        g = self._groups.get(gi)
         if g is not None and key is not None and g.key == key:
+            g.raw = raw
             return g
         rule = self._rule
 
@@ -231,7 +308,7 @@ class _Optimizer(torch.optim.Optimizer):
         checked = rule.check_all(values, where, dtypes)
         layout = rule.state(checked)
         new = _Group()
-        new.key, new.values, new.layout = key, checked, layout
+        new.key, new.raw, new.values, new.layout = key, raw, checked, layout
         if g is not None and g.layout == layout:
             new.scalars = g.scalars
             rule.scalars(new.scalars, checked, checked)
@@ -328,10 +405,12 @@ class _Optimizer(torch.optim.Optimizer):
 
     # ---- stepping ---------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter whose ``.grad`` is not None (others are skipped,
-        as torch.optim does). ``closure`` re-evaluates the model and returns the loss."""
+        as torch.optim does). ``closure`` re-evaluates the model and returns the loss.
+
+        (No autograd runs here: the kernels write the tensors' memory directly, and the
+        state tensors are made without gradients, so the step needs no ``no_grad``.)"""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -339,21 +418,42 @@ class _Optimizer(torch.optim.Optimizer):
         if self.state is not self._state_seen:    # replaced as a whole (load_state_dict)
             self._entries.clear()
             self._tables.clear()
+            self._plan = None
             self._state_seen = self.state
+        plan = self._plan
+        if plan is not None:
+            addresses = plan.addresses(self)
+            if addresses is not None:
+                plan.engine.step_addresses(addresses, _IDENTITY, 0)
+                for block, idx in plan.slots:
+                    block[idx] += 1
+                plan.counts = _counts(self)
+                return loss
+            self._plan = None
+        with torch.no_grad():
+            self._step_bound()
+        return loss
+
+    def _step_bound(self):
+        """A step that binds every parameter and gradient afresh (checked), and keeps
+        what it bound as the plan of the next steps."""
         buckets = {}
+        absent = []
         entries = self._entries
         for gi, group in enumerate(self.param_groups):
             g = self._prepare(gi, group)
             for k, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
+                    absent.append(p)
                     continue
                 try:
                     garr = grad.numpy()       # the common case: a dense CPU tensor
                 except (RuntimeError, TypeError):
                     garr = _grad_view(grad, f"param_groups[{gi}]['params'][{k}]")
                 e = entries.get(id(p))
-                if e is None or e.p is not p or not e.matches(p, g.layout):
+                if (e is None or e.p is not p or not e.matches(p, g.layout)
+                        or e.state is not self.state.get(p, e.state)):
                     e = self._entry(p, f"param_groups[{gi}]['params'][{k}]", g)
                 key = (gi, self._step_of(e), e.dtype)
                 b = buckets.get(key)
@@ -363,7 +463,7 @@ class _Optimizer(torch.optim.Optimizer):
                 b[1].append(e)
                 b[2].append(garr)
         if not buckets:
-            return loss
+            return
         keys = list(buckets)
         grads = [a for k in keys for a in buckets[k][2]]
         # the tables depend on which entries go together, not on the step counts
@@ -385,7 +485,30 @@ class _Optimizer(torch.optim.Optimizer):
                 if e.pending:
                     self.state[p].update(e.pending)
                     e.pending = {}
-        return loss
+        self._plan = self._new_plan(keys, buckets, engine, slots, absent)
+
+    def _new_plan(self, keys, buckets, engine, slots, absent):
+        """The plan of the step just taken (see _Plan), or None where its gradients were
+        not all dense float tensors."""
+        plan = _Plan()
+        plan.order = []
+        for k in keys:
+            for p, e in zip(buckets[k][0], buckets[k][1]):
+                g = p.grad
+                if g.layout is not _STRIDED or not g.is_contiguous() or g.is_neg():
+                    return None
+                names, tensors = e.layout, e.tensors
+                if e.step_t is not None:
+                    names, tensors = names + ("step",), tensors + (e.step_t,)
+                plan.order.append((p, e, e.dtype, p.numel(), names, tensors))
+        groups = self.param_groups
+        plan.ids = [list(map(id, group["params"])) for group in groups]
+        plan.scalars = [self._groups[gi].scalars for gi in range(len(groups))]
+        plan.layouts = [self._groups[gi].layout for gi in range(len(groups))]
+        plan.absent = absent
+        plan.engine, plan.slots = engine, slots
+        plan.counts = _counts(self)
+        return plan
 
     @staticmethod
     def _step_slots(keys, buckets):

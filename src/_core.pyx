@@ -556,7 +556,7 @@ cdef class Table:
     cdef int _bind(self, object grads) except -1:
         cdef Py_ssize_t r
         cdef cnp.ndarray g, p
-        cdef uintptr_t lo, hi
+        cdef uintptr_t lo
         cdef int gfmt = -1, f
         cdef RowBatch b
         if self.keep:
@@ -583,21 +583,42 @@ cdef class Table:
                                     f"all of them in the parameters' dtype or all float32")
                 gfmt = f
             lo = <uintptr_t>cnp.PyArray_DATA(g)
-            hi = lo + <uintptr_t>cnp.PyArray_NBYTES(g)
-            # The guarded arrays never move (checked above for the parameters; the state
-            # arrays are the optimizer's own), so a gradient over the bytes checked last
-            # time is still clear of them. (Its byte count is not fixed by the shape: a
-            # float32 gradient of a 16-bit parameter covers twice a 16-bit one's.)
-            if lo != self.checked[r] or hi != self.checked_hi[r]:
-                if self.guard.overlaps(lo, hi):
-                    raise ValueError(f"{self.names[r][0]} shares memory with a parameter or "
-                                     f"an optimizer state array; pass a separate gradient "
-                                     f"array")
-                self.checked[r] = lo
-                self.checked_hi[r] = hi
-            self.table[r, 1] = <intptr_t>lo
+            self._set_grad(r, lo, lo + <uintptr_t>cnp.PyArray_NBYTES(g))
         if gfmt >= 0:
             self.codec.gfmt = gfmt
+        return 0
+
+    cdef int _set_grad(self, Py_ssize_t r, uintptr_t lo, uintptr_t hi) except -1:
+        # Row r's gradient is the bytes [lo, hi). The guarded arrays never move (checked
+        # for the parameters; the state arrays are the optimizer's own), so a gradient over
+        # the bytes checked last time is still clear of them. (Its byte count is not fixed
+        # by the shape: a float32 gradient of a 16-bit parameter covers twice a 16-bit
+        # one's.)
+        if lo != self.checked[r] or hi != self.checked_hi[r]:
+            if self.guard.overlaps(lo, hi):
+                raise ValueError(f"{self.names[r][0]} shares memory with a parameter or an "
+                                 f"optimizer state array; pass a separate gradient array")
+            self.checked[r] = lo
+            self.checked_hi[r] = hi
+        self.table[r, 1] = <intptr_t>lo
+        return 0
+
+    cdef int _bind_addresses(self, list addresses) except -1:
+        # Gradients given by address, by a caller that has checked each one: a C-contiguous
+        # buffer of its parameter's dtype and element count, alive until the step returns
+        # (ch8fast.torch's step, whose gradients are tensors). Plain tables only.
+        cdef Py_ssize_t r, itemsize = 8 if self.f64 else 4
+        cdef uintptr_t lo
+        if self.coded or self.rowwise or self.catch or self.elfmt >= EL_BF16:
+            raise ValueError("gradient addresses bind float32/float64 tables only")
+        if self.keep:
+            self.keep.clear()
+        for r in range(self.nrows):
+            self.batches[r] = None
+            self._check_param(r)
+            lo = <uintptr_t>addresses[self.index[r]]
+            self._set_grad(r, lo, lo + <uintptr_t>(
+                (self.offsets[r + 1] - self.offsets[r]) * itemsize))
         return 0
 
     cdef RowBatch _bind_rows(self, Py_ssize_t r, object obj):
@@ -899,6 +920,15 @@ cdef class Engine:
         """``bind(grads)``, then ``run(plan, form)``: one call for the common step."""
         for t in self.tables:
             (<Table>t)._bind(grads)
+        self.run(plan, form)
+
+    def step_addresses(self, list addresses, GradPlan plan not None, int form):
+        """``step`` with each gradient given by the address of its data: a C-contiguous
+        buffer of its parameter's dtype and element count, checked by the caller, alive
+        until this returns (float32/float64 tables only; the overlap of each with what the
+        step writes is checked here)."""
+        for t in self.tables:
+            (<Table>t)._bind_addresses(addresses)
         self.run(plan, form)
 
 

@@ -71,6 +71,18 @@ def header(info):
             f"NumPy {info['numpy']}, torch {info['torch'] or 'absent'}")
 
 
+def machine_line():
+    """One line naming this machine for a benchmark's output: CPU, caches, cores, the
+    kernels' instruction set, the versions, and the load average now."""
+    info = machine_info(())
+    caches = f" ({', '.join(info['caches'])})" if info.get("caches") else ""
+    load = f"; load average {info['load_average'][0]}" if info.get("load_average") else ""
+    cores = f"{info['cores']} cores ({info['usable_cores']} usable)"
+    return (f"{info['cpu']}{caches}, {cores}, "
+            f"kernels {info['isa']}; Python {info['python']}, NumPy {info['numpy']}, "
+            f"torch {info['torch'] or 'absent'}, ch8fast {info['ch8fast']}{load}")
+
+
 def fmt_time(t):
     """A time in seconds as ns, us, ms or s with three significant digits."""
     if t is None:
