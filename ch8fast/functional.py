@@ -19,7 +19,8 @@ from . import rules
 from ._isa import K
 from ._validation import step_count, unit_interval
 
-__all__ = ["update", "sgd", "momentum", "adagrad", "rmsprop", "adam", "adadelta", "lion"]
+__all__ = ["update", "sgd", "momentum", "adagrad", "rmsprop", "adam", "adadelta", "lion",
+           "adopt"]
 
 
 def update(rule, param, grad, states, *, step=1, momentum_next=None, **hyper):
@@ -185,3 +186,11 @@ def lion(param, grad, exp_avg, **hyper):
     """One Lion step (Chen et al. 2023), in place. Hyperparameters: those of
     :class:`ch8fast.Lion`."""
     _update(rules.LION, param, grad, {"exp_avg": exp_avg}, 1, None, hyper)
+
+
+def adopt(param, grad, exp_avg, exp_avg_sq, *, step, **hyper):
+    """One ADOPT step (Taniguchi et al. 2024), in place; ``step`` is t, counting from 1
+    (the first update only sets ``exp_avg_sq``; the clipping bound grows with t).
+    Hyperparameters: those of :class:`ch8fast.ADOPT`."""
+    _update(rules.ADOPT, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, step,
+            None, hyper)

@@ -39,7 +39,7 @@ from .clip import norm_from_sumsq
 from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
-           "AdaDelta", "Lion", "encode_hyperparameter", "decode_hyperparameter"]
+           "AdaDelta", "Lion", "ADOPT", "encode_hyperparameter", "decode_hyperparameter"]
 
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
@@ -514,3 +514,7 @@ class AdaDelta(Optimizer):
 
 class Lion(Optimizer):
     rule = rules.LION
+
+
+class ADOPT(Optimizer):
+    rule = rules.ADOPT

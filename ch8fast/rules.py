@@ -31,7 +31,7 @@ from ._validation import (Choice, Exactly, betas_pair, closed_unit, flag, nonneg
                           positive, unit_interval)
 
 __all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
-           "ADAM", "ADAMW", "ADADELTA", "LION", "ALL", "CONVENTIONS"]
+           "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ALL", "CONVENTIONS"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan
@@ -771,7 +771,92 @@ lazy row-sparse updates work).
     profiles=_LION_PROFILES,
 )
 
-ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION)
+# ---------------------------------------------------------------------------------------
+# ADOPT (Taniguchi et al. 2024): Adam with the previous step's second moment
+# ---------------------------------------------------------------------------------------
+
+_ADOPT_PROFILES = {
+    "book": Profile("Taniguchi et al. 2024, as optax.contrib.adopt", nesterov="lookahead"),
+    "optax": Profile("optax.contrib.adopt", nesterov="lookahead"),
+}
+
+
+def _adopt_scalars(s, h, h_next):
+    _common_scalars(s, h, _ADOPT_PROFILES[h["convention"]])
+    s.beta1, s.beta2 = h["betas"]
+    s.eps = h["eps"]
+    s.first_fills_v = True
+    s.bounded = h["use_clipping"]
+    s.clip_exponent = h["clip_exponent"]
+    s.lookahead = h["nesterov"]
+    if h["decoupled_weight_decay"]:
+        s.decay = 1.0 - s.lr * s.wd           # theta <- theta (1 - lr wd) first
+        s.l2 = False
+
+
+ADOPT = Rule(
+    name="ADOPT",
+    summary="ADOPT, Adam normalized by the previous step's second moment (Taniguchi et al. "
+            "2024, \"ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal "
+            "Rate\").",
+    math=r"""
+.. math::
+
+    t \leftarrow t + 1, \quad
+    u = \operatorname{clip}\Big(\frac{g}{\max(\sqrt{v}, \delta)},\ (t - 1)^{1/4}\Big),
+    \quad m \leftarrow \beta_1 m + (1 - \beta_1) u
+
+    \theta \leftarrow \theta - \epsilon\, m, \quad
+    v \leftarrow \beta_2 v + (1 - \beta_2)\, g \odot g
+
+and the first update only sets :math:`v \leftarrow g \odot g`.
+""",
+    notes=r"""
+Unlike Adam, the gradient is divided by the second moment of the *previous* steps before
+it enters the momentum, which is what lets ADOPT converge for any beta2 (the paper's
+Theorem); no bias correction is needed. The first update sets v to g*g and leaves m (and
+so theta, from fresh state). ``use_clipping`` clamps the normalized gradient to
+[-(t - 1)^p, (t - 1)^p] with ``p = clip_exponent`` (the paper's stabilizer for early
+steps, default 1/4, as optax.contrib.adopt and the authors' code). ``nesterov=True`` is
+optax's: theta moves by lr (beta1 m + (1 - beta1) u). ``weight_decay`` adds an L2 term
+to the gradient (before v and the normalization); with ``decoupled_weight_decay=True``
+theta is scaled by 1 - lr * weight_decay first (the authors' ``decouple``). Steps of zero
+gradient still move theta by lr m, so there is no closed-form catch-up
+(``sparse="catch_up"`` is refused; lazy row-sparse updates work).
+""",
+    hyper={
+        "lr": Hyper(1e-3, nonnegative, _LR),
+        "betas": Hyper((0.9, 0.9999), betas_pair,
+                       "(beta1, beta2): the decay rates of the momentum and of the second "
+                       "moment, each in [0, 1) (the paper: 0.9, 0.9999)."),
+        "eps": Hyper(1e-6, positive, "delta: the gradient is divided by max(sqrt(v), "
+                                     "delta); > 0."),
+        "weight_decay": Hyper(0.0, nonnegative,
+                              "L2 coefficient added to the gradient, or with "
+                              "``decoupled_weight_decay`` the decoupled decay rate."),
+        "use_clipping": Hyper(True, flag, "clamp the normalized gradient to "
+                                          "(t - 1)^clip_exponent at update t."),
+        "clip_exponent": Hyper(0.25, closed_unit, "p of the clipping bound (t - 1)^p, in "
+                                                  "[0, 1]."),
+        "nesterov": Hyper(False, flag, "optax's Nesterov form of the update; fixed when "
+                                       "the optimizer is made.", fixed=True),
+        "decoupled_weight_decay": Hyper(False, flag,
+                                        "scale theta by 1 - lr * weight_decay before the "
+                                        "step instead of adding an L2 term; fixed when the "
+                                        "optimizer is made.", fixed=True),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_ADOPT_PROFILES),
+    },
+    state=lambda h: ("exp_avg", "exp_avg_sq"),
+    state_doc="The step count t is kept per param group; state per parameter: ``exp_avg`` "
+              "(m) and ``exp_avg_sq`` (v).",
+    kinds={"exp_avg": "signed", "exp_avg_sq": "square"},
+    kernel=lambda state: "adopt",
+    scalars=_adopt_scalars,
+    profiles=_ADOPT_PROFILES,
+)
+
+ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION, ADOPT)
 
 #: every convention name, in the order of the SGD rule's (the widest set)
 CONVENTIONS = tuple(SGD.profiles)

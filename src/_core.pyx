@@ -143,7 +143,8 @@ include "scalars.pxi"
 
 FLAGS = {"l2": FLAG_L2, "nesterov": FLAG_NESTEROV, "amsgrad": FLAG_AMSGRAD,
          "clip": FLAG_CLIP, "fma": FLAG_FMA, "tail": FLAG_TAIL, "buffer": FLAG_BUFFER,
-         "first": FLAG_FIRST, "eps_inside": FLAG_EPS_INSIDE, "centered": FLAG_CENTERED}
+         "first": FLAG_FIRST, "eps_inside": FLAG_EPS_INSIDE, "centered": FLAG_CENTERED,
+         "bound": FLAG_BOUND}
 
 
 cdef class GradPlan:

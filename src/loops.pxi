@@ -541,6 +541,44 @@ cdef void _lion(floating* p, const floating* g, floating* m, floating* s1, float
         m[i] = b2 * mi + b2c * gi
 
 
+cdef void _adopt(floating* p, const floating* g, floating* m, floating* v, floating* s2,
+                 Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
+    # u <- g / max(sqrt(v), delta), clamped to [-c, c] with FLAG_BOUND;
+    # m <- b1 m + (1 - b1) u;  theta <- theta - eps m;  v <- b2 v + (1 - b2) g*g:
+    # the gradient is normalized by the *previous* step's v (Taniguchi et al. 2024,
+    # Algorithm 2). Nesterov (optax's, FLAG_NESTEROV): theta - eps (b1 m + (1 - b1) u).
+    # The first update only sets v <- g*g (Scalars.fill gives it beta1 1, beta2 0).
+    if h.flags & FLAG_NESTEROV:
+        _adopt_loop(p, g, m, v, n, h, <On*>NULL, o)
+    else:
+        _adopt_loop(p, g, m, v, n, h, <Off*>NULL, o)
+
+
+cdef void _adopt_loop(floating* p, const floating* g, floating* m, floating* v, Py_ssize_t n,
+                      const Hyper* h, opt1* nesterov, ops* o) noexcept nogil:
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating decay = <floating>h.decay, c = <floating>h.bound
+    cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
+    cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
+    cdef bint l2 = h.flags & FLAG_L2, bound = h.flags & FLAG_BOUND
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating pi, gi, di, ui, mi
+    cdef Py_ssize_t i
+    for i in range(n):
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        di = _sqrt(v[i])
+        ui = gi / _pick(eps, di, di < eps)       # max(sqrt(v), delta); NaN stays NaN
+        ui = _grad(ui, <floating>1, c, bound)
+        mi = b1 * m[i] + b1c * ui
+        m[i] = mi
+        if opt1 is On:
+            mi = b1 * mi + b1c * ui
+        p[i] = _step(pi, mi, lr, o)
+        v[i] = b2 * v[i] + b2c * (gi * gi)
+
+
 cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed, floating* s2,
                     Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # E[g^2] <- rho E[g^2] + (1 - rho) g*g

@@ -55,6 +55,10 @@ RULES = [
     Rule("lion", [Column("exp_avg", "beta2")],
          "theta <- theta - eps sign(b1 m + (1 - b1) g)  (Chen et al. 2023)",
          catch_up=False),
+    # (a zero gradient still moves theta by lr m, at each skipped step's lr: none kept)
+    Rule("adopt", [Column("exp_avg", "beta1"), Column("exp_avg_sq", "beta2")],
+         "m <- b1 m + (1 - b1) g / max(sqrt(v), delta), theta <- theta - eps m, then v "
+         "(Taniguchi et al. 2024)", catch_up=False),
 ]
 
 # The per-step scalars, double precision, by name: (name, what it is, default). Python
@@ -75,6 +79,8 @@ SCALARS = [
     Scalar("c2", "Adam: 1 / sqrt(1 - beta2^t) (a factor); with FLAG_FMA sqrt(1 - beta2^t) "
            "(a divisor, as torch)", 1.0),
     Scalar("eps", "delta, the denominators' guard", 0.0),
+    Scalar("bound", "ADOPT: the normalized gradient is clamped to [-bound, bound] "
+           "(FLAG_BOUND; (t - 1)^clip_exponent at update t, see Scalars.fill)", 0.0),
 ]
 
 # The switches of a step, as Python sets them on a ``Scalars`` (name, what it is), and the
@@ -93,8 +99,12 @@ SWITCHES = [
     ("buffer", "momentum buffer, eps outside it (torch, optax)"),
     ("fma", "torch's operation sequence, fused multiply-adds included"),
     ("torch_fused", "torch's fused CPU kernels: their tail rule and sqrt"),
+    ("first_fills_v", "the first update sets v <- g*g and leaves m (beta1 1, beta2 0: "
+     "ADOPT)"),
+    ("bounded", "clamp the normalized gradient to (t - 1)^clip_exponent (ADOPT)"),
 ]
-EXTRA = [("lr_decay", "lr / (1 + (t - 1) lr_decay) at update t (torch Adagrad)")]
+EXTRA = [("lr_decay", "lr / (1 + (t - 1) lr_decay) at update t (torch Adagrad)"),
+         ("clip_exponent", "with bounded: bound = (t - 1)^clip_exponent at update t")]
 
 
 def columns(rule):

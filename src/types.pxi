@@ -44,6 +44,7 @@ cdef enum:
     FLAG_FIRST = 128      # with FLAG_BUFFER: the first step sets b <- g
     FLAG_EPS_INSIDE = 256  # delta inside the square root: sqrt(r + delta), else outside
     FLAG_CENTERED = 512   # RMSProp: divide by sqrt(r - gbar^2), gbar the average gradient
+    FLAG_BOUND = 1024     # ADOPT: clamp the normalized gradient to [-bound, bound]
 
 include "rules.pxi"
 

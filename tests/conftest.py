@@ -35,6 +35,11 @@ CONFIGS = [
      dict(lr=0.5, rho=0.9, eps=1e-6, weight_decay=0.01)),
     ("lion", ch8fast.Lion, "Lion", dict(lr=1e-3, betas=(0.9, 0.99))),
     ("lion_wd", ch8fast.Lion, "Lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.5)),
+    ("adopt", ch8fast.ADOPT, "ADOPT", dict(lr=1e-2)),
+    ("adopt_l2_nesterov", ch8fast.ADOPT, "ADOPT",
+     dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, nesterov=True, clip_exponent=0.5)),
+    ("adopt_decoupled_unclipped", ch8fast.ADOPT, "ADOPT",
+     dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, use_clipping=False)),
 ]
 
 

@@ -376,9 +376,17 @@ def test_demo_help_lists_the_options(capsys):
 def test_every_demo_optimizer_is_a_ch8fast_class():
     import ch8fast
     assert list(OPTIMIZERS) == ["sgd", "momentum", "nesterov", "adagrad", "rmsprop",
-                                "rmsprop_nesterov", "adam", "adamw", "adadelta", "lion"]
+                                "rmsprop_nesterov", "adam", "adamw", "adadelta", "lion",
+                                "adopt"]
     for c in OPTIMIZERS.values():
         assert issubclass(getattr(ch8fast, c.cls_name), ch8fast.Optimizer)
+    # one colour each (matplotlib's "C10" is "C0" again)
+    if not HAVE_MPL:
+        return
+    from matplotlib.colors import to_rgb
+    from ch8fast.apps import demo
+    colors = [to_rgb(c) for c in demo.COLORS.values()]
+    assert len(set(colors)) == len(colors)
     # every class of the library is in the demo (AdamW and AdaDelta were once refused)
     assert {c.cls_name for c in OPTIMIZERS.values()} == {
         name for name in ch8fast.__all__

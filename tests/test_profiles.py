@@ -152,6 +152,36 @@ def test_lion_is_optax_lion(wd):
         assert_close(ours, th, np.float64, "lion")
 
 
+ADOPT_CASES = [
+    (dict(), dict()),
+    (dict(betas=(0.8, 0.99), eps=1e-4), dict(b1=0.8, b2=0.99, eps=1e-4)),
+    (dict(nesterov=True), dict(nesterov=True)),
+    (dict(use_clipping=False), dict(use_clipping=False)),
+    (dict(clip_exponent=0.5), dict(clip_value_fn=lambda c: c ** 0.5)),
+]
+
+
+@pytest.mark.parametrize("kw,okw", ADOPT_CASES, ids=["default", "betas_eps", "nesterov",
+                                                      "no_clipping", "clip_0.5"])
+def test_adopt_is_optax_adopt(kw, okw):
+    """ADOPT (Taniguchi et al. 2024) against optax.contrib.adopt: float64, 1,000 steps,
+    1e-12 relative. The same operations on the same moments; the clipping bound
+    (t - 1)^p comes from C's pow here and XLA's power there, which may differ in the last
+    bit, and a clipped element then differs by that ulp."""
+    jax, optax = _optax()
+    theta, grads = _problem()
+    tx = optax.contrib.adopt(learning_rate=3e-3, **okw)
+    th = jax.numpy.asarray(theta)
+    st = tx.init(th)
+    update = jax.jit(tx.update)
+    for g in grads:
+        u, st = update(jax.numpy.asarray(g), st, th)
+        th = optax.apply_updates(th, u)
+    for convention in ("book", "optax"):
+        ours = _ours(ch8fast.ADOPT, dict(lr=3e-3, convention=convention, **kw), theta, grads)
+        assert_close(ours, np.asarray(th), np.float64, "adopt")
+
+
 def test_lion_is_keras_lion():
     keras = _keras()
     import jax.numpy as jnp

@@ -53,8 +53,8 @@ def test_lazy_update_is_the_rule_on_the_touched_rows(name, cls, ref_name, hyper,
             if r not in ref_state:
                 ref_state[r] = getattr(R, ref_name)([ref_E[r]], **h)
             ro = ref_state[r]
-            if ref_name == "Adam":
-                ro.t = opt.steps[0] - 1       # Adam's t counts every step of the group
+            if ref_name in ("Adam", "ADOPT"):
+                ro.t = opt.steps[0] - 1       # their t counts every step of the group
             ro.step([g])
             ref_E[r] = ro.params[0]
             t_row[r] += 1

@@ -86,10 +86,13 @@ OPTIMIZERS = {c.name: c for c in [
     Contender("adamw", "AdamW", 1e-3, False, "AdamW", ()),
     Contender("adadelta", "AdaDelta", 1.0, False, "AdaDelta", ()),
     Contender("lion", "Lion", 3e-4, False, "Lion", ()),
+    Contender("adopt", "ADOPT", 1e-3, False, "ADOPT", ()),
 ]}
 
 # One colour per optimizer, by name: the same in every figure and every run.
-COLORS = {name: f"C{i}" for i, name in enumerate(OPTIMIZERS)}
+# (matplotlib's ten cycle colours, then colours outside that cycle)
+_PALETTE = [f"C{i}" for i in range(10)] + ["k", "#b8860b", "#000080", "#ff00ff"]
+COLORS = {name: _PALETTE[i] for i, name in enumerate(OPTIMIZERS)}
 
 
 # ---------------------------------------------------------------------------------------

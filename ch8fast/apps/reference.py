@@ -11,8 +11,8 @@ own) and works on copies of the parameters.
 
 import numpy as np
 
-__all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "Lion", "for_rule",
-           "nesterov_literal"]
+__all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "Lion", "ADOPT",
+           "for_rule", "nesterov_literal"]
 
 
 class Reference:
@@ -166,6 +166,39 @@ class Lion(Reference):
         return p - lr * (np.sign(c) + wd * p)
 
 
+class ADOPT(Reference):
+    """Taniguchi et al. 2024, Algorithm 2, with the clipping of their code and optax's:
+    at step t = 1, v <- g^2 and nothing else; then u = clip(g / max(sqrt(v), eps),
+    (t - 1)^p), m <- b1 m + (1 - b1) u, theta <- theta - lr m (optax's Nesterov: lr (b1 m
+    + (1 - b1) u)), v <- b2 v + (1 - b2) g^2."""
+
+    def init_state(self, p):
+        return {"exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+
+    def update(self, p, g, st):
+        lr, (b1, b2), eps = self.h["lr"], self.h["betas"], self.h["eps"]
+        wd, t = self.h.get("weight_decay", 0.0), self.t
+        if self.h.get("maximize"):
+            g = -g
+        if self.h.get("decoupled_weight_decay"):
+            p = p * (1 - lr * wd)
+        elif wd:
+            g = g + wd * p
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        if t == 1:
+            st["exp_avg_sq"] = g * g
+            return p - lr * m
+        u = g / np.maximum(np.sqrt(v), eps)
+        if self.h.get("use_clipping", True):
+            c = float(t - 1) ** self.h["clip_exponent"]
+            u = np.clip(u, -c, c)
+        m = b1 * m + (1 - b1) * u
+        st["exp_avg"] = m
+        st["exp_avg_sq"] = b2 * v + (1 - b2) * (g * g)
+        step = b1 * m + (1 - b1) * u if self.h.get("nesterov") else m
+        return p - lr * step
+
+
 def nesterov_literal(theta, grad_at, lr, alpha, steps):
     """The book's Algorithm 8.3 verbatim: gradient at theta + alpha v."""
     theta = theta.copy()
@@ -181,4 +214,4 @@ def for_rule(rule):
     """The reference class of a :class:`ch8fast.rules.Rule` (AdamW's is :class:`Adam`,
     with ``decoupled_weight_decay=True`` among the rule's defaults)."""
     return {"SGD": SGD, "AdaGrad": AdaGrad, "RMSProp": RMSProp, "Adam": Adam,
-            "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion}[rule.name]
+            "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion, "ADOPT": ADOPT}[rule.name]
