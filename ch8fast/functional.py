@@ -20,7 +20,7 @@ from ._isa import K
 from ._validation import step_count, unit_interval
 
 __all__ = ["update", "sgd", "momentum", "adagrad", "rmsprop", "adam", "adadelta", "lion",
-           "adopt"]
+           "adopt", "ademamix"]
 
 
 def update(rule, param, grad, states, *, step=1, momentum_next=None, **hyper):
@@ -194,3 +194,11 @@ def adopt(param, grad, exp_avg, exp_avg_sq, *, step, **hyper):
     Hyperparameters: those of :class:`ch8fast.ADOPT`."""
     _update(rules.ADOPT, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, step,
             None, hyper)
+
+
+def ademamix(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, *, step, **hyper):
+    """One AdEMAMix step (Pagliardini et al. 2024), in place; ``step`` is t, counting
+    from 1. Hyperparameters: those of :class:`ch8fast.AdEMAMix` (``alpha`` and ``beta3``
+    as numbers: evaluate a schedule at the step first)."""
+    _update(rules.ADEMAMIX, param, grad, {"exp_avg": exp_avg, "exp_avg_slow": exp_avg_slow,
+                                          "exp_avg_sq": exp_avg_sq}, step, None, hyper)

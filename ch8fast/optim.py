@@ -39,7 +39,8 @@ from .clip import norm_from_sumsq
 from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
-           "AdaDelta", "Lion", "ADOPT", "encode_hyperparameter", "decode_hyperparameter"]
+           "AdaDelta", "Lion", "ADOPT", "AdEMAMix", "encode_hyperparameter",
+           "decode_hyperparameter"]
 
 
 _OPTIONS = ("clip_norm", "clip_value", "skip_nonfinite", "state_format", "param_mode",
@@ -518,3 +519,7 @@ class Lion(Optimizer):
 
 class ADOPT(Optimizer):
     rule = rules.ADOPT
+
+
+class AdEMAMix(Optimizer):
+    rule = rules.ADEMAMIX

@@ -31,7 +31,7 @@ from ._validation import (Choice, Exactly, betas_pair, closed_unit, flag, nonneg
                           positive, unit_interval)
 
 __all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
-           "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ALL", "CONVENTIONS"]
+           "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ADEMAMIX", "ALL", "CONVENTIONS"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan
@@ -856,7 +856,80 @@ gradient still move theta by lr m, so there is no closed-form catch-up
     profiles=_ADOPT_PROFILES,
 )
 
-ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION, ADOPT)
+# ---------------------------------------------------------------------------------------
+# AdEMAMix (Pagliardini et al. 2024): Adam with a second, slow first moment
+# ---------------------------------------------------------------------------------------
+
+_ADEMAMIX_PROFILES = {
+    "book": Profile("Pagliardini et al. 2024, as optax.contrib.ademamix",
+                    weight_decay="decoupled"),
+    "optax": Profile("optax.contrib.ademamix", weight_decay="decoupled"),
+}
+
+
+def _ademamix_scalars(s, h, h_next):
+    _common_scalars(s, h, _ADEMAMIX_PROFILES[h["convention"]])
+    s.beta1, s.beta2 = h["betas"]
+    s.beta3 = h["beta3"]
+    s.mix = h["alpha"]
+    s.eps = h["eps"]
+    s.bias_correction = True
+
+
+ADEMAMIX = Rule(
+    name="AdEMAMix",
+    summary="AdEMAMix, Adam with a mixture of a fast and a slow first moment (Pagliardini "
+            "et al. 2024, \"The AdEMAMix Optimizer: Better, Faster, Older\").",
+    math=r"""
+.. math::
+
+    t \leftarrow t + 1, \quad
+    s \leftarrow \beta_1 s + (1 - \beta_1) g, \quad
+    s_{\text{slow}} \leftarrow \beta_3 s_{\text{slow}} + (1 - \beta_3) g, \quad
+    r \leftarrow \beta_2 r + (1 - \beta_2) g \odot g
+
+    \theta \leftarrow \theta - \epsilon \Big(\frac{\hat s + \alpha\, s_{\text{slow}}}
+    {\sqrt{\hat r} + \delta} + \lambda \theta\Big), \quad
+    \hat s = \frac{s}{1 - \beta_1^t}, \ \hat r = \frac{r}{1 - \beta_2^t}
+""",
+    notes=r"""
+The slow moment (``beta3`` close to 1: its half-life is thousands of steps) keeps old
+gradients in the update, and is not bias-corrected: early in training it is small, and
+the paper warms ``alpha`` and ``beta3`` up over the run's first steps, which
+:func:`ch8fast.schedules.ademamix_alpha` and :func:`ch8fast.schedules.ademamix_beta3` do
+(pass them as ``alpha=`` and ``beta3=``). Defaults: betas (0.9, 0.999), beta3 0.9999,
+alpha 5 (optax.contrib.ademamix; the paper uses 5 to 8 for language models). The weight
+decay is decoupled, multiplied by the learning rate (optax's and the paper's). As for Adam,
+``sparse="catch_up"`` decays the three moments over the skipped steps but does not move
+theta by them (that has no closed form).
+""",
+    hyper={
+        "lr": Hyper(1e-3, nonnegative, _LR),
+        "betas": Hyper((0.9, 0.999), betas_pair,
+                       "(beta1, beta2): the decay rates of the fast first moment and of "
+                       "the second moment, each in [0, 1)."),
+        "beta3": Hyper(0.9999, unit_interval, "the decay rate of the slow first moment, in "
+                                              "[0, 1), or a schedule (see "
+                                              ":func:`ch8fast.schedules.ademamix_beta3`)."),
+        "alpha": Hyper(5.0, nonnegative, "the weight of the slow moment, >= 0, or a "
+                                         "schedule (see "
+                                         ":func:`ch8fast.schedules.ademamix_alpha`)."),
+        "eps": Hyper(1e-8, positive, "delta, added to sqrt(r_hat); > 0."),
+        "weight_decay": Hyper(0.0, nonnegative, "decoupled decay rate lambda: theta is "
+                                                "scaled by 1 - lr * lambda first."),
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_ADEMAMIX_PROFILES),
+    },
+    state=lambda h: ("exp_avg", "exp_avg_slow", "exp_avg_sq"),
+    state_doc="The step count t is kept per param group; state per parameter: ``exp_avg`` "
+              "(s), ``exp_avg_slow`` (s_slow) and ``exp_avg_sq`` (r).",
+    kinds={"exp_avg": "signed", "exp_avg_slow": "signed", "exp_avg_sq": "square"},
+    kernel=lambda state: "ademamix",
+    scalars=_ademamix_scalars,
+    profiles=_ADEMAMIX_PROFILES,
+)
+
+ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION, ADOPT, ADEMAMIX)
 
 #: every convention name, in the order of the SGD rule's (the widest set)
 CONVENTIONS = tuple(SGD.profiles)

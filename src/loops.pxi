@@ -579,6 +579,35 @@ cdef void _adopt_loop(floating* p, const floating* g, floating* m, floating* v, 
         v[i] = b2 * v[i] + b2c * (gi * gi)
 
 
+cdef void _ademamix(floating* p, const floating* g, floating* m, floating* ms, floating* v,
+                    Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
+    # s <- b1 s + (1 - b1) g;  s_slow <- b3 s_slow + (1 - b3) g;  r <- b2 r + (1 - b2) g*g
+    # theta <- theta - eps (s_hat + alpha s_slow) / (sqrt(r_hat) + delta)
+    # (Pagliardini et al. 2024, Algorithm 1), the bias corrections folded as Adam's:
+    # lr = eps / (1 - b1^t), mix = alpha (1 - b1^t), c2 = 1 / sqrt(1 - b2^t). The
+    # decoupled weight decay scales theta first.
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating decay = <floating>h.decay, c2 = <floating>h.c2, mix = <floating>h.mix
+    cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
+    cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
+    cdef floating b3 = <floating>h.beta3, b3c = <floating>(1.0 - h.beta3)
+    cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating pi, gi, mi, si, vi
+    cdef Py_ssize_t i
+    for i in range(n):
+        pi = p[i] * decay
+        gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
+        mi = b1 * m[i] + b1c * gi
+        si = b3 * ms[i] + b3c * gi
+        vi = b2 * v[i] + b2c * (gi * gi)
+        m[i] = mi
+        ms[i] = si
+        v[i] = vi
+        p[i] = pi - lr * ((mi + mix * si) / (_sqrt(vi) * c2 + eps))
+
+
 cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed, floating* s2,
                     Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # E[g^2] <- rho E[g^2] + (1 - rho) g*g

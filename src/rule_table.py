@@ -59,6 +59,10 @@ RULES = [
     Rule("adopt", [Column("exp_avg", "beta1"), Column("exp_avg_sq", "beta2")],
          "m <- b1 m + (1 - b1) g / max(sqrt(v), delta), theta <- theta - eps m, then v "
          "(Taniguchi et al. 2024)", catch_up=False),
+    Rule("ademamix", [Column("exp_avg", "beta1"), Column("exp_avg_slow", "beta3"),
+                      Column("exp_avg_sq", "beta2")],
+         "fast and slow first moments and r: theta <- theta - eps (s_hat + alpha s_slow) / "
+         "(sqrt(r_hat) + delta)  (Pagliardini et al. 2024)", decoupled=True),
 ]
 
 # The per-step scalars, double precision, by name: (name, what it is, default). Python
@@ -79,6 +83,9 @@ SCALARS = [
     Scalar("c2", "Adam: 1 / sqrt(1 - beta2^t) (a factor); with FLAG_FMA sqrt(1 - beta2^t) "
            "(a divisor, as torch)", 1.0),
     Scalar("eps", "delta, the denominators' guard", 0.0),
+    Scalar("beta3", "AdEMAMix's decay of the slow first moment", 0.0),
+    Scalar("mix", "AdEMAMix's alpha, the slow moment's weight (times 1 - beta1^t with "
+           "bias_correction, see Scalars.fill)", 0.0),
     Scalar("bound", "ADOPT: the normalized gradient is clamped to [-bound, bound] "
            "(FLAG_BOUND; (t - 1)^clip_exponent at update t, see Scalars.fill)", 0.0),
 ]

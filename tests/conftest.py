@@ -40,6 +40,10 @@ CONFIGS = [
      dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, nesterov=True, clip_exponent=0.5)),
     ("adopt_decoupled_unclipped", ch8fast.ADOPT, "ADOPT",
      dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, use_clipping=False)),
+    ("ademamix", ch8fast.AdEMAMix, "AdEMAMix", dict(lr=1e-2, alpha=2.0, beta3=0.99)),
+    ("ademamix_wd_warmup", ch8fast.AdEMAMix, "AdEMAMix",
+     dict(lr=1e-2, weight_decay=0.1, alpha=ch8fast.schedules.ademamix_alpha(5.0, 7),
+          beta3=ch8fast.schedules.ademamix_beta3(0.999, 0.9, 7))),
 ]
 
 

@@ -70,6 +70,7 @@ RULES = [
     ("lion", ch8fast.Lion, dict(lr=1e-3, weight_decay=0.1), {"no_catch_up"}),
     ("adopt", ch8fast.ADOPT, dict(lr=1e-2, weight_decay=0.01, nesterov=True),
      {"no_catch_up"}),
+    ("ademamix", ch8fast.AdEMAMix, dict(lr=1e-2, weight_decay=0.1, beta3=0.99), {"moments"}),
 ]
 
 BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)

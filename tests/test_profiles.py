@@ -182,6 +182,50 @@ def test_adopt_is_optax_adopt(kw, okw):
         assert_close(ours, np.asarray(th), np.float64, "adopt")
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_ademamix_is_optax_ademamix(wd, warmup):
+    """AdEMAMix (Pagliardini et al. 2024) against optax.contrib.ademamix: float64, 1,000
+    steps, 1e-12 relative (the bias corrections are folded into two scalars here, divided
+    there; the warm-up schedules written in jax.numpy for optax, whose count starts at 0
+    as ch8fast's step does)."""
+    jax, optax = _optax()
+    jnp = jax.numpy
+    theta, grads = _problem()
+    a, b1, b3, T = 5.0, 0.9, 0.999, 300
+    if warmup:
+        ours_alpha = ch8fast.schedules.ademamix_alpha(a, T)
+        ours_b3 = ch8fast.schedules.ademamix_beta3(b3, b1, T)
+
+        def half_life(b):
+            return jnp.log(0.5) / jnp.log(b + 1e-8) - 1
+
+        def their_alpha(c):
+            k = (c + 1).astype(jnp.float64)
+            return jnp.where(k >= T, a, (k / T) * a)
+
+        def their_b3(c):
+            k = (c + 1).astype(jnp.float64)
+            h = (1.0 - k / T) * half_life(b1) + (k / T) * half_life(b3)
+            return jnp.where(k >= T, b3, jnp.power(0.5, 1 / (h + 1)))
+    else:
+        ours_alpha = their_alpha = a
+        ours_b3 = their_b3 = b3
+    tx = optax.contrib.ademamix(learning_rate=3e-3, b1=b1, b2=0.999, b3=their_b3,
+                                alpha=their_alpha, eps=1e-8, weight_decay=wd)
+    th = jnp.asarray(theta)
+    st = tx.init(th)
+    update = jax.jit(tx.update)
+    for g in grads:
+        u, st = update(jnp.asarray(g), st, th)
+        th = optax.apply_updates(th, u)
+    for convention in ("book", "optax"):
+        ours = _ours(ch8fast.AdEMAMix, dict(lr=3e-3, betas=(b1, 0.999), beta3=ours_b3,
+                                            alpha=ours_alpha, weight_decay=wd,
+                                            convention=convention), theta, grads)
+        assert_close(ours, np.asarray(th), np.float64, "ademamix")
+
+
 def test_lion_is_keras_lion():
     keras = _keras()
     import jax.numpy as jnp

@@ -20,7 +20,7 @@ FLAGS = {"FLAG_CENTERED": "centered", "FLAG_AMSGRAD": "amsgrad"}
 OPTIONS = {"momentum": [0.0, 0.9], "centered": [False, True], "amsgrad": [False, True],
            "nesterov": [False, True]}
 CLASSES = [ch8fast.SGD, ch8fast.AdaGrad, ch8fast.RMSProp, ch8fast.Adam, ch8fast.AdamW,
-           ch8fast.AdaDelta, ch8fast.Lion, ch8fast.ADOPT]
+           ch8fast.AdaDelta, ch8fast.Lion, ch8fast.ADOPT, ch8fast.AdEMAMix]
 
 
 def _layouts(cls):

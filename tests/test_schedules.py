@@ -11,6 +11,8 @@ from ch8fast.schedules import (
     Linear,
     MinibatchSampler,
     Schedule,
+    ademamix_alpha,
+    ademamix_beta3,
     batch_size_schedule,
     constant,
     cosine_decay,
@@ -165,7 +167,33 @@ BAD = [
     (lambda: batch_size_schedule(8, every=0), ValueError, "every"),
     (lambda: batch_size_schedule(8, max_size=4), ValueError, "max_size"),
     (lambda: batch_size_schedule(8.0), TypeError, "init_size"),
+    (lambda: ademamix_alpha(-1.0, 10), ValueError, "alpha"),
+    (lambda: ademamix_alpha(5.0, 0), ValueError, "warmup"),
+    (lambda: ademamix_beta3(1.0, 0.9, 10), ValueError, "beta3"),
+    (lambda: ademamix_beta3(0.999, 0.0, 10), ValueError, "beta1"),
 ]
+
+
+def test_ademamix_warmups_are_the_papers():
+    """The authors' schedulers, at update k = step + 1: alpha linear from 0, beta3 linear
+    in the half-life ln(1/2) / ln(beta + 1e-8) - 1 from beta1; held after the warm-up."""
+    T, a, b1, b3 = 50, 8.0, 0.9, 0.9999
+    sa, sb = ademamix_alpha(a, T), ademamix_beta3(b3, b1, T)
+
+    def f(b):
+        return math.log(0.5) / math.log(b + 1e-8) - 1
+
+    for step in range(0, 120):
+        k = step + 1
+        if k < T:
+            w = k / T
+            assert sa(step) == w * a
+            assert sb(step) == math.pow(0.5, 1 / ((1 - w) * f(b1) + w * f(b3) + 1))
+        else:
+            assert sa(step) == a and sb(step) == b3
+    # the half-life grows steadily: each step's beta3 is above the last
+    assert all(sb(s + 1) > sb(s) for s in range(T - 2))
+    assert b1 < sb(0) < sb(T - 2) < b3
 
 
 @pytest.mark.parametrize("make, exc, name", BAD)
@@ -186,6 +214,8 @@ ALL = [
     warmup(linear_decay(0.1, 100), 10, 0.01),
     piecewise([constant(0.1), warmup(inverse_time(0.05, 10), 5)], [100]),
     batch_size_schedule(16, 2, 100, 256),
+    ademamix_alpha(5.0, 100),
+    ademamix_beta3(0.9999, 0.9, 100),
 ]
 
 

@@ -53,7 +53,7 @@ def test_lazy_update_is_the_rule_on_the_touched_rows(name, cls, ref_name, hyper,
             if r not in ref_state:
                 ref_state[r] = getattr(R, ref_name)([ref_E[r]], **h)
             ro = ref_state[r]
-            if ref_name in ("Adam", "ADOPT"):
+            if ref_name in ("Adam", "ADOPT", "AdEMAMix"):
                 ro.t = opt.steps[0] - 1       # their t counts every step of the group
             ro.step([g])
             ref_E[r] = ro.params[0]

@@ -87,6 +87,7 @@ OPTIMIZERS = {c.name: c for c in [
     Contender("adadelta", "AdaDelta", 1.0, False, "AdaDelta", ()),
     Contender("lion", "Lion", 3e-4, False, "Lion", ()),
     Contender("adopt", "ADOPT", 1e-3, False, "ADOPT", ()),
+    Contender("ademamix", "AdEMAMix", 1e-3, False, "AdEMAMix", (("beta3", 0.999),)),
 ]}
 
 # One colour per optimizer, by name: the same in every figure and every run.

@@ -12,7 +12,7 @@ own) and works on copies of the parameters.
 import numpy as np
 
 __all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "Lion", "ADOPT",
-           "for_rule", "nesterov_literal"]
+           "AdEMAMix", "for_rule", "nesterov_literal"]
 
 
 class Reference:
@@ -199,6 +199,33 @@ class ADOPT(Reference):
         return p - lr * step
 
 
+class AdEMAMix(Reference):
+    """Pagliardini et al. 2024, Algorithm 1: the fast moment s (beta1) bias-corrected, the
+    slow one (beta3) not, r (beta2) bias-corrected; theta <- theta - lr ((s_hat + alpha
+    s_slow) / (sqrt(r_hat) + eps) + wd theta). ``alpha`` and ``beta3`` may be schedules
+    (called with the number of completed steps, ch8fast's convention)."""
+
+    def init_state(self, p):
+        return {"exp_avg": np.zeros_like(p), "exp_avg_slow": np.zeros_like(p),
+                "exp_avg_sq": np.zeros_like(p)}
+
+    def update(self, p, g, st):
+        lr, (b1, b2), eps = self.h["lr"], self.h["betas"], self.h["eps"]
+        wd, t = self.h.get("weight_decay", 0.0), self.t
+        b3, alpha = self.h["beta3"], self.h["alpha"]
+        b3 = b3(t - 1) if callable(b3) else b3
+        alpha = alpha(t - 1) if callable(alpha) else alpha
+        if self.h.get("maximize"):
+            g = -g
+        st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
+        st["exp_avg_slow"] = b3 * st["exp_avg_slow"] + (1 - b3) * g
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * (g * g)
+        s_hat = st["exp_avg"] / (1 - b1 ** t)
+        r_hat = st["exp_avg_sq"] / (1 - b2 ** t)
+        u = (s_hat + alpha * st["exp_avg_slow"]) / (np.sqrt(r_hat) + eps)
+        return p - lr * (u + wd * p)
+
+
 def nesterov_literal(theta, grad_at, lr, alpha, steps):
     """The book's Algorithm 8.3 verbatim: gradient at theta + alpha v."""
     theta = theta.copy()
@@ -214,4 +241,5 @@ def for_rule(rule):
     """The reference class of a :class:`ch8fast.rules.Rule` (AdamW's is :class:`Adam`,
     with ``decoupled_weight_decay=True`` among the rule's defaults)."""
     return {"SGD": SGD, "AdaGrad": AdaGrad, "RMSProp": RMSProp, "Adam": Adam,
-            "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion, "ADOPT": ADOPT}[rule.name]
+            "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion, "ADOPT": ADOPT,
+            "AdEMAMix": AdEMAMix}[rule.name]

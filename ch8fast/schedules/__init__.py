@@ -11,15 +11,17 @@ Every name is importable from ``ch8fast.schedules``.
 """
 from .convergence import RobbinsMonroReport, robbins_monro
 from .sampling import MinibatchSampler, minibatches
-from .schedule import (BatchSizeSchedule, Constant, CosineDecay, ExponentialDecay,
-                       InverseTime, Linear, Piecewise, Schedule, StepDecay, Warmup,
+from .schedule import (AdemamixAlpha, AdemamixBeta3, BatchSizeSchedule, Constant,
+                       CosineDecay, ExponentialDecay, InverseTime, Linear, Piecewise,
+                       Schedule, StepDecay, Warmup, ademamix_alpha, ademamix_beta3,
                        batch_size_schedule, constant, cosine_decay, exponential_decay,
                        inverse_time, linear, linear_decay, momentum_ramp, piecewise,
                        step_decay, warmup)
 
 __all__ = [
     "Schedule", "Constant", "Linear", "InverseTime", "StepDecay", "ExponentialDecay",
-    "CosineDecay", "Warmup", "Piecewise", "BatchSizeSchedule",
+    "CosineDecay", "Warmup", "Piecewise", "BatchSizeSchedule", "AdemamixAlpha",
+    "AdemamixBeta3", "ademamix_alpha", "ademamix_beta3",
     "constant", "linear", "linear_decay", "momentum_ramp", "inverse_time", "step_decay",
     "exponential_decay", "cosine_decay", "warmup", "piecewise", "batch_size_schedule",
     "RobbinsMonroReport", "robbins_monro", "MinibatchSampler", "minibatches",

@@ -27,6 +27,8 @@ from .._validation import Real, at_least_one, nonnegative, positive
 
 __all__ = [
     "Schedule",
+    "AdemamixAlpha",
+    "AdemamixBeta3",
     "Constant",
     "Linear",
     "InverseTime",
@@ -47,12 +49,15 @@ __all__ = [
     "warmup",
     "piecewise",
     "batch_size_schedule",
+    "ademamix_alpha",
+    "ademamix_beta3",
 ]
 
 # --------------------------------------------------------------------------- checks
 _below_one = Real(0.0, 1.0, hi_open=True)          # a momentum coefficient
 _decay_factor = Real(0.0, 1.0, lo_open=True)       # multiplies the value: in (0, 1]
 _growth = Real(1.0, math.inf)                      # a batch size grows: >= 1
+_open_unit = Real(0.0, 1.0, lo_open=True, hi_open=True)   # a decay rate with a half-life
 
 ScheduleLike = Union["Schedule", float]
 
@@ -196,6 +201,73 @@ class Linear(Schedule):
             return self.end_value
         alpha = step / tau
         return (1.0 - alpha) * self.init_value + alpha * self.end_value
+
+
+class AdemamixAlpha(Schedule):
+    r"""AdEMAMix's warm-up of ``alpha`` (Pagliardini et al. 2024): linear from 0 to
+    ``alpha`` over ``warmup`` updates, then hold.
+
+    .. math::
+        \alpha_k = \alpha \min\Big(\frac{k + 1}{T}, 1\Big)
+
+    with :math:`T` = ``warmup``: as the authors' code, which evaluates it at the update's
+    number :math:`k + 1` (ch8fast's ``step`` :math:`k` counts the completed updates).
+    """
+
+    kind = "ademamix_alpha"
+    _fields = ("alpha", "warmup")
+    __slots__ = ("alpha", "warmup")
+
+    def __init__(self, alpha: float, warmup: int):
+        self.alpha = nonnegative(alpha, "alpha")
+        self.warmup = at_least_one(warmup, "warmup")
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            _bad_step(step)
+        k = step + 1
+        if k >= self.warmup:
+            return self.alpha
+        a = k / float(self.warmup)
+        return a * self.alpha
+
+
+class AdemamixBeta3(Schedule):
+    r"""AdEMAMix's warm-up of ``beta3`` (Pagliardini et al. 2024): from ``beta1`` to
+    ``beta3`` over ``warmup`` updates, linear in the half-life
+    :math:`f(\beta) = \ln(1/2) / \ln(\beta) - 1` (so the slow moment's memory grows
+    steadily), then hold.
+
+    .. math::
+        \beta_{3,k} = f^{-1}\Big((1 - a) f(\beta_1) + a f(\beta_3)\Big), \quad
+        a = \frac{k + 1}{T}, \quad f^{-1}(h) = 2^{-1/(h + 1)}
+
+    with :math:`T` = ``warmup``, evaluated at the update's number :math:`k + 1` and with
+    :math:`\ln(\beta + 10^{-8})` in :math:`f`, as the authors' code.
+    """
+
+    kind = "ademamix_beta3"
+    _fields = ("beta3", "beta1", "warmup")
+    __slots__ = ("beta3", "beta1", "warmup")
+
+    def __init__(self, beta3: float, beta1: float, warmup: int):
+        self.beta3 = _open_unit(beta3, "beta3")
+        self.beta1 = _open_unit(beta1, "beta1")
+        self.warmup = at_least_one(warmup, "warmup")
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            _bad_step(step)
+        k = step + 1
+        if k >= self.warmup:
+            return self.beta3
+
+        def half_life(beta):
+            return math.log(0.5) / math.log(beta + 1e-8) - 1
+
+        a = k / float(self.warmup)
+        h = (1.0 - a) * half_life(self.beta1) + a * half_life(self.beta3)
+        return math.pow(0.5, 1 / (h + 1))
 
 
 class InverseTime(Schedule):
@@ -453,6 +525,18 @@ class BatchSizeSchedule(Schedule):
 def constant(value: float) -> Constant:
     """A constant schedule (see :class:`Constant`)."""
     return Constant(value)
+
+
+def ademamix_alpha(alpha: float, warmup: int) -> AdemamixAlpha:
+    """AdEMAMix's ``alpha`` warm-up: linear from 0 over ``warmup`` updates; see
+    :class:`AdemamixAlpha`. Pass it as ``AdEMAMix(..., alpha=ademamix_alpha(5.0, T))``."""
+    return AdemamixAlpha(alpha, warmup)
+
+
+def ademamix_beta3(beta3: float, beta1: float, warmup: int) -> AdemamixBeta3:
+    """AdEMAMix's ``beta3`` warm-up from ``beta1``, linear in the half-life over ``warmup``
+    updates; see :class:`AdemamixBeta3`."""
+    return AdemamixBeta3(beta3, beta1, warmup)
 
 
 def linear(init_value: float, end_value: float, transition_steps: int) -> Linear:
