@@ -196,9 +196,10 @@ def adopt(param, grad, exp_avg, exp_avg_sq, *, step, **hyper):
             None, hyper)
 
 
-def ademamix(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, *, step, **hyper):
+def ademamix(param, grad, exp_avg_fast, exp_avg_slow, exp_avg_sq, *, step, **hyper):
     """One AdEMAMix step (Pagliardini et al. 2024), in place; ``step`` is t, counting
     from 1. Hyperparameters: those of :class:`ch8fast.AdEMAMix` (``alpha`` and ``beta3``
     as numbers: evaluate a schedule at the step first)."""
-    _update(rules.ADEMAMIX, param, grad, {"exp_avg": exp_avg, "exp_avg_slow": exp_avg_slow,
+    _update(rules.ADEMAMIX, param, grad, {"exp_avg_fast": exp_avg_fast,
+                                          "exp_avg_slow": exp_avg_slow,
                                           "exp_avg_sq": exp_avg_sq}, step, None, hyper)

@@ -920,10 +920,11 @@ theta by them (that has no closed form).
         "maximize": _MAXIMIZE,
         "convention": _convention(_ADEMAMIX_PROFILES),
     },
-    state=lambda h: ("exp_avg", "exp_avg_slow", "exp_avg_sq"),
-    state_doc="The step count t is kept per param group; state per parameter: ``exp_avg`` "
-              "(s), ``exp_avg_slow`` (s_slow) and ``exp_avg_sq`` (r).",
-    kinds={"exp_avg": "signed", "exp_avg_slow": "signed", "exp_avg_sq": "square"},
+    state=lambda h: ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"),
+    state_doc="The step count t is kept per param group; state per parameter: "
+              "``exp_avg_fast`` (s), ``exp_avg_slow`` (s_slow) and ``exp_avg_sq`` (r), as "
+              "the authors' code names them.",
+    kinds={"exp_avg_fast": "signed", "exp_avg_slow": "signed", "exp_avg_sq": "square"},
     kernel=lambda state: "ademamix",
     scalars=_ademamix_scalars,
     profiles=_ADEMAMIX_PROFILES,

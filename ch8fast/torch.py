@@ -31,7 +31,8 @@ from operator import is_ as _is
 from . import rules
 from ._isa import K
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Lion", "ADOPT",
+           "AdEMAMix", "adopt_clip"]
 
 _FLOAT = (torch.float32, torch.float64)
 _STRIDED = torch.strided
@@ -273,6 +274,10 @@ class _Optimizer(torch.optim.Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         return "torch_fused" if group.get("fused") else "torch"
 
+    def _raw(self, gi, group):
+        """What the cached checks of group ``gi`` depend on (see :func:`_raw`)."""
+        return _raw(group)
+
     def _values(self, group, convention):
         """The group's hyperparameters under ch8fast's names (overridden where torch's
         differ); those torch has no counterpart of keep the rule's defaults."""
@@ -285,7 +290,7 @@ class _Optimizer(torch.optim.Optimizer):
         """The checked values, layout and Scalars of group ``gi`` (cached while its
         hyperparameters stay the same)."""
         g = self._groups.get(gi)
-        raw = _raw(group)
+        raw = self._raw(gi, group)
         if g is not None and raw is not None and g.raw == raw:
             return g
         convention = self._options(gi, group)
@@ -685,3 +690,126 @@ class Adadelta(_Optimizer):
     # keys an older state dict may lack, and the values torch gives them
     _missing = {"foreach": None, "maximize": False, "capturable": False,
                 "differentiable": False}
+
+
+# ---------------------------------------------------------------------------------------
+# Rules torch.optim lacks: the signatures of their authors' PyTorch code, the papers'
+# formulas (convention "book")
+# ---------------------------------------------------------------------------------------
+
+class _Paper(_Optimizer):
+    """An optimizer torch.optim does not have: the signature of the PyTorch code its
+    authors published, the paper's formulas (the rule's ``"book"`` convention)."""
+
+    def _options(self, gi, group):
+        super()._options(gi, group)
+        return "book"
+
+
+class Lion(_Paper):
+    """Lion (Chen et al. 2023) on ch8fast's kernels (rule :data:`ch8fast.rules.LION`),
+    with the signature and state of the ``lion-pytorch`` package: ``exp_avg`` per
+    parameter, decoupled weight decay, no step count."""
+
+    _rule = rules.LION
+    _names = {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}
+    _counts_steps = False
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+
+def adopt_clip(step):
+    """ADOPT's clipping bound at update ``step + 1``: step ** 0.25 (``step`` counts the
+    completed updates, as optax's count). The default ``clip_lambda`` of
+    :class:`ADOPT`; the kernels compute it themselves, so it is the only function
+    accepted."""
+    return step ** 0.25
+
+
+class ADOPT(_Paper):
+    """ADOPT (Taniguchi et al. 2024) on ch8fast's kernels (rule
+    :data:`ch8fast.rules.ADOPT`), with the signature and state of the authors' PyTorch
+    code: ``clip_lambda`` is :func:`adopt_clip` (the bound (t - 1)^(1/4) at update t) or
+    None (no clipping); ``decouple=True`` decays the weights decoupled."""
+
+    _rule = rules.ADOPT
+    _names = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
+              "decoupled_weight_decay": "decouple", "maximize": "maximize"}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6,
+                 clip_lambda=adopt_clip, weight_decay=0.0, decouple=False, *,
+                 maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip_lambda=clip_lambda,
+                                      weight_decay=weight_decay, decouple=decouple,
+                                      maximize=maximize))
+
+    def _values(self, group, convention):
+        out = super()._values(group, convention)
+        clip = group["clip_lambda"]
+        if clip is not None and clip is not adopt_clip:
+            raise ValueError("clip_lambda: ch8fast computes the clipping bound in its "
+                             "kernels, (t - 1)^p at update t; pass "
+                             "ch8fast.torch.adopt_clip (p = 1/4, the default) or None (no "
+                             "clipping), or use ch8fast.ADOPT(clip_exponent=p)")
+        out["use_clipping"] = clip is not None
+        return out
+
+    def _raw(self, gi, group):
+        raw = _raw({k: v for k, v in group.items() if k != "clip_lambda"})
+        return None if raw is None else raw + (("clip_lambda", id(group["clip_lambda"])),)
+
+
+class AdEMAMix(_Paper):
+    """AdEMAMix (Pagliardini et al. 2024) on ch8fast's kernels (rule
+    :data:`ch8fast.rules.ADEMAMIX`), with the signature and state of the authors' PyTorch
+    code: ``betas=(beta1, beta2, beta3)``; ``alpha_warmup`` and ``beta3_warmup`` (a number
+    of updates, or None) warm alpha and beta3 up as the paper does
+    (:func:`ch8fast.schedules.ademamix_alpha`, :func:`ch8fast.schedules.ademamix_beta3`),
+    at the update the group's parameters take next (they must then share one step
+    count)."""
+
+    _rule = rules.ADEMAMIX
+    _names = {"lr": "lr", "eps": "eps", "weight_decay": "weight_decay"}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0,
+                 beta3_warmup=None, alpha_warmup=None, eps=1e-8, weight_decay=0):
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha,
+                                      beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup,
+                                      eps=eps, weight_decay=weight_decay))
+
+    def _next_update(self, group):
+        """The number of the update the group's parameters with a gradient take next."""
+        counts = {float(self.state[p]["step"]) if "step" in self.state.get(p, ()) else 0.0
+                  for p in group["params"] if p.grad is not None}
+        if len(counts) > 1:
+            raise ValueError(f"a group with alpha_warmup or beta3_warmup steps its "
+                             f"parameters together, but they have taken different numbers "
+                             f"of steps ({sorted(counts)})")
+        return int(counts.pop()) + 1 if counts else 1
+
+    def _warming(self, group):
+        return group["alpha_warmup"] is not None or group["beta3_warmup"] is not None
+
+    def _values(self, group, convention):
+        out = super()._values(group, convention)
+        betas = _plain(group["betas"])
+        if not (isinstance(betas, tuple) and len(betas) == 3):
+            raise ValueError(f"betas must be (beta1, beta2, beta3), got {betas!r}")
+        b1, b2, b3 = betas
+        alpha = _plain(group["alpha"])
+        if self._warming(group):
+            from .schedules import ademamix_alpha, ademamix_beta3
+            done = self._next_update(group) - 1
+            if group["alpha_warmup"] is not None:
+                alpha = ademamix_alpha(alpha, group["alpha_warmup"])(done)
+            if group["beta3_warmup"] is not None:
+                b3 = ademamix_beta3(b3, b1, group["beta3_warmup"])(done)
+        out["betas"], out["beta3"], out["alpha"] = (b1, b2), b3, alpha
+        return out
+
+    def _raw(self, gi, group):
+        raw = _raw(group)
+        if raw is not None and self._warming(group):
+            raw += (("update", self._next_update(group)),)
+        return raw

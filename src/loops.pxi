@@ -548,19 +548,26 @@ cdef void _adopt(floating* p, const floating* g, floating* m, floating* v, float
     # the gradient is normalized by the *previous* step's v (Taniguchi et al. 2024,
     # Algorithm 2). Nesterov (optax's, FLAG_NESTEROV): theta - eps (b1 m + (1 - b1) u).
     # The first update only sets v <- g*g (Scalars.fill gives it beta1 1, beta2 0).
+    # (Both options are compile-time: a runtime flag for the bound in the loop costs the
+    # vector loop its masks' round trips through general registers.)
     if h.flags & FLAG_NESTEROV:
-        _adopt_loop(p, g, m, v, n, h, <On*>NULL, o)
+        if h.flags & FLAG_BOUND:
+            _adopt_loop(p, g, m, v, n, h, <On*>NULL, <On*>NULL, o)
+        else:
+            _adopt_loop(p, g, m, v, n, h, <On*>NULL, <Off*>NULL, o)
+    elif h.flags & FLAG_BOUND:
+        _adopt_loop(p, g, m, v, n, h, <Off*>NULL, <On*>NULL, o)
     else:
-        _adopt_loop(p, g, m, v, n, h, <Off*>NULL, o)
+        _adopt_loop(p, g, m, v, n, h, <Off*>NULL, <Off*>NULL, o)
 
 
 cdef void _adopt_loop(floating* p, const floating* g, floating* m, floating* v, Py_ssize_t n,
-                      const Hyper* h, opt1* nesterov, ops* o) noexcept nogil:
+                      const Hyper* h, opt1* nesterov, opt2* bound, ops* o) noexcept nogil:
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
     cdef floating decay = <floating>h.decay, c = <floating>h.bound
     cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
     cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
-    cdef bint l2 = h.flags & FLAG_L2, bound = h.flags & FLAG_BOUND
+    cdef bint l2 = h.flags & FLAG_L2
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
     cdef floating pi, gi, di, ui, mi
@@ -570,7 +577,8 @@ cdef void _adopt_loop(floating* p, const floating* g, floating* m, floating* v, 
         gi = _l2(_grad(g[i], gs, cv, clip), pi, wd, l2, o)
         di = _sqrt(v[i])
         ui = gi / _pick(eps, di, di < eps)       # max(sqrt(v), delta); NaN stays NaN
-        ui = _grad(ui, <floating>1, c, bound)
+        if opt2 is On:                           # clamp to [-c, c]; NaN stays NaN
+            ui = _pick(c, _pick(-c, ui, ui < -c), ui > c)
         mi = b1 * m[i] + b1c * ui
         m[i] = mi
         if opt1 is On:

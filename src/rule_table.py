@@ -59,7 +59,7 @@ RULES = [
     Rule("adopt", [Column("exp_avg", "beta1"), Column("exp_avg_sq", "beta2")],
          "m <- b1 m + (1 - b1) g / max(sqrt(v), delta), theta <- theta - eps m, then v "
          "(Taniguchi et al. 2024)", catch_up=False),
-    Rule("ademamix", [Column("exp_avg", "beta1"), Column("exp_avg_slow", "beta3"),
+    Rule("ademamix", [Column("exp_avg_fast", "beta1"), Column("exp_avg_slow", "beta3"),
                       Column("exp_avg_sq", "beta2")],
          "fast and slow first moments and r: theta <- theta - eps (s_hat + alpha s_slow) / "
          "(sqrt(r_hat) + delta)  (Pagliardini et al. 2024)", decoupled=True),

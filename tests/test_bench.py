@@ -141,7 +141,7 @@ def test_command_line_dispatch(capsys):
     assert "sgd" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--sizes", "1e3,abc"], ["--rules", "adam,lion"],
+@pytest.mark.parametrize("argv", [["--sizes", "1e3,abc"], ["--rules", "adam,lionheart"],
                                   ["--layouts", "100by10"], ["--dtype", "float16"],
                                   ["--threads", "0"], ["--sizes", "1.5"]])
 def test_bad_arguments_exit_with_usage(argv, capsys):

@@ -206,7 +206,7 @@ class AdEMAMix(Reference):
     (called with the number of completed steps, ch8fast's convention)."""
 
     def init_state(self, p):
-        return {"exp_avg": np.zeros_like(p), "exp_avg_slow": np.zeros_like(p),
+        return {"exp_avg_fast": np.zeros_like(p), "exp_avg_slow": np.zeros_like(p),
                 "exp_avg_sq": np.zeros_like(p)}
 
     def update(self, p, g, st):
@@ -217,10 +217,10 @@ class AdEMAMix(Reference):
         alpha = alpha(t - 1) if callable(alpha) else alpha
         if self.h.get("maximize"):
             g = -g
-        st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
+        st["exp_avg_fast"] = b1 * st["exp_avg_fast"] + (1 - b1) * g
         st["exp_avg_slow"] = b3 * st["exp_avg_slow"] + (1 - b3) * g
         st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * (g * g)
-        s_hat = st["exp_avg"] / (1 - b1 ** t)
+        s_hat = st["exp_avg_fast"] / (1 - b1 ** t)
         r_hat = st["exp_avg_sq"] / (1 - b2 ** t)
         u = (s_hat + alpha * st["exp_avg_slow"]) / (np.sqrt(r_hat) + eps)
         return p - lr * (u + wd * p)

@@ -33,6 +33,9 @@ CASES = {
     "adam": (optim.Adam, {"lr": LR}),
     "adamw": (optim.AdamW, {"lr": LR}),
     "adadelta": (optim.AdaDelta, {}),
+    "lion": (optim.Lion, {"lr": LR}),
+    "adopt": (optim.ADOPT, {"lr": LR}),
+    "ademamix": (optim.AdEMAMix, {"lr": LR}),
 }
 RULES = tuple(CASES)
 
@@ -190,11 +193,78 @@ def _inplace_adadelta(h, p, g, st, a, b, t):
     p -= a
 
 
+def _inplace_lion(h, p, g, st, a, b, t):
+    b1, b2 = h["betas"]
+    m = st["exp_avg"]
+    if h["weight_decay"]:
+        p *= 1.0 - h["lr"] * h["weight_decay"]   # decoupled decay first
+    np.multiply(m, b1, out=a)
+    np.multiply(g, 1.0 - b1, out=b)
+    a += b                                   # c = b1 m + (1 - b1) g
+    np.sign(a, out=a)
+    a *= h["lr"]
+    p -= a                                   # theta - eps sign(c)
+    m *= b2
+    np.multiply(g, 1.0 - b2, out=b)
+    m += b                                   # m <- b2 m + (1 - b2) g
+
+
+def _inplace_adopt(h, p, g, st, a, b, t):
+    b1, b2 = h["betas"]
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    if t == 1:
+        np.multiply(g, g, out=v)             # the first update: v <- g*g only
+        return
+    np.sqrt(v, out=a)
+    np.maximum(a, h["eps"], out=a)
+    np.divide(g, a, out=a)                   # u = g / max(sqrt(v), delta)
+    if h["use_clipping"]:
+        c = float(t - 1) ** h["clip_exponent"]
+        np.clip(a, -c, c, out=a)
+    m *= b1
+    a *= 1.0 - b1
+    m += a                                   # m <- b1 m + (1 - b1) u
+    np.multiply(m, h["lr"], out=a)
+    p -= a                                   # theta - eps m
+    v *= b2
+    np.multiply(g, g, out=a)
+    a *= 1.0 - b2
+    v += a                                   # then v
+
+
+def _inplace_ademamix(h, p, g, st, a, b, t):
+    b1, b2 = h["betas"]
+    b3, alpha, lr = h["beta3"], h["alpha"], h["lr"]
+    bc1, c2 = 1.0 - b1 ** t, 1.0 / math.sqrt(1.0 - b2 ** t)
+    m, ms, v = st["exp_avg_fast"], st["exp_avg_slow"], st["exp_avg_sq"]
+    if h["weight_decay"]:
+        p *= 1.0 - lr * h["weight_decay"]
+    m *= b1
+    np.multiply(g, 1.0 - b1, out=a)
+    m += a
+    ms *= b3
+    np.multiply(g, 1.0 - b3, out=a)
+    ms += a
+    v *= b2
+    np.multiply(g, g, out=a)
+    a *= 1.0 - b2
+    v += a
+    np.multiply(ms, alpha * bc1, out=a)
+    a += m                                   # (s + alpha (1 - b1^t) s_slow)
+    np.sqrt(v, out=b)
+    b *= c2
+    b += h["eps"]
+    a /= b
+    a *= lr / bc1
+    p -= a                                   # theta - eps (s_hat + alpha s_slow) / ...
+
+
 _INPLACE = {
     "sgd": _inplace_sgd, "momentum": _inplace_momentum, "nesterov": _inplace_nesterov,
     "adagrad": _inplace_adagrad, "rmsprop": _inplace_rmsprop,
     "rmsprop_nesterov": _inplace_rmsprop_nesterov, "adam": _inplace_adam,
-    "adamw": _inplace_adam, "adadelta": _inplace_adadelta,
+    "adamw": _inplace_adam, "adadelta": _inplace_adadelta, "lion": _inplace_lion,
+    "adopt": _inplace_adopt, "ademamix": _inplace_ademamix,
 }
 
 
