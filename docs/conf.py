@@ -2,7 +2,9 @@
 
 Build it with ``python -m sphinx -W -b html docs docs/_build/html`` (``pip install -e
 ".[docs]"`` first): -W turns every warning into an error, as in CI. The build needs no
-network; MathJax is loaded by the browser when a page is read.
+network, and neither does reading it: MathJax is copied into the site
+(``sphinx-mathjax-offline``), so the equations render offline. The theme is Furo, which
+gives code blocks the width of the page.
 """
 import ch8fast
 
@@ -16,6 +18,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",      # MathJax inside the site, not from a CDN
 ]
 
 napoleon_google_docstring = True
@@ -25,7 +28,7 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 autosummary_generate = False
 exclude_patterns = ["_build"]
 templates_path = []
-html_theme = "alabaster"
+html_theme = "furo"
 html_static_path = []
 html_title = f"ch8fast {version}"
 

@@ -123,6 +123,12 @@ def test_the_docs_build_with_warnings_as_errors(tmp_path):
     for name in ("ch8fast.SGD", "linear_decay", "choose_lr", "calibrate", "save_checkpoint",
                  "MinibatchSampler", "DataParallel"):
         assert name in api, name
+    # the equations render offline: the pages load MathJax from the site itself
+    page = (tmp_path / "html" / "optimizers.html").read_text(encoding="utf-8")
+    scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page, re.I)
+    assert scripts and all(not s.startswith(("http:", "https:", "//")) for s in scripts)
+    for s in scripts:
+        assert (tmp_path / "html" / s.split("?")[0]).is_file(), s
 
 
 def test_the_readme_is_a_landing_page():
