@@ -228,3 +228,21 @@ def test_quiet_samples_are_not_withheld():
     fns = {"ch8fast": lambda: None, "numpy": lambda: None}
     samples, _ = bench.measure(fns, repeats=3, min_time=1e-4)
     assert len(samples["ch8fast"]) >= 3
+
+
+def test_a_starved_contender_is_withheld():
+    """A contender slower on 1e3 elements than on 1e4 (by more than STARVED) was starved:
+    its ratio is withheld even when its samples agree; other ratios stand. ch8fast
+    starved withholds the row."""
+    def row(size, times):
+        return {"tensors": 1, "size": size, "time": dict(times), "withheld": [],
+                "speedup": {"numpy": 1.0, "torch_foreach": 1.0}}
+    rows = [row(1000, {"ch8fast": 1e-6, "numpy": 8e-6, "torch_foreach": 12e-3}),
+            row(10000, {"ch8fast": 3e-6, "numpy": 30e-6, "torch_foreach": 60e-6}),
+            row(100, {"ch8fast": 9e-6, "numpy": 2e-6, "torch_foreach": 30e-6})]
+    bench.timing.withhold_starved(rows)
+    by = {r["size"]: r for r in rows}
+    assert by[1000]["withheld"] == ["torch_foreach"] and by[1000]["starved"] == [
+        "torch_foreach"]
+    assert by[10000]["withheld"] == [] and "starved" not in by[10000]
+    assert set(by[100]["withheld"]) == {"numpy", "torch_foreach", "roofline", "flat"}

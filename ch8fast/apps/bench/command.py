@@ -19,7 +19,7 @@ from .report import (
     plot,
     text_line,
 )
-from .timing import run_case
+from .timing import run_case, withhold_starved
 
 DEFAULT_RULES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 DEFAULT_SIZES = (100, 1000, 10_000, 100_000, 1_000_000, 4_000_000, 16_000_000, 32_000_000)
@@ -167,12 +167,15 @@ def main(argv=None):
         for n_threads in threads:
             for dtype in args.dtype:
                 for rule in args.rules:
-                    for tensors, size in cases:
-                        row = run_case(rule, dtype, tensors, size, n_threads, which,
-                                       repeats, min_time, max_case)
-                        rows.append(row)
+                    # a rule's rows are printed together, once its cases can be compared
+                    # with each other (withhold_starved)
+                    done = [run_case(rule, dtype, tensors, size, n_threads, which, repeats,
+                                     min_time, max_case) for tensors, size in cases]
+                    withhold_starved(done)
+                    rows += done
+                    for row in done:
                         print(text_line(cells(row)))
-                        sys.stdout.flush()
+                    sys.stdout.flush()
     finally:
         set_num_threads(old_threads)
         if torch is not None:

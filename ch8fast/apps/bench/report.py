@@ -115,7 +115,9 @@ WITHHELD_NOTE = ("?: ratio withheld: its estimates disagree (the median of the i
                  f"{TRUST - 1:.0%}, or the in-round ratios spread wider than "
                  f"{SPREAD:.0%}) after the extra rounds the case's time allowed; the "
                  "machine was too busy. Rerun when it is quieter, or with more --repeats "
-                 "and --max-case-time; the JSON keeps every sample.")
+                 "and --max-case-time; the JSON keeps every sample. (Also withheld: the "
+                 "ratio of a contender that took more than twice as long on an array "
+                 "as on a larger one: it was starved.)")
 
 
 def cells(row):

@@ -88,6 +88,34 @@ def ratio(num, den):
     return med, trusted
 
 
+# A step over fewer elements never takes longer than one over more (the same rule, dtype,
+# thread count and one array): a contender that took more than STARVED times its time on a
+# larger array was starved in that case (on a loaded machine a thread team waits whole time
+# slices for a descheduled thread, in every sample alike, which the estimates of ``ratio``
+# cannot see), and its ratio is withheld. (ch8fast starved: every ratio of the row.)
+STARVED = 2.0
+
+
+def withhold_starved(rows):
+    """Withhold, in place, the ratios of the contenders that were starved in one of
+    ``rows`` (the cases of one rule, dtype and thread count): see ``STARVED``. Each row
+    starved this way names the contenders in ``"starved"``."""
+    one = sorted((r for r in rows if r["tensors"] == 1), key=lambda r: r["size"])
+    for i, small in enumerate(one):
+        larger = one[i + 1:]
+        starved = sorted(c for c, t in small["time"].items()
+                         if any(t > STARVED * big["time"].get(c, float("inf"))
+                                for big in larger))
+        if not starved:
+            continue
+        names = set(small["speedup"]) | {"roofline", "flat"}
+        out = names if "ch8fast" in starved else (set(starved) & names)
+        if "flat" in starved:
+            out.add("flat")
+        small["withheld"] = sorted(set(small["withheld"]) | out)
+        small["starved"] = starved
+
+
 def _all_trusted(samples, base):
     if base not in samples:
         return True
