@@ -29,8 +29,16 @@ def run_main(argv):
 
 
 def parse_table(text):
-    """The rows of the printed Markdown table, as dicts of strings."""
-    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    """The rows of the first printed Markdown table (the results'), as dicts of
+    strings."""
+    lines, started = [], False
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            started = True
+            if ln.startswith("| "):
+                lines.append(ln)
+        elif started:
+            break
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
 
@@ -176,7 +184,7 @@ def test_demo_progress_bar(demo_run):
 def test_demo_without_matplotlib_and_tqdm(tmp_path, monkeypatch):
     for mod in ("matplotlib", "matplotlib.figure", "tqdm", "tqdm.auto"):
         monkeypatch.setitem(sys.modules, mod, None)       # import raises ImportError
-    rc, stdout, stderr, = run_main(["demo", "--epochs", "1", "--optimizers", "momentum",
+    rc, stdout, stderr, = run_main(["demo", "--no-why", "--epochs", "1", "--optimizers", "momentum",
                                     "--out", str(tmp_path)])
     assert rc == 0
     assert "matplotlib is not installed" in stdout
@@ -187,7 +195,7 @@ def test_demo_without_matplotlib_and_tqdm(tmp_path, monkeypatch):
 
 def test_demo_subprocess(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "ch8fast", "demo", "--epochs", "1", "--optimizers",
+        [sys.executable, "-m", "ch8fast", "demo", "--no-why", "--epochs", "1", "--optimizers",
          "sgd,rmsprop", "--hidden", "16", "--no-plot", "--quiet", "--out", "res"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -199,7 +207,7 @@ def test_demo_subprocess(tmp_path):
 
 
 def test_demo_lr_auto_uses_the_chooser_and_prints_its_reasoning(tmp_path):
-    rc, stdout, _ = run_main(["demo", "--epochs", "2", "--optimizers", "adam", "--lr", "auto",
+    rc, stdout, _ = run_main(["demo", "--no-why", "--epochs", "2", "--optimizers", "adam", "--lr", "auto",
                               "--quiet", "--no-plot", "--out", str(tmp_path)])
     assert rc == 0
     with open(tmp_path / "demo_results.json") as fh:
@@ -222,7 +230,7 @@ def test_demo_lr_auto_picks_rates_that_generalize(tmp_path):
     against 0.07 with their default rates."""
     vals = {}
     for lr in ("auto", None):
-        argv = ["demo", "--optimizers", "adam,adagrad", "--quiet", "--no-plot",
+        argv = ["demo", "--no-why", "--optimizers", "adam,adagrad", "--quiet", "--no-plot",
                 "--out", str(tmp_path / str(lr))] + (["--lr", lr] if lr else [])
         rc, _, _ = run_main(argv)
         assert rc == 0
@@ -233,7 +241,7 @@ def test_demo_lr_auto_picks_rates_that_generalize(tmp_path):
 
 
 def test_demo_calibrated_init_and_batch_growth(tmp_path):
-    rc, stdout, _ = run_main(["demo", "--epochs", "2", "--optimizers", "sgd",
+    rc, stdout, _ = run_main(["demo", "--no-why", "--epochs", "2", "--optimizers", "sgd",
                               "--init", "calibrated", "--batch-growth", "2:20:256",
                               "--hidden", "32,32", "--quiet", "--no-plot",
                               "--out", str(tmp_path)])
@@ -256,7 +264,7 @@ def test_demo_user_csv_with_header(tmp_path):
         fh.write("a,b,c,label\n")
         for row, label in zip(X, y):
             fh.write(",".join(f"{v:.6f}" for v in row) + f",{label}\n")
-    rc, stdout, _ = run_main(["demo", "--data", str(path), "--epochs", "2", "--optimizers",
+    rc, stdout, _ = run_main(["demo", "--no-why", "--data", str(path), "--epochs", "2", "--optimizers",
                               "adam", "--quiet", "--no-plot", "--out", str(tmp_path / "o")])
     assert rc == 0
     assert "mine.csv: 60 samples, 3 features, 2 classes" in stdout
@@ -310,7 +318,7 @@ def test_malformed_data_exits_2_with_message(case, tmp_path, capsys):
     make, message = BAD_FILES[case]
     path = make(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--data", str(path), "--epochs", "1", "--quiet", "--no-plot",
+        main(["demo", "--no-why", "--data", str(path), "--epochs", "1", "--quiet", "--no-plot",
               "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
@@ -396,7 +404,7 @@ def test_every_demo_optimizer_is_a_ch8fast_class():
 
 
 def test_demo_trains_adamw_and_adadelta(tmp_path):
-    rc, stdout, err = run_main(["demo", "--epochs", "3", "--optimizers", "adamw,adadelta",
+    rc, stdout, err = run_main(["demo", "--no-why", "--epochs", "3", "--optimizers", "adamw,adadelta",
                                 "--quiet", "--no-plot", "--out", str(tmp_path)])
     assert rc == 0, err
     rows = {r["optimizer"]: r for r in parse_table(stdout)}
@@ -419,7 +427,7 @@ def test_demo_figure_colours_follow_the_optimizer_and_legend_names_the_rate(tmp_
     monkeypatch.setattr(Axes, "plot", spy)
     for subset in ("sgd,adam", "adam"):
         drawn.clear()
-        rc, _, _ = run_main(["demo", "--epochs", "1", "--optimizers", subset, "--quiet",
+        rc, _, _ = run_main(["demo", "--no-why", "--epochs", "1", "--optimizers", subset, "--quiet",
                              "--out", str(tmp_path / subset)])
         assert rc == 0
         adam = [c for label, c in drawn if label.startswith("Adam,")]
@@ -440,3 +448,34 @@ def test_distributed_without_mpi4py_is_a_one_line_error(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ch8fast demo: error: --distributed:")
     assert "mpi4py" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_the_demo_says_why(demo_run):
+    """After its table the demo times one Adam update of its model with ch8fast, in-place
+    NumPy and torch.optim, measures the state of each storage, and trains an
+    update-dominated network with each: the same losses, step for step."""
+    rc, stdout, _, out = demo_run
+    assert rc == 0
+    assert "Why ch8fast: one Adam update of this model" in stdout
+    assert "Where the update dominates" in stdout
+    with open(out / "demo_results.json") as fh:
+        why = json.load(fh)["why"]
+    names = [r["contender"] for r in why["update_cost"]]
+    assert names[:2] == ["ch8fast", "numpy"]
+    assert ("torch fused" in names) == (importlib.util.find_spec("torch") is not None)
+    for r in why["update_cost"]:
+        assert r["seconds"] > 0 and 0 < r["share_of_iteration"] < 1
+    shapes = [(64, 64), (64,), (64, 64), (64,), (64, 10), (10,)]
+    n = sum(int(np.prod(s)) for s in shapes)
+    q8 = sum(2 * (int(np.prod(s)) + 4 * -(-int(np.prod(s)) // 256)) for s in shapes) / n
+    assert why["state_bytes_per_parameter"] == {"float32": 8.0, "bfloat16": 4.0, "q8": q8}
+    res = why["update_dominated"]["results"]
+    # ch8fast and in-place NumPy run the same operations in the same order: the same losses
+    assert res["ch8fast"]["curve"] and [c[2] for c in res["ch8fast"]["curve"]] == [
+        c[2] for c in res["numpy"]["curve"]]
+    assert res["ch8fast"]["steps_to_target"] == res["numpy"]["steps_to_target"]
+    for r in res.values():
+        np.testing.assert_allclose([c[2] for c in r["curve"]],
+                                   [c[2] for c in res["ch8fast"]["curve"]], rtol=1e-3)
+    if HAVE_MPL:
+        assert (out / "why.png").is_file()

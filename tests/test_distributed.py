@@ -668,6 +668,7 @@ def test_demo_distributed_matches_the_single_process_demo(tmp_path):
         dist = json.load(fh)
     assert dist["mpi_ranks"] == 2
     single = run_demo(optimizers=["nesterov", "adam"], epochs=2, out=str(tmp_path / "one"),
+                      why=False,
                       plot=False, quiet=True, stream=open(os.devnull, "w"))
     for a, b in zip(dist["results"], single["results"]):
         assert a["optimizer"] == b["optimizer"] and a["iterations"] == b["iterations"]

@@ -87,7 +87,8 @@ OPTIMIZERS = {c.name: c for c in [
     Contender("adadelta", "AdaDelta", 1.0, False, "AdaDelta", ()),
     Contender("lion", "Lion", 3e-4, False, "Lion", ()),
     Contender("adopt", "ADOPT", 1e-3, False, "ADOPT", ()),
-    Contender("ademamix", "AdEMAMix", 1e-3, False, "AdEMAMix", (("beta3", 0.999),)),
+    Contender("ademamix", "AdEMAMix", 1e-3, False, "AdEMAMix",
+              (("alpha", 2.0), ("beta3", 0.99))),     # a short run: a shorter memory
 ]}
 
 # One colour per optimizer, by name: the same in every figure and every run.
@@ -516,7 +517,7 @@ def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
              hidden=(64, 64), seed: int = 0, threads: Optional[int] = None,
              target_loss: float = 0.05, out: str = "ch8fast_out", plot: bool = True,
              quiet: bool = False, stream=None, distributed: bool = False,
-             shard_state: bool = False) -> dict:
+             shard_state: bool = False, why: bool = True) -> dict:
     """Run the comparison; returns the result dict that is also written as JSON.
 
     ``distributed=True``: data-parallel over MPI.COMM_WORLD (run under ``mpirun``); every
@@ -599,6 +600,11 @@ def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
         say()
         if rank != 0:
             return {"results": results, "table": table, "paths": {}}
+    why_data = None
+    if why and dist is None:
+        from . import why as why_module
+        adam = next((r for r in results if r["optimizer"] == "adam"), None)
+        why_data = why_module.run(model, adam, Xt, yt, ch8fast.get_num_threads(), say)
     os.makedirs(out, exist_ok=True)
     paths = write_outputs(results, out)
     summary = {
@@ -608,6 +614,7 @@ def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
         "seed": seed, "target_loss": target_loss, "threads": ch8fast.get_num_threads(),
         "mpi_ranks": world if distributed else None,
         "results": results,
+        "why": why_data,
     }
     with open(paths["json"], "w") as fh:
         json.dump(summary, fh, indent=1, default=_json_default)
@@ -616,6 +623,8 @@ def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
         say("plot skipped (--no-plot)")
     elif plot_curves(results, png, target_loss):
         paths["png"] = png
+        if why_data is not None and why_module.plot(why_data, os.path.join(out, "why.png")):
+            paths["why_png"] = os.path.join(out, "why.png")
     else:
         say(f"matplotlib is not installed: the learning curves would have gone to {png} "
             f"(pip install matplotlib)")
@@ -841,6 +850,9 @@ def add_arguments(p):
                    "ch8fast_out)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-why", action="store_true",
+                   help="skip the update's cost against in-place NumPy and torch.optim, "
+                        "and the update-dominated training that shows what it costs")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel training over MPI (needs mpi4py); run as "
                         "`mpirun -n 2 ch8fast demo --distributed`: each rank takes its "
@@ -877,7 +889,7 @@ def main(args, parser=None):
                      init=args.init, hidden=args.hidden, seed=args.seed,
                      threads=args.threads, target_loss=args.target_loss, out=args.out,
                      plot=not args.no_plot, quiet=args.quiet, distributed=distributed,
-                     shard_state=shard)
+                     shard_state=shard, why=not getattr(args, "no_why", False))
     except DataError as exc:
         if parser is not None:
             parser.error(f"--data {exc}")
