@@ -15,7 +15,6 @@ Python. The loops themselves are in the kernel module of the instruction set in 
 
 from cython cimport floating
 from libc.math cimport INFINITY, NAN
-from libc.stdlib cimport qsort
 
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
@@ -1129,11 +1128,6 @@ def step_key(uint64_t seed, uint64_t group, uint64_t step):
 # ``Loops.run_rows``
 # ---------------------------------------------------------------------------------------
 
-cdef int _cmp_double(const void* a, const void* b) noexcept nogil:
-    cdef double x = (<const double*>a)[0], y = (<const double*>b)[0]
-    return (x > y) - (x < y)
-
-
 _SPARSE_TYPE = None
 
 
@@ -1171,9 +1165,23 @@ cdef class RowBatch:
         return out
 
 
+_SCRATCH = {}
+
+
+cdef cnp.ndarray _scratch(str name, Py_ssize_t n, dtype):
+    """A reusable array of at least ``n`` elements for the sums of duplicates (kept
+    between steps, so that a large batch does not map fresh pages every step; only used
+    with the GIL held)."""
+    a = _SCRATCH.get(name)
+    if a is None or a.shape[0] < n:
+        a = _SCRATCH[name] = np.empty(max(1, n), dtype)
+    return a
+
+
 cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
                      str pname):
     """Check a row-sparse gradient against its 2-D parameter and sum its duplicates."""
+    _need_loops()
     cdef Py_ssize_t k, j, u, n_rows, d
     cdef int pel = _elfmt(param), vel
     cdef RowBatch b = RowBatch()
@@ -1209,16 +1217,15 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
     b.values = values
     b.d = d
     # first appearances, and the chain of each row's later duplicates
-    rows = np.empty(k, np.int64)
-    first = np.empty(k, np.int64)
-    count = np.zeros(k, np.int64)
-    nxt = np.full(k, -1, np.int64)
-    last_pos = np.empty(k, np.int64)
+    # (one allocation for the five; every entry read below is written first)
+    work = np.empty((5, k), np.int64)
+    rows, first, count, nxt, last_pos = work
     cdef int64_t[::1] rw = rows, fi = first, cn = count, nx = nxt, lp = last_pos
     cdef int32_t s
     u = 0
     try:
         for j in range(k):
+            nx[j] = -1
             s = slot[idx[j]]
             if s < 0:
                 slot[idx[j]] = <int32_t>u
@@ -1242,12 +1249,6 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
     b.elfmt = EL_F32 if (wide or vel == EL_F32) else EL_F64
     out_dtype = np.float32 if b.elfmt == EL_F32 else np.float64
     b.buf = np.empty((u if wide else ndup, d), out_dtype)
-    tmp = np.empty(max(1, int(count[:u].max()) if u else 1), np.float64)
-    cdef double[::1] t = tmp
-    cdef double[::1] acc = np.empty(max(1, d), np.float64)
-    cdef int32_t[::1] elo = np.empty(max(1, d), np.int32)
-    cdef int32_t[::1] ehi = np.empty(max(1, d), np.int32)
-    cdef Py_ssize_t slot_out = 0, row_out
     vals = values.reshape(k, d)
     if wide:
         vf = np.empty((k, d), np.float32)
@@ -1256,87 +1257,28 @@ cdef RowBatch _dedup(object obj, cnp.ndarray param, int32_t[::1] slot, str name,
         vals = vf
     cdef cnp.ndarray buf = b.buf
     cdef Py_ssize_t vitem = cnp.PyArray_ITEMSIZE(<cnp.ndarray>vals)
+    cdef Py_ssize_t bitem = cnp.PyArray_ITEMSIZE(buf)
     cdef intptr_t vbase = <intptr_t>cnp.PyArray_DATA(<cnp.ndarray>vals)
     cdef intptr_t bbase = <intptr_t>cnp.PyArray_DATA(buf)
-    cdef bint f64 = b.elfmt == EL_F64
+    cdef Py_ssize_t nout = 0
+    if u:
+        mx = int(np.max(count[:u]))
+        keys_arr = _scratch("keys", 2 * mx, np.uint64)
+        acc_arr = _scratch("acc", d, np.float64)
+        lo_arr = _scratch("lo", d, np.uint32)
+        hi_arr = _scratch("hi", d, np.uint32)
     for j in range(u):
-        if cn[j] == 1 and not wide:
+        if cn[j] == 1 and not wide:            # it appears once: its values in place
             b.ptrs[j] = vbase + fi[j] * d * vitem
             continue
-        row_out = j if wide else slot_out
-        if not wide:
-            slot_out += 1
-        if f64:
-            _sum_rows(<const double*>vbase, <double*>bbase + row_out * d, d, fi[j], &nx[0],
-                      cn[j], &t[0], &acc[0], &elo[0], &ehi[0])
-        else:
-            _sum_rows(<const float*>vbase, <float*>bbase + row_out * d, d, fi[j], &nx[0],
-                      cn[j], &t[0], &acc[0], &elo[0], &ehi[0])
-        b.ptrs[j] = bbase + row_out * d * cnp.PyArray_ITEMSIZE(buf)
+        # (the loops of this instruction set: the one-pass sum vectorizes)
+        L.sum_rows(b.elfmt == EL_F64, <const void*>vbase, <void*>(bbase + nout * d * bitem),
+                   d, fi[j], &nx[0], cn[j], <uint64_t*>cnp.PyArray_DATA(keys_arr),
+                   <double*>cnp.PyArray_DATA(acc_arr), <uint32_t*>cnp.PyArray_DATA(lo_arr),
+                   <uint32_t*>cnp.PyArray_DATA(hi_arr))
+        b.ptrs[j] = bbase + nout * d * bitem
+        nout += 1
     return b
-
-
-cdef void _sum_rows(const floating* vals, floating* out, Py_ssize_t d, int64_t first,
-                    const int64_t* nxt, Py_ssize_t m, double* tmp, double* acc, int32_t* lo,
-                    int32_t* hi) noexcept nogil:
-    # The rows first, nxt[first], ... (m of them) summed: each element's m contributions
-    # sorted, added in double from the smallest, rounded once. The same bits, faster: one
-    # pass over the rows adds each element in double and notes the largest and smallest
-    # (nonzero) exponents of its contributions; where they are within 29 - bitlen(m)
-    # binades of each other (float32 values), every partial sum in any order is exact in
-    # double, so that sum is the sorted one. Only the other elements (float64 values, wide
-    # ranges, NaN or Inf) are gathered and sorted.
-    cdef Py_ssize_t col, k, i, q
-    cdef int64_t pos
-    cdef double x
-    cdef const floating* row
-    cdef uint32_t u, e
-    cdef int32_t limit = 29, mm = <int32_t>m
-    cdef bint fast = floating is float
-    if fast:
-        while mm > 0:
-            limit -= 1
-            mm >>= 1
-        for col in range(d):
-            acc[col] = 0.0
-            lo[col] = 255
-            hi[col] = 0
-        pos = first
-        while pos >= 0:
-            row = vals + pos * d
-            for col in range(d):
-                u = ch8_f2u(<float>row[col])
-                e = (u >> 23) & 0xff
-                acc[col] += <double>row[col]
-                hi[col] = <int32_t>e if <int32_t>e > hi[col] else hi[col]
-                # a subnormal's unit is that of exponent 1; a zero adds nothing
-                e = (e if e else 1) if (u & 0x7fffffffu) else 255
-                lo[col] = <int32_t>e if <int32_t>e < lo[col] else lo[col]
-            pos = nxt[pos]
-    for col in range(d):
-        if fast and hi[col] < 255 and hi[col] - lo[col] <= limit:
-            out[col] = <floating>acc[col]
-            continue
-        pos = first
-        k = 0
-        while pos >= 0:
-            tmp[k] = vals[pos * d + col]
-            k += 1
-            pos = nxt[pos]
-        if m <= 16:                        # insertion sort: few duplicates
-            for i in range(1, m):
-                x = tmp[i]
-                q = i - 1
-                while q >= 0 and tmp[q] > x:
-                    tmp[q + 1] = tmp[q]
-                    q -= 1
-                tmp[q + 1] = x
-        else:
-            qsort(tmp, m, sizeof(double), _cmp_double)
-        x = 0.0
-        for i in range(m):
-            x += tmp[i]
-        out[col] = <floating>x
 
 
 def sum_duplicate_rows(indices, values, Py_ssize_t n_rows):

@@ -32,7 +32,7 @@
 cimport cython
 from cython.parallel cimport prange
 from libc.math cimport sqrt, sqrtf, fma, fmaf, fabs, pow
-from libc.stdlib cimport qsort
+from libc.string cimport memcpy
 
 # ---------------------------------------------------------------------------------------
 # Layer 1: span functions. ``p`` and the state are written, ``g`` is only read.
@@ -1037,6 +1037,127 @@ cdef inline void _drift(floating* p, floating* v, Py_ssize_t n, double dt,
 include "dispatch.pxi"
 
 
+# ---------------------------------------------------------------------------------------
+# Duplicate rows of a row-sparse gradient, summed: each element's contributions in
+# ascending order, added in double from the smallest, rounded once to the values' dtype.
+# ---------------------------------------------------------------------------------------
+
+cdef inline uint64_t _order_key(double x) noexcept nogil:
+    # the bits of x, mapped so that unsigned order is the order of the values (negative:
+    # every bit flipped; positive: the sign bit set)
+    cdef uint64_t u
+    memcpy(&u, &x, 8)
+    return ~u if u >> 63 else u | (<uint64_t>1 << 63)
+
+
+cdef inline double _from_key(uint64_t k) noexcept nogil:
+    cdef uint64_t u = (k & ~(<uint64_t>1 << 63)) if k >> 63 else ~k
+    cdef double x
+    memcpy(&x, &u, 8)
+    return x
+
+
+cdef double _sorted_sum(uint64_t* a, uint64_t* b, Py_ssize_t m) noexcept nogil:
+    # The sum of the m values whose order keys are in a, added in double from the smallest
+    # (b: scratch of m keys). LSD radix sort, a byte a pass; a pass whose byte is the same
+    # for every key is skipped (values widened from float32 share their low 29 bits).
+    cdef Py_ssize_t count[256]
+    cdef Py_ssize_t i, c, s
+    cdef int shift
+    cdef uint64_t* t
+    cdef double x = 0.0
+    for shift in range(0, 64, 8):
+        for c in range(256):
+            count[c] = 0
+        for i in range(m):
+            count[(a[i] >> shift) & 0xff] += 1
+        if count[(a[0] >> shift) & 0xff] == m:
+            continue
+        s = 0
+        for c in range(256):
+            s, count[c] = s + count[c], s
+        for i in range(m):
+            c = (a[i] >> shift) & 0xff
+            b[count[c]] = a[i]
+            count[c] += 1
+        t = a
+        a = b
+        b = t
+    for i in range(m):
+        x += _from_key(a[i])
+    return x
+
+
+cdef void _sum_rows(floating* tag, const floating* vals, floating* out, Py_ssize_t d,
+                    int64_t first, const int64_t* nxt, Py_ssize_t m, uint64_t* keys,
+                    double* acc, uint32_t* lo, uint32_t* hi) noexcept nogil:
+    # The rows first, nxt[first], ... (m of them) summed (see above); keys: scratch of 2 m.
+    # One pass adds each element in double and keeps the largest and the smallest nonzero
+    # magnitude of its contributions (on the bit patterns); where their exponents are
+    # within 29 - bitlen(m) binades (float32 values), every partial sum in any order is
+    # exact in double, so that sum is the sorted one. Only the other elements (float64
+    # values, wide ranges, NaN or Inf) are sorted.
+    cdef Py_ssize_t col, k
+    cdef int64_t pos, ahead
+    cdef const floating* row
+    cdef uint32_t a, e_hi, e_lo
+    cdef int32_t limit = 29, mm = <int32_t>m
+    if floating is float:
+        while mm > 0:
+            limit -= 1
+            mm >>= 1
+        for col in range(d):
+            acc[col] = 0.0
+            lo[col] = 0x7fffffffu
+            hi[col] = 0
+        # the rows of the chain lie anywhere in the batch: fetch each PREFETCH_ROWS links
+        # ahead of its turn (the chain itself, nxt, is small and stays in cache)
+        ahead = first
+        for k in range(PREFETCH_ROWS):
+            if ahead >= 0:
+                ahead = nxt[ahead]
+        pos = first
+        while pos >= 0:
+            row = vals + pos * d
+            if ahead >= 0:
+                CH8_PREFETCH_W(vals + ahead * d)
+                CH8_PREFETCH_W(vals + ahead * d + d - 1)
+                ahead = nxt[ahead]
+            for col in range(d):
+                a = ch8_f2u(<float>row[col]) & 0x7fffffffu
+                acc[col] += <double>row[col]
+                hi[col] = a if a > hi[col] else hi[col]
+                a = a if a != 0 else 0x7fffffffu              # a zero adds nothing
+                lo[col] = a if a < lo[col] else lo[col]
+            pos = nxt[pos]
+    for col in range(d):
+        if floating is float:
+            e_hi = hi[col] >> 23
+            e_lo = lo[col] >> 23
+            e_lo = e_lo if e_lo else 1        # a subnormal's unit is that of exponent 1
+            if e_hi < 255 and (lo[col] == 0x7fffffffu or <int32_t>(e_hi - e_lo) <= limit):
+                out[col] = <floating>acc[col]
+                continue
+        pos = first
+        k = 0
+        while pos >= 0:
+            keys[k] = _order_key(<double>vals[pos * d + col])
+            k += 1
+            pos = nxt[pos]
+        out[col] = <floating>_sorted_sum(keys, keys + m, m)
+
+
+cdef void _sum_rows_any(bint f64, const void* vals, void* out, Py_ssize_t d, int64_t first,
+                        const int64_t* nxt, Py_ssize_t m, uint64_t* keys, double* acc,
+                        uint32_t* lo, uint32_t* hi) noexcept nogil:
+    if f64:
+        _sum_rows(<double*>NULL, <const double*>vals, <double*>out, d, first, nxt, m, keys,
+                  acc, lo, hi)
+    else:
+        _sum_rows(<float*>NULL, <const float*>vals, <float*>out, d, first, nxt, m, keys,
+                  acc, lo, hi)
+
+
 cdef inline void _rowwise(floating* p, const floating* g, floating* r, Py_ssize_t n,
                           const Hyper* h) noexcept nogil:
     # row-wise AdaGrad (above) in the step's operation sequence
@@ -1141,5 +1262,6 @@ _LOOPS.run = _run
 _LOOPS.run_blocks = _run_blocks
 _LOOPS.run_rows = _run_rows
 _LOOPS.sumsq = _sumsq
+_LOOPS.sum_rows = _sum_rows_any
 
 LOOPS = PyCapsule_New(<void*>&_LOOPS, "ch8fast.Loops", NULL)

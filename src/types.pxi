@@ -123,6 +123,11 @@ ctypedef double (*sumsq_fn)(int efmt, const intptr_t* table, Py_ssize_t ncols, i
                             const Py_ssize_t* offsets, Py_ssize_t nrows, double* blocks,
                             int n_threads) noexcept nogil
 
+ctypedef void (*sum_rows_fn)(bint f64, const void* vals, void* out, Py_ssize_t d,
+                             int64_t first, const int64_t* nxt, Py_ssize_t m,
+                             uint64_t* keys, double* acc, uint32_t* lo,
+                             uint32_t* hi) noexcept nogil
+
 cdef struct Loops:
     Py_ssize_t size       # sizeof(Loops) as the kernel module was built: a check
     run_fn run            # a rule over a table of float32/float64 arrays (or TRANSFORM,
@@ -130,3 +135,4 @@ cdef struct Loops:
     run_blocks_fn run_blocks    # the same over 16-bit or compressed storage, by blocks
     run_rows_fn run_rows  # the rows of one 2-D tensor (row-sparse, catch-up, row-wise)
     sumsq_fn sumsq        # the sum of squares of one column of a table
+    sum_rows_fn sum_rows  # the duplicates of one row of a row-sparse gradient, summed
