@@ -210,21 +210,29 @@ def run(model, adam_result, Xt, yt, threads, say, which=CONTENDERS):
 
 
 def plot(why, path):
-    """Two panels: the update's cost on the demo's model, and training time of the
-    update-dominated network; False without matplotlib."""
+    """Three panels: the update's cost on the demo's model, the state's bytes per
+    parameter of each storage, and the training of the update-dominated network against
+    time; False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 3.8),
+                                  gridspec_kw={"width_ratios": [3, 1.4, 3]})
     rows = why["update_cost"]
     a.barh([r["label"] for r in rows], [r["seconds"] * 1e6 for r in rows], color="C0")
     a.set_xscale("log")
     a.set_xlabel("microseconds per Adam update (log)")
     a.set_title("one update of the demo's model")
     a.invert_yaxis()
+    sb = why["state_bytes_per_parameter"]
+    c.bar(list(sb), list(sb.values()), color="C2")
+    for i, v in enumerate(sb.values()):
+        c.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+    c.set_ylabel("bytes per parameter")
+    c.set_title("Adam's state, by state_format")
     res = why["update_dominated"]["results"]
     for i, r in enumerate(res.values()):
         ks, ts, ls = zip(*r["curve"]) if r["curve"] else ((), (), ())
