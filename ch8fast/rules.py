@@ -264,6 +264,18 @@ _MAXIMIZE = Hyper(False, flag, "ascend: the gradient's sign is flipped first (as
                                "``maximize``).")
 
 
+_DECOUPLED = Hyper(False, flag, "scale theta by 1 - lr * weight_decay before the step "
+                                "instead of adding an L2 term (as AdamW); fixed when the "
+                                "optimizer is made.", fixed=True)
+
+
+def _decoupled_scalars(s, h):
+    """``decoupled_weight_decay``: theta <- theta (1 - lr wd) first, no L2 term."""
+    if h["decoupled_weight_decay"]:
+        s.decay = 1.0 - s.lr * s.wd
+        s.l2 = False
+
+
 def _common_scalars(s, h, prof):
     """The fields every rule sets: the profile's switches, the step size, the weight
     decay (L2 term or decoupled factor) and the gradient's sign."""
@@ -549,9 +561,7 @@ def _adam_scalars(s, h, h_next):
     s.bias_correction = True
     s.eps = h["eps"]
     s.amsgrad = h["amsgrad"]
-    if h["decoupled_weight_decay"]:
-        s.decay = 1.0 - s.lr * s.wd           # theta <- theta (1 - lr wd) first
-        s.l2 = False
+    _decoupled_scalars(s, h)
 
 
 def _adam_structure(h, state, where):
@@ -572,10 +582,7 @@ _ADAM_HYPER = {
                           "``decoupled_weight_decay`` the decoupled decay rate."),
     "amsgrad": Hyper(False, flag, "divide by the running maximum of r (Reddi et al.); "
                                   "fixed when the optimizer is made.", fixed=True),
-    "decoupled_weight_decay": Hyper(False, flag,
-                                    "scale theta by 1 - lr * weight_decay before the step "
-                                    "instead of adding an L2 term (AdamW); fixed when the "
-                                    "optimizer is made.", fixed=True),
+    "decoupled_weight_decay": _DECOUPLED,
     "maximize": _MAXIMIZE,
     "convention": _convention(_ADAM_PROFILES),
 }
@@ -789,9 +796,7 @@ def _adopt_scalars(s, h, h_next):
     s.bounded = h["use_clipping"]
     s.clip_exponent = h["clip_exponent"]
     s.lookahead = h["nesterov"]
-    if h["decoupled_weight_decay"]:
-        s.decay = 1.0 - s.lr * s.wd           # theta <- theta (1 - lr wd) first
-        s.l2 = False
+    _decoupled_scalars(s, h)
 
 
 ADOPT = Rule(
@@ -840,10 +845,7 @@ gradient still move theta by lr m, so there is no closed-form catch-up
                                                   "[0, 1]."),
         "nesterov": Hyper(False, flag, "optax's Nesterov form of the update; fixed when "
                                        "the optimizer is made.", fixed=True),
-        "decoupled_weight_decay": Hyper(False, flag,
-                                        "scale theta by 1 - lr * weight_decay before the "
-                                        "step instead of adding an L2 term; fixed when the "
-                                        "optimizer is made.", fixed=True),
+        "decoupled_weight_decay": _DECOUPLED,
         "maximize": _MAXIMIZE,
         "convention": _convention(_ADOPT_PROFILES),
     },

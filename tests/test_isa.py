@@ -148,3 +148,22 @@ def test_wider_modules_are_not_imported_on_a_cpu_without_them():
                        text=True, timeout=120, env={**os.environ, "CH8FAST_ISA": ""})
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.stdout.split() == ["baseline", "['baseline']"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_duplicate_sums_same_bits_on_every_isa(dtype):
+    """The sums of a row-sparse gradient's duplicates (the one-pass sum where it is exact,
+    the sort elsewhere: both run in the loops of each instruction set)."""
+    rng = np.random.default_rng(3)
+    k, d, n_rows = 2000, 37, 40
+    idx = rng.zipf(1.3, k).astype(np.int64) % n_rows
+    idx[:300] = 0                                      # one row many times
+    vals = rng.standard_normal((k, d)) * 10.0 ** rng.integers(-12, 12, (k, d))
+    vals[7, 3], vals[11, 5] = np.inf, np.nan
+    vals = vals.astype(dtype)
+    results = {}
+    for isa in _isa.available():
+        _isa.use(isa)
+        rows, summed = ch8fast.sparse.sum_duplicates(idx, vals, n_rows)
+        results[isa] = (rows.tobytes(), summed.tobytes())
+    assert len(set(results.values())) == 1, list(results)
