@@ -33,12 +33,13 @@ class Core:
     """Everything a step reads, replaced as a whole (one assignment) when the groups
     change: ``engine``, ``meta`` (per group), ``params``, ``state`` (owned arrays),
     ``views``, ``rows`` (global parameter indices per group), ``live`` (groups whose scalars
-    change every step), ``nesterov`` (groups with Nesterov momentum), ``form`` (what a
+    change every step), ``nesterov`` (groups with Nesterov momentum), ``hooked`` (groups
+    whose arrays the rule's point keeps elsewhere than theta: its step hooks run), ``form`` (what a
     grads step records), ``plain`` (no clipping by norm, no skipping), ``plan``, and
     ``how`` (per parameter: how it is kept and each state entry's storage)."""
 
     __slots__ = ("engine", "meta", "params", "state", "views", "rows", "live", "nesterov",
-                 "form", "plain", "plan", "how")
+                 "hooked", "form", "plain", "plan", "how")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -277,8 +278,12 @@ def new_state(opt, p, layout, fixed, have, step):
         if (a is None or a.shape != shape or a.dtype != want
                 or how.startswith("q8") != (scales is not None)):
             fill = opt.rule.initial.get(name)
-            a, scales = storage.new_state(how, shape, 0.0 if fill is None
-                                          else fill(fixed), compute)
+            if fill == "param":                    # (rules.PARAM) a copy of p's values
+                a, scales = (storage.to_float32(p) if compute == F32
+                             else np.array(p, compute)), None
+            else:
+                a, scales = storage.new_state(how, shape, 0.0 if fill is None
+                                              else fill(fixed), compute)
         st[name] = a
         if scales is not None:
             st[name + ".absmax"] = scales
@@ -306,7 +311,8 @@ def make_core(opt, engine, metas, params, state, rows, how):
     return Core(engine=engine, meta=metas, params=params, state=state,
                  views=StateList(StateView(st) for st in state), rows=rows,
                  live=tuple(gi for gi, m in enumerate(metas) if m.scheduled),
-                 nesterov=nesterov, form=SHIFTED if nesterov else 0, plain=plain,
+                 nesterov=nesterov, hooked=opt._point.hooked(metas),
+                 form=SHIFTED if nesterov else 0, plain=plain,
                  plan=plan, how=how)
 
 

@@ -32,6 +32,10 @@ def _untouched(p, g):
 class Point:
     """The arrays hold theta. One per optimizer, made with it (``opt._point``)."""
 
+    #: the per-group numbers this point keeps between steps (saved in ``state_dict()``'s
+    #: param groups by these names)
+    COUNTERS = ()
+
     def __init__(self, opt):
         self.opt = opt
         self.depth = 0          # inside at_theta(): its nesting
@@ -85,6 +89,18 @@ class Point:
                 np.shape(part))
 
     # ---- hooks of a step ----------------------------------------------------------------
+
+    def hooked(self, metas):
+        """The groups (indices) whose arrays this point keeps elsewhere than theta: the
+        step hooks below run for an optimizer with any."""
+        return ()
+
+    def counters(self, gi):
+        """``{name: value}`` of group ``gi``'s :attr:`COUNTERS`."""
+        return {}
+
+    def set_counters(self, values):
+        """Restore every group's counters (a list of dicts, checked)."""
 
     def group_changed(self, group, keys):
         """A group was edited (``keys`` changed)."""
@@ -242,6 +258,10 @@ class InterimPoint(Point):
 
     # ---- steps -----------------------------------------------------------------------
 
+    def hooked(self, metas):
+        rule = self.opt.rule
+        return tuple(gi for gi, m in enumerate(metas) if rule.shifted(m.fixed))
+
     def check_form(self, form):
         """Refuse to switch between the two Nesterov forms once steps were taken."""
         engine = self.opt._core.engine
@@ -341,4 +361,88 @@ class InterimPoint(Point):
         theta = phi - self.state_values(i, "velocity") * phi.dtype.type(
             core.engine.interim[gi])
         storage.round_to(out, theta)
+        return out
+
+
+class AveragePoint(Point):
+    """Schedule-free methods (Defazio et al. 2024): the arrays hold y = beta x + (1 - beta) z,
+    where the gradient is taken, the state holds z, and theta is the average x =
+    (y - (1 - beta) z) / beta. The rule's scalars give beta as ``alpha``; before each
+    update this point sets the step's learning rate (after the warm-up) and c, the weight
+    of z in the new average, from the weights of the run so far, which it keeps per group
+    (``weight_sum``, ``lr_max``) and commits once the update is applied."""
+
+    COUNTERS = ("weight_sum", "lr_max")
+
+    def __init__(self, opt):
+        super().__init__(opt)
+        self.kept = []           # per group: [weight sum, largest learning rate so far]
+
+    def hooked(self, metas):
+        return tuple(range(len(metas)))
+
+    def rebuilt(self):
+        n = len(self.opt._core.meta)
+        self.kept = self.kept[:n] + [[0.0, 0.0] for _ in range(n - len(self.kept))]
+
+    def counters(self, gi):
+        return dict(zip(self.COUNTERS, self.kept[gi]))
+
+    def set_counters(self, values):
+        self.kept = [[d["weight_sum"], d["lr_max"]] for d in values]
+
+    # ---- steps -----------------------------------------------------------------------
+
+    def before_step(self, core):
+        """This update's learning rate and average weight c into each group's scalars;
+        returns what ``after_step`` commits."""
+        token = []
+        rule = self.opt.rule
+        for gi, meta in enumerate(core.meta):
+            h, k = meta.values, core.engine.steps[gi]
+            warm = h["warmup_steps"]
+            ramp = (lambda j: min(j, warm) / warm) if warm else (lambda j: 1.0)
+            # the learning rate of the average's weight, and of the step (optax's reads
+            # the weight's a step ahead: rules.Profile.lr_ahead)
+            if rule.profile(meta.fixed).lr_ahead:
+                lr, lr_step = meta.next_values["lr"] * ramp(k + 1), h["lr"] * ramp(k)
+            else:
+                lr = lr_step = h["lr"] * ramp(k + 1)
+            weight_sum, lr_max = self.kept[gi]
+            lr_max = max(lr_max, lr)
+            weight = (k + 1) ** h["r"] * lr_max ** h["weight_lr_power"]
+            weight_sum += weight
+            s = meta.scalars
+            s.lr = lr_step
+            s.ck = weight / weight_sum if weight_sum != 0.0 else 0.0
+            token.append((k, weight_sum, lr_max))
+        return token
+
+    def after_step(self, core, grads, token):
+        for gi, (k, weight_sum, lr_max) in enumerate(token):
+            if core.engine.steps[gi] == k + 1:       # applied (not skipped)
+                self.kept[gi] = [weight_sum, lr_max]
+
+    def closure_step(self, core, closure, grad_norm):
+        """The gradient is taken at y, what the arrays hold: a plain step with the hooks."""
+        token = self.before_step(core)
+        loss, grads, _ = self.run_closure(core, closure, grad_norm, 0)
+        self.after_step(core, grads, token)
+        return loss
+
+    # ---- theta -----------------------------------------------------------------------
+
+    def theta_rows(self):
+        core = self.opt._core
+        if self.depth:
+            return []
+        return [(gi, i) for gi in range(len(core.meta)) for i in core.rows[gi]]
+
+    def theta_into(self, gi, i, out):
+        """x = (y - (1 - beta) z) / beta into ``out`` (rounded to nearest for a 16-bit
+        parameter)."""
+        beta = self.opt._core.meta[gi].scalars.alpha
+        y = self.phi_values(i)
+        t = y.dtype.type
+        storage.round_to(out, (y - t(1.0 - beta) * self.state_values(i, "z")) / t(beta))
         return out

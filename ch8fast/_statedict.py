@@ -5,7 +5,7 @@ hyperparameters as plain data (schedules as dicts)."""
 import numpy as np
 
 from ._isa import K
-from ._validation import Integer, count, unit_interval
+from ._validation import Integer, count, nonnegative, unit_interval
 
 SHIFTED, LITERAL = 1, 2            # the Engine's codes of the two Nesterov forms
 FORMS = {0: None, SHIFTED: "shifted", LITERAL: "literal"}
@@ -79,6 +79,7 @@ def state_dict(opt, copy, pickling=False):
         d["params"] = list(core.rows[gi])
         d["step"] = engine.steps[gi]
         d["interim_momentum"] = engine.interim[gi]
+        d.update(opt._point.counters(gi))
         groups.append(d)
     return {
         "optimizer": type(opt).__name__,
@@ -135,7 +136,8 @@ def load(opt, sd):
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer "
                          f"has {len(opt.param_groups)}")
-    new_values, steps, interim = [], [], []
+    new_values, steps, interim, counters = [], [], [], []
+    kept = opt._point.COUNTERS
     for gi, (saved, meta) in enumerate(zip(groups, core.meta)):
         where = f"state_dict['param_groups'][{gi}]"
         if not isinstance(saved, dict):
@@ -143,7 +145,7 @@ def load(opt, sd):
         if saved.get("params") != list(core.rows[gi]):
             raise ValueError(f"{where}['params'] is {saved.get('params')}, expected "
                              f"{list(core.rows[gi])}")
-        expected = set(rule.hyper) | {"params", "step", "interim_momentum"}
+        expected = set(rule.hyper) | {"params", "step", "interim_momentum", *kept}
         if set(saved) != expected:
             raise ValueError(f"{where} has entries {sorted(saved)}, expected "
                              f"{sorted(expected)}")
@@ -167,6 +169,7 @@ def load(opt, sd):
         steps.append(step)
         interim.append(unit_interval(saved["interim_momentum"],
                                      name("interim_momentum")))
+        counters.append({k: nonnegative(saved[k], name(k)) for k in kept})
         new_values.append(values)
     state = sd["state"]
     if not isinstance(state, list) or len(state) != len(core.state):
@@ -199,6 +202,7 @@ def load(opt, sd):
     finally:
         opt._edits.hook = hook
     core.engine.set_counters(steps, interim, FORM_CODES[sd["nesterov_form"]])
+    opt._point.set_counters(counters)
     opt.skipped_steps = skipped
     if seed != opt.seed:                 # the saved seed: resuming is exact
         opt.seed = seed

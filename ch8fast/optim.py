@@ -39,7 +39,8 @@ from .clip import norm_from_sumsq
 from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
-           "AdaDelta", "Lion", "ADOPT", "AdEMAMix", "encode_hyperparameter",
+           "AdaDelta", "Lion", "ADOPT", "AdEMAMix", "ScheduleFreeSGD",
+           "ScheduleFreeAdamW", "encode_hyperparameter",
            "decode_hyperparameter"]
 
 
@@ -134,8 +135,8 @@ class Optimizer:
         if self._state_format not in (None,) + rule.state_formats:
             raise ValueError(f"state_format={self._state_format!r} is not available for "
                              f"{type(self).__name__}: {rule.state_format_note}; use "
-                             f"state_format={rule.state_formats[-1]!r} or "
-                             f"{rule.state_formats[0]!r}")
+                             + " or ".join(f"state_format={f!r}" for f in
+                                           rule.state_formats[::-1]))
         self._param_mode = (None if options["param_mode"] is None
                             else _param_mode(options["param_mode"], "param_mode"))
         self.seed = seed_value(options["seed"], "seed")
@@ -269,7 +270,7 @@ class Optimizer:
                 raise TypeError("step() takes either grads or closure=, exactly one of "
                                 "them")
             # (the rule's hook runs for groups that keep their arrays elsewhere than theta)
-            token = self._point.before_step(core) if core.nesterov else None
+            token = self._point.before_step(core) if core.hooked else None
             t = type(grads)
             if not ((t is list or t is tuple) and len(grads) == len(core.params)):
                 grads = self._as_grads(grads, len(core.params))
@@ -523,3 +524,11 @@ class ADOPT(Optimizer):
 
 class AdEMAMix(Optimizer):
     rule = rules.ADEMAMIX
+
+
+class ScheduleFreeSGD(Optimizer):
+    rule = rules.SCHEDULE_FREE_SGD
+
+
+class ScheduleFreeAdamW(Optimizer):
+    rule = rules.SCHEDULE_FREE_ADAMW

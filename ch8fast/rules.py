@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._isa import K
-from ._points import InterimPoint
-from ._validation import (Choice, Exactly, betas_pair, closed_unit, flag, nonnegative,
-                          positive, unit_interval)
+from ._points import AveragePoint, InterimPoint
+from ._validation import (Choice, Exactly, Real, betas_pair, closed_unit, count, flag,
+                          nonnegative, positive, unit_interval)
 
 __all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
-           "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ADEMAMIX", "ALL", "CONVENTIONS"]
+           "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ADEMAMIX", "SCHEDULE_FREE_SGD",
+           "SCHEDULE_FREE_ADAMW", "PARAM", "ALL", "CONVENTIONS"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan
@@ -72,6 +73,9 @@ class Profile:
             (theta <- theta (1 - lr wd) first, in every rule, as Keras).
         lr_float32: the learning rate is rounded to float32 first (Keras keeps it in a
             float32 variable).
+        lr_ahead: schedule-free: the average's weight reads the learning rate (and warm-up)
+            of the next update, the step this one's (optax counts the wrapper's updates
+            from 1, its base optimizer's from 0).
     """
 
     library: str
@@ -79,6 +83,7 @@ class Profile:
     nesterov: str = "shifted"
     weight_decay: str = "l2"
     lr_float32: bool = False
+    lr_ahead: bool = False
 
     @property
     def buffer(self):
@@ -102,7 +107,8 @@ class Rule:
         state: ``state(h) -> tuple of state names`` from the group's hyperparameters as
             given when the optimizer is made (a schedule still a callable).
         state_doc: what each state array holds.
-        initial: state name -> ``f(h) -> fill value`` (default 0).
+        initial: state name -> ``f(h) -> fill value`` (default 0), or :data:`PARAM`: a
+            copy of the parameter's values when its state is made.
         kernel: ``kernel(state names) -> kernel rule name`` (see ``RULES`` of the kernel
             module).
         kinds: state name -> "signed" (a moment or a velocity) or "square" (an
@@ -191,9 +197,11 @@ class Rule:
 
     def ahead(self, h):
         """The hyperparameters whose value at the *next* update this update reads: the
-        momentum, in the shifted Nesterov form (it places the next interim point); no other
-        rule looks ahead, so no other schedule is evaluated a step early."""
-        return ("momentum",) if self.shifted(h) else ()
+        momentum, in the shifted Nesterov form (it places the next interim point), and the
+        learning rate of the optax form of schedule-free methods (the average's weight); no
+        other schedule is evaluated a step early."""
+        return (("momentum",) if self.shifted(h) else ()) + (
+            ("lr",) if self.profile(h).lr_ahead else ())
 
     def scalars_for(self, h, h_next=None):
         """A new :class:`Scalars` for checked hyperparameters ``h``, for the state layout
@@ -294,6 +302,9 @@ def _common_scalars(s, h, prof):
         s.l2 = s.wd != 0.0
     s.maximize = h["maximize"]
 
+
+#: ``Rule.initial`` value of a state array that starts as a copy of its parameter
+PARAM = "param"
 
 _LR = "the learning rate epsilon, a number >= 0 or a schedule ``step -> lr``."
 _WD = "L2 penalty coefficient: ``weight_decay * theta`` is added to the gradient."
@@ -932,7 +943,168 @@ theta by them (that has no closed form).
     profiles=_ADEMAMIX_PROFILES,
 )
 
-ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION, ADOPT, ADEMAMIX)
+# ---------------------------------------------------------------------------------------
+# Schedule-free SGD and AdamW (Defazio et al. 2024): no schedule, an average of iterates
+# ---------------------------------------------------------------------------------------
+
+_SCHEDULE_FREE_PROFILES = {
+    "book": Profile("Defazio et al. 2024, as the authors' SGDScheduleFree and "
+                    "AdamWScheduleFree"),
+    "optax": Profile("optax.contrib.schedule_free_sgd and schedule_free_adamw",
+                     lr_ahead=True),
+}
+
+_SF_MATH = r"""
+.. math::
+
+    y_t = \beta x_t + (1 - \beta) z_t, \quad
+    z_{t+1} = z_t - \epsilon_t\, u(y_t), \quad
+    x_{t+1} = (1 - c_{t+1})\, x_t + c_{t+1} z_{t+1}, \quad
+    c_{t+1} = \frac{w_{t+1}}{\sum_{i \le t+1} w_i}, \
+    w_i = i^{\,r} \max_{j \le i} \epsilon_j^{\,p}
+"""
+
+_SF_NOTES = r"""
+The gradient is taken at :math:`y`, between the plain iterate :math:`z` and the running
+average :math:`x` of the :math:`z`'s, each weighted by the largest learning rate so far to
+the power ``weight_lr_power`` (p). The average replaces the decaying schedule: the
+learning rate stays constant after an optional linear warm-up over ``warmup_steps``
+updates (:math:`\epsilon_t = \epsilon \min(1, t / T_w)`), and the run's length need not be
+known. The parameter arrays hold :math:`y`; the state holds :math:`z` (a copy of the
+parameters at the start); :math:`x`, the point to evaluate and save, is
+:math:`(y - (1 - \beta) z) / \beta`: ``opt.theta()`` returns it and ``with
+opt.at_theta():`` puts it in the arrays for a block (the ``eval()`` and ``train()`` of the
+authors' PyTorch optimizers). The running weight sum and largest learning rate are kept per
+param group (in ``state_dict()`` as ``weight_sum`` and ``lr_max``). ``beta`` is fixed when
+the optimizer is made (the arrays' y is placed with it). The weight decay is evaluated at
+:math:`y`, as the authors' code and optax do. Steps of zero gradient still move y towards
+z, so there is no closed-form catch-up (``sparse="catch_up"`` is refused; lazy row-sparse
+updates work). z is the sequence the parameters are averaged from, so it is kept as
+precisely as the parameters: no compressed state formats.
+
+The authors' code and optax differ in one place: optax's step at update t (from 1) takes
+the learning rate of t - 1 (its base optimizer counts from 0: the warm-up's first step is
+0) while the average's weight takes that of t; the authors' take t for both.
+``convention="optax"`` follows optax (the learning rate, scheduled or warmed up, is read a
+step ahead for the weight); ``"book"`` the authors'. Without a warm-up or schedule the two
+are the same.
+"""
+
+_SF_HYPER = {
+    "weight_decay": Hyper(0.0, nonnegative, "``weight_decay * y`` is added to the update "
+                                            "direction u (evaluated at y)."),
+    "warmup_steps": Hyper(0, count, "the learning rate rises linearly to ``lr`` over this "
+                                    "many updates (0: none)."),
+    "r": Hyper(0.0, nonnegative, "the average weighs update i by i^r as well (0: "
+                                 "uniformly)."),
+    "weight_lr_power": Hyper(2.0, nonnegative, "p: the average weighs each update by the "
+                                               "largest learning rate so far to this power "
+                                               "(2, the paper's; 0: uniformly)."),
+    "maximize": _MAXIMIZE,
+    "convention": _convention(_SCHEDULE_FREE_PROFILES),
+}
+
+_SF_BETA = Real(0.0, 1.0, lo_open=True, hi_open=True)
+
+
+def _schedule_free_scalars(s, h, h_next, beta):
+    """The fields of both schedule-free rules: ``lr`` and ``ck`` are this step's, which
+    the rule's point (:class:`ch8fast._points.AveragePoint`) sets before each step."""
+    _common_scalars(s, h, _SCHEDULE_FREE_PROFILES[h["convention"]])
+    s.alpha = beta
+
+
+def _sf_sgd_scalars(s, h, h_next):
+    _schedule_free_scalars(s, h, h_next, h["momentum"])
+
+
+SCHEDULE_FREE_SGD = Rule(
+    name="ScheduleFreeSGD",
+    summary="Schedule-free SGD (Defazio et al. 2024, \"The Road Less Scheduled\"): "
+            "gradients at an interpolation of the iterate and its average, no schedule.",
+    math=_SF_MATH + r"""
+with :math:`u(y) = \nabla J(y) + \lambda y`, in one pass over y, z and g:
+:math:`y \leftarrow y + c (z - y) + \epsilon (\beta (1 - c) - 1)\, u`,
+:math:`z \leftarrow z - \epsilon u`.
+""",
+    notes=_SF_NOTES + r"""
+Defaults: lr 1, momentum (beta) 0.9, as the authors' ``SGDScheduleFree`` and
+``optax.contrib.schedule_free_sgd``.
+""",
+    hyper={
+        "lr": Hyper(1.0, nonnegative, _LR),
+        "momentum": Hyper(0.9, _SF_BETA, "beta, the interpolation y = beta x + (1 - beta) "
+                                         "z, in (0, 1); fixed when the optimizer is made.",
+                          fixed=True),
+        **_SF_HYPER,
+    },
+    state=lambda h: ("z",),
+    state_doc="The step count, the weight sum and the largest learning rate so far are "
+              "kept per param group; state per parameter: ``z``.",
+    kinds={"z": "signed"},
+    initial={"z": PARAM},
+    state_formats=("float32",),
+    state_format_note="its state z is the sequence the parameters are averaged from",
+    kernel=lambda state: "schedule_free_sgd",
+    scalars=_sf_sgd_scalars,
+    profiles=_SCHEDULE_FREE_PROFILES,
+    point=AveragePoint,
+)
+
+
+def _sf_adamw_scalars(s, h, h_next):
+    beta, s.beta2 = h["betas"]
+    _schedule_free_scalars(s, h, h_next, beta)
+    s.beta1 = 0.0                  # bias_correction: lr / (1 - 0^t) = lr, c2 from beta2
+    s.bias_correction = True
+    s.eps = h["eps"]
+
+
+def _sf_adamw_structure(h, state, where):
+    if h["betas"][0] == 0.0:
+        raise ValueError(f"{where('betas')}[0] must be in (0, 1): x = (y - (1 - beta) z) / "
+                         f"beta, got 0.0")
+
+
+SCHEDULE_FREE_ADAMW = Rule(
+    name="ScheduleFreeAdamW",
+    summary="Schedule-free AdamW (Defazio et al. 2024, \"The Road Less Scheduled\"): "
+            "Adam's normalization without its momentum, at an interpolation of the iterate "
+            "and its average, no schedule.",
+    math=_SF_MATH + r"""
+with :math:`r \leftarrow \beta_2 r + (1 - \beta_2)\, g \odot g`,
+:math:`u = g / (\sqrt{r / (1 - \beta_2^t)} + \delta) + \lambda y` and
+:math:`\beta = \beta_1`, in one pass over y, z, r and g.
+""",
+    notes=_SF_NOTES + r"""
+Defaults: lr 0.0025, betas (0.9, 0.999), eps 1e-8, as the authors' ``AdamWScheduleFree``
+and ``optax.contrib.schedule_free_adamw``.
+""",
+    hyper={
+        "lr": Hyper(0.0025, nonnegative, _LR),
+        "betas": Hyper((0.9, 0.999), betas_pair,
+                       "(beta1, beta2): beta1 is beta, the interpolation y = beta x + (1 - "
+                       "beta) z, in (0, 1); beta2 the decay of the second moment, in [0, 1); "
+                       "fixed when the optimizer is made.", fixed=True),
+        "eps": Hyper(1e-8, positive, "delta, added to sqrt(r_hat); > 0."),
+        **_SF_HYPER,
+    },
+    state=lambda h: ("z", "exp_avg_sq"),
+    state_doc="The step count, the weight sum and the largest learning rate so far are "
+              "kept per param group; state per parameter: ``z`` and ``exp_avg_sq`` (r).",
+    kinds={"z": "signed", "exp_avg_sq": "square"},
+    initial={"z": PARAM},
+    state_formats=("float32",),
+    state_format_note="its state z is the sequence the parameters are averaged from",
+    kernel=lambda state: "schedule_free_adamw",
+    scalars=_sf_adamw_scalars,
+    structure=_sf_adamw_structure,
+    profiles=_SCHEDULE_FREE_PROFILES,
+    point=AveragePoint,
+)
+
+ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION, ADOPT, ADEMAMIX,
+       SCHEDULE_FREE_SGD, SCHEDULE_FREE_ADAMW)
 
 #: every convention name, in the order of the SGD rule's (the widest set)
 CONVENTIONS = tuple(SGD.profiles)

@@ -616,6 +616,49 @@ cdef void _ademamix(floating* p, const floating* g, floating* m, floating* ms, f
         p[i] = pi - lr * ((mi + mix * si) / (_sqrt(vi) * c2 + eps))
 
 
+cdef void _schedule_free_sgd(floating* p, const floating* g, floating* z, floating* s1,
+                             floating* s2, Py_ssize_t n, Py_ssize_t tail, const Hyper* h,
+                             ops* o) noexcept nogil:
+    _schedule_free_loop(p, g, z, NULL, n, h, <Off*>NULL, o)
+
+
+cdef void _schedule_free_adamw(floating* p, const floating* g, floating* z, floating* v,
+                               floating* s2, Py_ssize_t n, Py_ssize_t tail, const Hyper* h,
+                               ops* o) noexcept nogil:
+    _schedule_free_loop(p, g, z, v, n, h, <On*>NULL, o)
+
+
+cdef void _schedule_free_loop(floating* p, const floating* g, floating* z, floating* v,
+                              Py_ssize_t n, const Hyper* h, opt1* adaptive,
+                              ops* o) noexcept nogil:
+    # Schedule-free (Defazio et al. 2024): the array holds y = beta x + (1 - beta) z, where
+    # the gradient is taken; x, the average of the z's, is not stored. With c this step's
+    # weight of z in the average (h.ck) and u = g (SGD) or g / (sqrt(r_hat) + delta) with
+    # r <- b2 r + (1 - b2) g*g (AdamW, opt1; c2 = 1 / sqrt(1 - b2^t)), plus wd * y:
+    #   z' = z - eps u,  x' = (1 - c) x + c z',  y' = beta x' + (1 - beta) z'
+    # which is y' = y + c (z - y) + eps (beta (1 - c) - 1) u, one pass over y, z and g.
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating c = <floating>h.ck, c2 = <floating>h.c2
+    cdef floating ay = <floating>(h.lr * (h.alpha * (1.0 - h.ck) - 1.0))
+    cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
+    cdef bint l2 = h.flags & FLAG_L2
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating yi, ui, vi, zi
+    cdef Py_ssize_t i
+    for i in range(n):
+        yi = p[i]
+        ui = _grad(g[i], gs, cv, clip)
+        if opt1 is On:
+            vi = b2 * v[i] + b2c * (ui * ui)
+            v[i] = vi
+            ui = ui / (_sqrt(vi) * c2 + eps)
+        ui = _l2(ui, yi, wd, l2, o)
+        zi = z[i]
+        p[i] = (yi + c * (zi - yi)) + ay * ui
+        z[i] = zi - lr * ui
+
+
 cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed, floating* s2,
                     Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # E[g^2] <- rho E[g^2] + (1 - rho) g*g

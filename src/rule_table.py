@@ -63,6 +63,13 @@ RULES = [
                       Column("exp_avg_sq", "beta2")],
          "fast and slow first moments and r: theta <- theta - eps (s_hat + alpha s_slow) / "
          "(sqrt(r_hat) + delta)  (Pagliardini et al. 2024)", decoupled=True),
+    # (the arrays hold y, where the gradient is taken; a zero gradient still moves y
+    # towards z: no closed form kept here)
+    Rule("schedule_free_sgd", [Column("z")],
+         "y <- (1 - c) y + c z + eps (beta (1 - c) - 1) g, z <- z - eps g  (Defazio et al. "
+         "2024)", catch_up=False),
+    Rule("schedule_free_adamw", [Column("z"), Column("exp_avg_sq", "beta2")],
+         "the same with g / (sqrt(r_hat) + delta) (Defazio et al. 2024)", catch_up=False),
 ]
 
 # The per-step scalars, double precision, by name: (name, what it is, default). Python
@@ -88,6 +95,8 @@ SCALARS = [
            "bias_correction, see Scalars.fill)", 0.0),
     Scalar("bound", "ADOPT: the normalized gradient is clamped to [-bound, bound] "
            "(FLAG_BOUND; (t - 1)^clip_exponent at update t, see Scalars.fill)", 0.0),
+    Scalar("ck", "schedule-free: c, the weight of z in the new average x (set each step "
+           "from the run's weights, see ch8fast._points.AveragePoint)", 0.0),
 ]
 
 # The switches of a step, as Python sets them on a ``Scalars`` (name, what it is), and the

@@ -44,6 +44,14 @@ CONFIGS = [
     ("ademamix_wd_warmup", ch8fast.AdEMAMix, "AdEMAMix",
      dict(lr=1e-2, weight_decay=0.1, alpha=ch8fast.schedules.ademamix_alpha(5.0, 7),
           beta3=ch8fast.schedules.ademamix_beta3(0.999, 0.9, 7))),
+    ("schedule_free_sgd", ch8fast.ScheduleFreeSGD, "ScheduleFreeSGD",
+     dict(lr=0.05, weight_decay=0.01, warmup_steps=3)),
+    ("schedule_free_sgd_optax", ch8fast.ScheduleFreeSGD, "ScheduleFreeSGD",
+     dict(lr=0.05, momentum=0.8, warmup_steps=4, r=1.0, convention="optax")),
+    ("schedule_free_adamw", ch8fast.ScheduleFreeAdamW, "ScheduleFreeAdamW",
+     dict(lr=1e-2, weight_decay=0.1, warmup_steps=3)),
+    ("schedule_free_adamw_optax", ch8fast.ScheduleFreeAdamW, "ScheduleFreeAdamW",
+     dict(lr=1e-2, betas=(0.95, 0.99), weight_lr_power=1.0, convention="optax")),
 ]
 
 

@@ -69,7 +69,13 @@ def test_nonfinite_gradient_propagates_without_skip(name, cls, ref_name, hyper, 
     assert np.isnan(w[1]) and np.isfinite(w[4]) == np.isfinite(ref.params[0][4])
     bounded = ref_name == "Lion" or ref_name == "ADOPT" and hyper.get("use_clipping", True)
     assert not np.isfinite(w[4]) or bounded
-    assert_same_nonfinite(w, ref.params[0])
+    if ref_name.startswith("ScheduleFree"):
+        # the kernel moves y by y + c (z - y) + ..., the paper's sequences give
+        # y = beta x + (1 - beta) z: where both x and z are -inf, the first is NaN, the
+        # second -inf (the authors' code computes the first): non-finite at the same places
+        np.testing.assert_array_equal(np.isfinite(w), np.isfinite(ref.params[0]))
+    else:
+        assert_same_nonfinite(w, ref.params[0])
     for k, a in opt.state[0].items():
         assert np.isnan(a[1]), k
         assert_same_nonfinite(a, ref.state[0][k])

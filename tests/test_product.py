@@ -71,6 +71,10 @@ RULES = [
     ("adopt", ch8fast.ADOPT, dict(lr=1e-2, weight_decay=0.01, nesterov=True),
      {"no_catch_up"}),
     ("ademamix", ch8fast.AdEMAMix, dict(lr=1e-2, weight_decay=0.1, beta3=0.99), {"moments"}),
+    ("schedule_free_sgd", ch8fast.ScheduleFreeSGD, dict(lr=0.1, weight_decay=0.01,
+                                                         warmup_steps=2), {"no_catch_up"}),
+    ("schedule_free_adamw_optax", ch8fast.ScheduleFreeAdamW,
+     dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, convention="optax"), {"no_catch_up"}),
 ]
 
 BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
@@ -110,7 +114,7 @@ def refusal(rule, store, form, nform):
             return "16-bit"
     if "rowwise" in flags and (fmt is not None or keep is not None):
         return "rowwise"
-    if cls is ch8fast.AdaDelta and fmt == "q8":
+    if fmt is not None and fmt not in cls.rule.state_formats:
         return "state_format"
     return None
 

@@ -46,6 +46,8 @@ def test_lazy_update_is_the_rule_on_the_touched_rows(name, cls, ref_name, hyper,
     for sp in _batches(rng, 8, dtype):
         gb = rng.standard_normal(5).astype(dtype)
         opt.step([sp, gb])
+        # (schedule-free: the average's weights are the group's, counted every step)
+        counters = vars(ref_b_opt).get("weight_sum"), vars(ref_b_opt).get("lr_max")
         ref_b_opt.step([gb])
         rows, summed = ch8fast.sparse.sum_duplicates(sp.indices, sp.values, N)
         for r, g in zip(rows, summed):
@@ -53,8 +55,11 @@ def test_lazy_update_is_the_rule_on_the_touched_rows(name, cls, ref_name, hyper,
             if r not in ref_state:
                 ref_state[r] = getattr(R, ref_name)([ref_E[r]], **h)
             ro = ref_state[r]
-            if ref_name in ("Adam", "ADOPT", "AdEMAMix"):
+            if ref_name in ("Adam", "ADOPT", "AdEMAMix") or ref_name.startswith(
+                    "ScheduleFree"):
                 ro.t = opt.steps[0] - 1       # their t counts every step of the group
+            if ref_name.startswith("ScheduleFree"):
+                ro.weight_sum, ro.lr_max = counters
             ro.step([g])
             ref_E[r] = ro.params[0]
             t_row[r] += 1

@@ -77,9 +77,9 @@ def _round_param(dtype, keep, theta, key, index):
     return hi, None
 
 
-# every rule in every mode it has (AdaDelta has no 8-bit state: test_bad_options)
-CASES = [(r, m) for r in RULES for m in MODES if not (r[1] is ch8fast.AdaDelta
-                                                      and m[2] == "q8")]
+# every rule in every mode it has (AdaDelta has no 8-bit state, schedule-free methods
+# keep z as precisely as the parameters: test_bad_options)
+CASES = [(r, m) for r in RULES for m in MODES if m[2] in r[1].rule.state_formats]
 
 
 @pytest.mark.parametrize("rule,mode", CASES,
@@ -349,6 +349,9 @@ def test_stochastic_rounding_is_unbiased(st):
 @pytest.mark.parametrize("make,exc,pattern", [
     (lambda w: ch8fast.AdaDelta([w], state_format="q8"), ValueError,
      "state_format='q8' is not available for AdaDelta.*state_format='bfloat16'"),
+    (lambda w: ch8fast.ScheduleFreeAdamW([w], state_format="bfloat16"), ValueError,
+     "state_format='bfloat16' is not available for ScheduleFreeAdamW: its state z is the "
+     "sequence the parameters are averaged from; use state_format='float32'$"),
     (lambda w: ch8fast.Adam([w], state_format="int8"), ValueError,
      r"state_format must be one of \['float32', 'bfloat16', 'q8'\]"),
     (lambda w: ch8fast.Adam([w], param_mode="master"), ValueError,
@@ -358,7 +361,8 @@ def test_stochastic_rounding_is_unbiased(st):
     (lambda w: ch8fast.Adam([w.astype(BF16)], param_mode="exact"), ValueError,
      "param_mode must be one of"),
     (lambda w: ch8fast.Adam([w], seed=-1), ValueError, "seed must be an integer"),
-], ids=["adadelta_q8", "unknown_format", "mode_without_16bit", "float64_q8", "bad_mode",
+], ids=["adadelta_q8", "schedule_free_bfloat16", "unknown_format", "mode_without_16bit",
+        "float64_q8", "bad_mode",
         "bad_seed"])
 def test_bad_options(make, exc, pattern):
     w = np.ones(10, np.float32)

@@ -12,7 +12,8 @@ own) and works on copies of the parameters.
 import numpy as np
 
 __all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "Lion", "ADOPT",
-           "AdEMAMix", "for_rule", "nesterov_literal"]
+           "AdEMAMix", "ScheduleFreeSGD", "ScheduleFreeAdamW", "for_rule",
+           "nesterov_literal"]
 
 
 class Reference:
@@ -226,6 +227,77 @@ class AdEMAMix(Reference):
         return p - lr * (u + wd * p)
 
 
+class ScheduleFreeSGD(Reference):
+    """Defazio et al. 2024, Algorithm 1, the three sequences kept apart: the parameters are
+    y = (1 - beta) z + beta x, where the gradient is taken; z <- z - lr_t u with
+    u = g + wd y; x <- (1 - c) x + c z with c = w_t / (w_1 + ... + w_t),
+    w_t = t^r (max_{j <= t} lr_j)^p; lr_t = lr min(1, t / warmup_steps). With
+    ``convention="optax"`` the z step takes lr_{t-1} (optax.contrib.schedule_free's base
+    optimizer counts from 0). ``lr`` may be a schedule (called with the number of completed
+    steps, ch8fast's convention). ``x`` is theta."""
+
+    def __init__(self, params, **hyper):
+        super().__init__(params, **hyper)
+        self.x = [p.copy() for p in self.params]
+        self.weight_sum = 0.0
+        self.lr_max = 0.0
+
+    def init_state(self, p):
+        return {"z": p.copy()}
+
+    def beta(self):
+        return self.h["momentum"]
+
+    def direction(self, y, g, st):
+        return self.l2(y, g)
+
+    def lr_at(self, s, r):
+        """The learning rate with its schedule at ``s`` completed steps and its warm-up
+        at update ``r``."""
+        lr, warm = self.h["lr"], self.h["warmup_steps"]
+        return (lr(s) if callable(lr) else lr) * (min(r, warm) / warm if warm else 1.0)
+
+    def step(self, grads):
+        self.t += 1
+        t, beta = self.t, self.beta()
+        if self.h.get("convention") == "optax":
+            lr_z, lr_w = self.lr_at(t - 1, t - 1), self.lr_at(t, t)
+        else:
+            lr_z = lr_w = self.lr_at(t - 1, t)
+        self.lr_max = max(self.lr_max, lr_w)
+        w = t ** self.h["r"] * self.lr_max ** self.h["weight_lr_power"]
+        self.weight_sum += w
+        c = w / self.weight_sum if self.weight_sum else 0.0
+        for i, (y, g) in enumerate(zip(self.params, grads)):
+            st = self.state[i]
+            g = -g if self.h.get("maximize") else g.copy()
+            u = self.direction(y, g, st)
+            st["z"] = st["z"] - lr_z * u
+            self.x[i] = (1 - c) * self.x[i] + c * st["z"]
+            self.params[i] = beta * self.x[i] + (1 - beta) * st["z"]
+
+    def theta(self):
+        return [x.copy() for x in self.x]
+
+
+class ScheduleFreeAdamW(ScheduleFreeSGD):
+    """Defazio et al. 2024, Algorithm 2 (AdamW): as :class:`ScheduleFreeSGD` with
+    r <- b2 r + (1 - b2) g*g, u = g / (sqrt(r / (1 - b2^t)) + eps) + wd y and
+    beta = betas[0]."""
+
+    def init_state(self, p):
+        return {"z": p.copy(), "exp_avg_sq": np.zeros_like(p)}
+
+    def beta(self):
+        return self.h["betas"][0]
+
+    def direction(self, y, g, st):
+        b2 = self.h["betas"][1]
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * (g * g)
+        r_hat = st["exp_avg_sq"] / (1 - b2 ** self.t)
+        return self.l2(y, g / (np.sqrt(r_hat) + self.h["eps"]))
+
+
 def nesterov_literal(theta, grad_at, lr, alpha, steps):
     """The book's Algorithm 8.3 verbatim: gradient at theta + alpha v."""
     theta = theta.copy()
@@ -242,4 +314,5 @@ def for_rule(rule):
     with ``decoupled_weight_decay=True`` among the rule's defaults)."""
     return {"SGD": SGD, "AdaGrad": AdaGrad, "RMSProp": RMSProp, "Adam": Adam,
             "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion, "ADOPT": ADOPT,
-            "AdEMAMix": AdEMAMix}[rule.name]
+            "AdEMAMix": AdEMAMix, "ScheduleFreeSGD": ScheduleFreeSGD,
+            "ScheduleFreeAdamW": ScheduleFreeAdamW}[rule.name]
