@@ -277,3 +277,11 @@ def test_schedule_free_is_the_authors_schedulefree(kind, wd, warm):
     y, th = _ours(kind, wd, warm, "book", theta, grads)
     assert_close(y, y_theirs, np.float64, "y")
     assert_close(th, x_theirs, np.float64, "x")
+
+
+def test_the_functional_layer_refuses_them():
+    import ch8fast.functional as F
+    w, z = np.ones(3), np.ones(3)
+    with pytest.raises(ValueError, match="ScheduleFreeSGD keeps running numbers.*weight_sum"):
+        F.update(ch8fast.rules.SCHEDULE_FREE_SGD, w, np.ones(3), {"z": z})
+    assert (w == 1).all() and (z == 1).all()

@@ -89,6 +89,10 @@ OPTIMIZERS = {c.name: c for c in [
     Contender("adopt", "ADOPT", 1e-3, False, "ADOPT", ()),
     Contender("ademamix", "AdEMAMix", 1e-3, False, "AdEMAMix",
               (("alpha", 2.0), ("beta3", 0.99))),     # a short run: a shorter memory
+    Contender("schedule_free_sgd", "schedule-free SGD", 0.1, False, "ScheduleFreeSGD",
+              (("warmup_steps", 50),)),
+    Contender("schedule_free_adamw", "schedule-free AdamW", 2.5e-3, False,
+              "ScheduleFreeAdamW", (("warmup_steps", 50),)),
 ]}
 
 # One colour per optimizer, by name: the same in every figure and every run.

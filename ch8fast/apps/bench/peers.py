@@ -36,6 +36,8 @@ CASES = {
     "lion": (optim.Lion, {"lr": LR}),
     "adopt": (optim.ADOPT, {"lr": LR}),
     "ademamix": (optim.AdEMAMix, {"lr": LR}),
+    "schedule_free_sgd": (optim.ScheduleFreeSGD, {"lr": LR}),
+    "schedule_free_adamw": (optim.ScheduleFreeAdamW, {"lr": LR}),
 }
 RULES = tuple(CASES)
 
@@ -259,12 +261,49 @@ def _inplace_ademamix(h, p, g, st, a, b, t):
     p -= a                                   # theta - eps (s_hat + alpha s_slow) / ...
 
 
+def _inplace_schedule_free(h, p, g, st, a, b, t):
+    # y <- y + c (z - y) + lr (beta (1 - c) - 1) u, z <- z - lr u (u = g, or AdamW's
+    # g / (sqrt(r_hat) + delta)); c is this step's weight of z, set by the optimizer
+    lr, c = h["lr"], h["ck"]
+    z = st["z"]
+    u = g
+    if "exp_avg_sq" in st:
+        beta, b2 = h["betas"]
+        v = st["exp_avg_sq"]
+        v *= b2
+        np.multiply(g, g, out=a)
+        a *= 1.0 - b2
+        v += a                                   # r <- b2 r + (1 - b2) g*g
+        np.sqrt(v, out=a)
+        a *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        a += h["eps"]
+        np.divide(g, a, out=a)
+        u = a
+    else:
+        beta = h["momentum"]
+    if h["weight_decay"]:
+        np.multiply(p, h["weight_decay"], out=b)
+        if u is g:
+            u = a
+            np.add(g, b, out=a)
+        else:
+            a += b                               # u + wd y
+    np.subtract(z, p, out=b)
+    b *= c
+    b += p                                       # y + c (z - y)
+    np.multiply(u, lr * (beta * (1.0 - c) - 1.0), out=p)
+    p += b
+    np.multiply(u, lr, out=b)
+    z -= b                                       # z - lr u
+
+
 _INPLACE = {
     "sgd": _inplace_sgd, "momentum": _inplace_momentum, "nesterov": _inplace_nesterov,
     "adagrad": _inplace_adagrad, "rmsprop": _inplace_rmsprop,
     "rmsprop_nesterov": _inplace_rmsprop_nesterov, "adam": _inplace_adam,
     "adamw": _inplace_adam, "adadelta": _inplace_adadelta, "lion": _inplace_lion,
     "adopt": _inplace_adopt, "ademamix": _inplace_ademamix,
+    "schedule_free_sgd": _inplace_schedule_free, "schedule_free_adamw": _inplace_schedule_free,
 }
 
 
@@ -278,8 +317,12 @@ class NumpyOptimizer:
         self._update = _INPLACE[case]
         self.hyper = hyperparameters(case)
         self.params = list(params)
-        self.state = [{n: np.zeros_like(p) for n in state_names(case)} for p in self.params]
+        initial = CASES[case][0].rule.initial
+        self.state = [{n: p.copy() if initial.get(n) == "param" else np.zeros_like(p)
+                       for n in state_names(case)} for p in self.params]
         self.t = 0
+        # schedule-free: the running weight sum of the average (a constant lr, no warm-up)
+        self.weight_sum = 0.0 if "z" in state_names(case) else None
         big = max(p.size for p in self.params)
         dtype = self.params[0].dtype
         self._tmp = (np.zeros(big, dtype), np.zeros(big, dtype))
@@ -289,6 +332,10 @@ class NumpyOptimizer:
     def step(self, grads):
         self.t += 1
         h, t, update = self.hyper, self.t, self._update
+        if self.weight_sum is not None:
+            weight = h["lr"] ** h["weight_lr_power"]
+            self.weight_sum += weight
+            h["ck"] = weight / self.weight_sum
         for p, g, st, (a, b) in zip(self.params, grads, self.state, self._views):
             update(h, p, g, st, a, b, t)
 
@@ -384,7 +431,7 @@ def make_contenders(rule, dtype, tensors, size, which, seed=0):
     if "roofline" in which:
         # Arrays of its own, zero so that its adds keep them at zero (no overflow).
         fns["roofline"] = Roofline(sizes, dtype, ncols)
-    if "functional" in which:
+    if "functional" in which and not (opt.rule.point and opt.rule.point.COUNTERS):
         fns["functional"] = _functional(opt, params(), grads)
     if "flat" in which and tensors > 1:
         flat_p = np.empty(tensors * size, dtype)
