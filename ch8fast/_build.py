@@ -34,9 +34,9 @@ class Core:
     change: ``engine``, ``meta`` (per group), ``params``, ``state`` (owned arrays),
     ``views``, ``rows`` (global parameter indices per group), ``live`` (groups whose scalars
     change every step), ``nesterov`` (groups with Nesterov momentum), ``hooked`` (groups
-    whose arrays the rule's point keeps elsewhere than theta: its step hooks run), ``form`` (what a
-    grads step records), ``plain`` (no clipping by norm, no skipping), ``plan``, and
-    ``how`` (per parameter: how it is kept and each state entry's storage)."""
+    whose arrays the rule's point keeps elsewhere than theta: its step hooks run),
+    ``form`` (what a grads step records), ``plain`` (no clipping by norm, no skipping),
+    ``plan``, and ``how`` (per parameter: how it is kept and each state entry's storage)."""
 
     __slots__ = ("engine", "meta", "params", "state", "views", "rows", "live", "nesterov",
                  "hooked", "form", "plain", "plan", "how")

@@ -365,12 +365,13 @@ class InterimPoint(Point):
 
 
 class AveragePoint(Point):
-    """Schedule-free methods (Defazio et al. 2024): the arrays hold y = beta x + (1 - beta) z,
-    where the gradient is taken, the state holds z, and theta is the average x =
-    (y - (1 - beta) z) / beta. The rule's scalars give beta as ``alpha``; before each
-    update this point sets the step's learning rate (after the warm-up) and c, the weight
-    of z in the new average, from the weights of the run so far, which it keeps per group
-    (``weight_sum``, ``lr_max``) and commits once the update is applied."""
+    """Schedule-free methods (Defazio et al. 2024): the arrays hold
+    y = beta x + (1 - beta) z, where the gradient is taken, the state holds z, and theta
+    is the average x = (y - (1 - beta) z) / beta. The rule's scalars give beta as
+    ``alpha``; before each update this point sets the step's learning rate (after the
+    warm-up) and c, the weight of z in the new average, from the weights of the run so
+    far, which it keeps per group (``weight_sum``, ``lr_max``) and commits once the update
+    is applied."""
 
     COUNTERS = ("weight_sum", "lr_max")
 

@@ -75,8 +75,8 @@ def _prepare(rule, dtype, hyper, momentum_next):
     hyperparameters checks them once."""
     if rule.point is not None and rule.point.COUNTERS:
         raise ValueError(f"{rule.name} keeps running numbers of the run per param group "
-                         f"({', '.join(rule.point.COUNTERS)}) that one step cannot be given; "
-                         f"use ch8fast.{rule.name}")
+                         f"({', '.join(rule.point.COUNTERS)}) that one step cannot be "
+                         f"given; use ch8fast.{rule.name}")
     h = dict(_checked_defaults(rule))
     for k, v in hyper.items():
         spec = rule.hyper.get(k)

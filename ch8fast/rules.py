@@ -1083,9 +1083,9 @@ and ``optax.contrib.schedule_free_adamw``.
     hyper={
         "lr": Hyper(0.0025, nonnegative, _LR),
         "betas": Hyper((0.9, 0.999), betas_pair,
-                       "(beta1, beta2): beta1 is beta, the interpolation y = beta x + (1 - "
-                       "beta) z, in (0, 1); beta2 the decay of the second moment, in [0, 1); "
-                       "fixed when the optimizer is made.", fixed=True),
+                       "(beta1, beta2): beta1 is beta, the interpolation y = beta x + "
+                       "(1 - beta) z, in (0, 1); beta2 the decay of the second moment, in "
+                       "[0, 1); fixed when the optimizer is made.", fixed=True),
         "eps": Hyper(1e-8, positive, "delta, added to sqrt(r_hat); > 0."),
         **_SF_HYPER,
     },

@@ -26,13 +26,14 @@ except ImportError as exc:  # pragma: no cover - exercised without torch
     raise ImportError("ch8fast.torch needs PyTorch (pip install torch); the rest of "
                       "ch8fast works without it") from exc
 
+import math
 from operator import is_ as _is
 
 from . import rules
 from ._isa import K
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Lion", "ADOPT",
-           "AdEMAMix", "adopt_clip"]
+           "AdEMAMix", "SGDScheduleFree", "AdamWScheduleFree", "adopt_clip"]
 
 _FLOAT = (torch.float32, torch.float64)
 _STRIDED = torch.strided
@@ -332,6 +333,9 @@ class _Optimizer(torch.optim.Optimizer):
         for name in layout:
             fill = self._rule.initial.get(name)
             contiguous = torch.contiguous_format
+            if fill == rules.PARAM:
+                st[name] = p.detach().clone(memory_format=contiguous)
+                continue
             st[name] = (torch.zeros_like(p, memory_format=contiguous) if fill is None else
                         torch.full_like(p, fill(values), memory_format=contiguous))
         return st
@@ -813,3 +817,124 @@ class AdEMAMix(_Paper):
         if raw is not None and self._warming(group):
             raw += (("update", self._next_update(group)),)
         return raw
+
+
+class _ScheduleFree(_Paper):
+    """The schedule-free optimizers of the authors' ``schedulefree`` package (Defazio et
+    al. 2024), on ch8fast's kernels: the parameters hold y in train mode (where the
+    gradient is taken) and x, the average to evaluate and save, after ``eval()``;
+    ``train()`` puts y back. Each group keeps the package's running numbers (``k``,
+    ``weight_sum``, ``lr_max``, ``scheduled_lr``, ``train_mode``); a step computes the
+    learning rate after the warm-up and the average's weight from them, as the package
+    does, and the kernels apply the update in one pass."""
+
+    _counts_steps = False
+    _running = ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode")
+
+    def __init__(self, params, defaults):
+        defaults = dict(defaults, k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0,
+                        scheduled_lr=0.0)
+        super().__init__(params, defaults)
+
+    def _beta(self, group):
+        raise NotImplementedError
+
+    def _raw(self, gi, group):
+        # (the running numbers change at every step; the kernels' scalars from them are
+        # set by step() itself)
+        return _raw({k: v for k, v in group.items() if k not in self._running})
+
+    @torch.no_grad()
+    def eval(self):
+        """Put x = (y - (1 - beta) z) / beta in the parameters (to evaluate or save)."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                beta = self._beta(group)
+                for p in group["params"]:
+                    z = self.state[p].get("z") if p in self.state else None
+                    if z is not None:
+                        p.lerp_(end=z, weight=1 - 1 / beta)
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self):
+        """Put y = beta x + (1 - beta) z back in the parameters (to train)."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                beta = self._beta(group)
+                for p in group["params"]:
+                    z = self.state[p].get("z") if p in self.state else None
+                    if z is not None:
+                        p.lerp_(end=z, weight=1 - beta)
+                group["train_mode"] = True
+
+    def step(self, closure=None):
+        """One update (the optimizer must be in train mode: call ``train()`` first, as the
+        authors' optimizers require)."""
+        for gi, group in enumerate(self.param_groups):
+            if not group["train_mode"]:
+                raise RuntimeError(f"param_groups[{gi}] is not in train mode: call "
+                                   f"optimizer.train() before stepping and "
+                                   f"optimizer.eval() before evaluating or saving")
+        done = []
+        for gi, group in enumerate(self.param_groups):
+            g = self._prepare(gi, group)
+            k, warm = group["k"], group["warmup_steps"]
+            lr = _plain(group["lr"]) * ((k + 1) / warm if k < warm else 1.0)
+            lr_max = max(lr, group["lr_max"])
+            weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
+            weight_sum = group["weight_sum"] + weight
+            s = g.scalars
+            s.lr = lr
+            s.ck = weight / weight_sum if weight_sum != 0 else 0.0
+            if "exp_avg_sq" in g.layout:      # the bias correction of update k + 1
+                s.bias_correction = False
+                s.c2 = 1.0 / math.sqrt(1.0 - g.values["betas"][1] ** (k + 1))
+            done.append((group, lr, lr_max, weight_sum))
+        loss = super().step(closure)
+        for group, lr, lr_max, weight_sum in done:
+            group["scheduled_lr"], group["lr_max"] = lr, lr_max
+            group["weight_sum"], group["k"] = weight_sum, group["k"] + 1
+        return loss
+
+
+class SGDScheduleFree(_ScheduleFree):
+    """Schedule-free SGD (Defazio et al. 2024) on ch8fast's kernels (rule
+    :data:`ch8fast.rules.SCHEDULE_FREE_SGD`), with the signature, state (``z``) and
+    ``train()`` / ``eval()`` of the authors' ``schedulefree.SGDScheduleFree``."""
+
+    _rule = rules.SCHEDULE_FREE_SGD
+    _names = {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+              "warmup_steps": "warmup_steps", "r": "r",
+              "weight_lr_power": "weight_lr_power"}
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0, warmup_steps=0,
+                 r=0.0, weight_lr_power=2, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r,
+                                      weight_lr_power=weight_lr_power, foreach=foreach))
+
+    def _beta(self, group):
+        return group["momentum"]
+
+
+class AdamWScheduleFree(_ScheduleFree):
+    """Schedule-free AdamW (Defazio et al. 2024) on ch8fast's kernels (rule
+    :data:`ch8fast.rules.SCHEDULE_FREE_ADAMW`), with the signature, state (``z``,
+    ``exp_avg_sq``) and ``train()`` / ``eval()`` of the authors'
+    ``schedulefree.AdamWScheduleFree``."""
+
+    _rule = rules.SCHEDULE_FREE_ADAMW
+    _names = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
+              "warmup_steps": "warmup_steps", "r": "r",
+              "weight_lr_power": "weight_lr_power"}
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r,
+                                      weight_lr_power=weight_lr_power, foreach=foreach))
+
+    def _beta(self, group):
+        return group["betas"][0]

@@ -285,3 +285,79 @@ def test_the_functional_layer_refuses_them():
     with pytest.raises(ValueError, match="ScheduleFreeSGD keeps running numbers.*weight_sum"):
         F.update(ch8fast.rules.SCHEDULE_FREE_SGD, w, np.ones(3), {"z": z})
     assert (w == 1).all() and (z == 1).all()
+
+
+# ---- ch8fast.torch ---------------------------------------------------------------------
+
+TORCH_RULES = [("SGDScheduleFree", ch8fast.ScheduleFreeSGD,
+                dict(lr=0.1, warmup_steps=5, weight_decay=0.01, r=0.5)),
+               ("AdamWScheduleFree", ch8fast.ScheduleFreeAdamW,
+                dict(lr=0.01, betas=(0.9, 0.99), warmup_steps=5, weight_decay=0.01))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,cls,kw", TORCH_RULES, ids=[r[0] for r in TORCH_RULES])
+def test_torch_classes_are_the_rules_and_the_authors(name, cls, kw, dtype):
+    """ch8fast.torch.SGDScheduleFree / AdamWScheduleFree: the bits of ch8fast's class on
+    the same arrays (y, z, and x after eval()), the authors' running numbers in the groups,
+    and the authors' optimizers to rounding; resuming from a state dict is exact."""
+    torch = pytest.importorskip("torch")
+    import ch8fast.torch as ct
+    rng = np.random.default_rng(4)
+    w0 = rng.standard_normal((6, 9)).astype(dtype)
+    grads = [rng.standard_normal(w0.shape).astype(dtype) for _ in range(20)]
+    p = torch.nn.Parameter(torch.tensor(w0))
+    opt = getattr(ct, name)([p], **kw)
+    with pytest.raises(RuntimeError, match="train mode"):
+        p.grad = torch.tensor(grads[0])
+        opt.step()
+    opt.train()
+    w = w0.copy()
+    ours = cls([w], **kw)
+    for k, g in enumerate(grads):
+        p.grad = torch.tensor(g)
+        opt.step()
+        ours.step([g])
+        assert p.detach().numpy().tobytes() == w.tobytes(), k
+        assert opt.state[p]["z"].numpy().tobytes() == ours.state[0]["z"].tobytes()
+        if k == 9:
+            saved = copy.deepcopy(opt.state_dict())
+    g0 = opt.param_groups[0]
+    assert g0["k"] == 20 and g0["weight_sum"] == ours.state_dict()["param_groups"][0][
+        "weight_sum"]
+    assert g0["scheduled_lr"] == kw["lr"]
+    opt.eval()
+    np.testing.assert_allclose(p.detach().numpy(), ours.theta()[0],
+                               rtol=1e-6 if dtype == "float32" else 1e-12,
+                               atol=1e-6 if dtype == "float32" else 1e-12)
+    opt.train()
+    # resume from the state dict of step 10
+    q = torch.nn.Parameter(torch.tensor(w0))
+    again = getattr(ct, name)([q], **kw)
+    again.load_state_dict(saved)
+    with torch.no_grad():
+        q.copy_(torch.tensor(_replay(cls, kw, w0, grads[:10])))
+    for g in grads[10:]:
+        q.grad = torch.tensor(g)
+        again.step()
+    assert q.detach().numpy().tobytes() == w.tobytes()
+    # the authors' optimizers, to rounding
+    schedulefree = pytest.importorskip("schedulefree")
+    r = torch.nn.Parameter(torch.tensor(w0))
+    theirs = getattr(schedulefree, name)([r], **kw)
+    theirs.train()
+    for g in grads:
+        r.grad = torch.tensor(g)
+        theirs.step()
+    assert_close(r.detach().numpy(), w, np.dtype(dtype), "y")
+    theirs.eval()
+    opt.eval()
+    assert_close(p.detach().numpy(), r.detach().numpy(), np.dtype(dtype), "x")
+
+
+def _replay(cls, kw, w0, grads):
+    w = w0.copy()
+    opt = cls([w], **kw)
+    for g in grads:
+        opt.step([g])
+    return w

@@ -303,7 +303,8 @@ _INPLACE = {
     "rmsprop_nesterov": _inplace_rmsprop_nesterov, "adam": _inplace_adam,
     "adamw": _inplace_adam, "adadelta": _inplace_adadelta, "lion": _inplace_lion,
     "adopt": _inplace_adopt, "ademamix": _inplace_ademamix,
-    "schedule_free_sgd": _inplace_schedule_free, "schedule_free_adamw": _inplace_schedule_free,
+    "schedule_free_sgd": _inplace_schedule_free,
+    "schedule_free_adamw": _inplace_schedule_free,
 }
 
 
