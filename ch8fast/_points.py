@@ -378,13 +378,17 @@ class AveragePoint(Point):
     def __init__(self, opt):
         super().__init__(opt)
         self.kept = []           # per group: [weight sum, largest learning rate so far]
+        self.ahead = []          # per group: the optax form (Profile.lr_ahead)
 
     def hooked(self, metas):
         return tuple(range(len(metas)))
 
     def rebuilt(self):
-        n = len(self.opt._core.meta)
+        metas = self.opt._core.meta
+        n = len(metas)
         self.kept = self.kept[:n] + [[0.0, 0.0] for _ in range(n - len(self.kept))]
+        # (the convention is fixed when a group is made)
+        self.ahead = [self.opt.rule.profile(m.fixed).lr_ahead for m in metas]
 
     def counters(self, gi):
         return dict(zip(self.COUNTERS, self.kept[gi]))
@@ -398,19 +402,22 @@ class AveragePoint(Point):
         """This update's learning rate and average weight c into each group's scalars;
         returns what ``after_step`` commits."""
         token = []
-        rule = self.opt.rule
+        steps, kept, ahead = core.engine.steps, self.kept, self.ahead
         for gi, meta in enumerate(core.meta):
-            h, k = meta.values, core.engine.steps[gi]
+            h, k = meta.values, steps[gi]
             warm = h["warmup_steps"]
-            ramp = (lambda j: min(j, warm) / warm) if warm else (lambda j: 1.0)
-            # the learning rate of the average's weight, and of the step (optax's reads
-            # the weight's a step ahead: rules.Profile.lr_ahead)
-            if rule.profile(meta.fixed).lr_ahead:
-                lr, lr_step = meta.next_values["lr"] * ramp(k + 1), h["lr"] * ramp(k)
+            # the warm-up's factor at update k + 1 (from 1)
+            up = (k + 1) / warm if k + 1 < warm else 1.0
+            if ahead[gi]:
+                # optax: the weight's learning rate is the next update's, the step's this
+                # one's (rules.Profile.lr_ahead)
+                lr = meta.next_values["lr"] * up
+                lr_step = h["lr"] * (k / warm if k < warm else 1.0)
             else:
-                lr = lr_step = h["lr"] * ramp(k + 1)
-            weight_sum, lr_max = self.kept[gi]
-            lr_max = max(lr_max, lr)
+                lr = lr_step = h["lr"] * up
+            weight_sum, lr_max = kept[gi]
+            if lr > lr_max:
+                lr_max = lr
             weight = (k + 1) ** h["r"] * lr_max ** h["weight_lr_power"]
             weight_sum += weight
             s = meta.scalars
@@ -420,9 +427,10 @@ class AveragePoint(Point):
         return token
 
     def after_step(self, core, grads, token):
+        steps, kept = core.engine.steps, self.kept
         for gi, (k, weight_sum, lr_max) in enumerate(token):
-            if core.engine.steps[gi] == k + 1:       # applied (not skipped)
-                self.kept[gi] = [weight_sum, lr_max]
+            if steps[gi] == k + 1:                   # applied (not skipped)
+                kept[gi] = [weight_sum, lr_max]
 
     def closure_step(self, core, closure, grad_norm):
         """The gradient is taken at y, what the arrays hold: a plain step with the hooks."""
