@@ -1,4 +1,5 @@
-"""``ch8fast tour``: the chapter's claims, measured, within stated tolerances."""
+"""``ch8fast tour``: the chapter's claims, and those of the papers of Lion, ADOPT and
+AdEMAMix, measured, within stated tolerances."""
 import contextlib
 import importlib.util
 import io
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 
 from ch8fast.apps.cli import main
-from ch8fast.apps.tour import canyon, drag, fit_slope, init_scales, terminal_speed
+from ch8fast.apps.tour import (adopt_counterexample, canyon, drag, fit_slope, init_scales,
+                                terminal_speed)
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FIGURES = ["canyon", "rates", "momentum", "adagrad", "init", "lr"]
+FIGURES = ["canyon", "rates", "momentum", "adagrad", "init", "lr", "lion", "adopt",
+           "ademamix"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,66 @@ def test_lr_chooser_picks_at_or_above_the_best_short_trial(tour):
     assert set(lr["longer"]) == {"recommended", "best short trial"}
 
 
+def test_lion_moves_every_coordinate_by_its_rate_and_needs_a_smaller_one(tour):
+    _, stdout, numbers, md, _ = tour
+    li = numbers["lion"]
+    # the sign update: every coordinate moves by exactly lr (to rounding), at every step
+    assert li["max_rel_deviation"] < 1e-9
+    assert li["min_share_moved"] == 1.0
+    for r in li["runs"].values():
+        if r["factor"] is not None:
+            assert r["rms_update_over_lr"] == pytest.approx(1.0 / r["factor"], rel=1e-9)
+    # Adam moves a coordinate by less: Lion takes Adam's steps at a rate 3-10x smaller,
+    # and the Lion run nearest Adam's loss curve is one of those, not the one at Adam's lr
+    adam, lion1 = li["runs"]["Adam"], li["runs"]["Lion, lr/1"]
+    assert adam["rms_update_over_lr"] < 1.0 / 3
+    assert 3 <= li["rms_matching_factor"] <= 10
+    assert li["nearest_factor"] in (3, 10)
+    assert lion1["final_excess"] > 2 * adam["final_excess"]
+    assert f"nearest Adam's is at lr/{li['nearest_factor']:g}" in md
+    assert f"Lion at lr/{li['nearest_factor']:g}" in stdout
+
+
+def test_adam_with_a_small_beta2_ends_at_the_wrong_end_adopt_at_the_optimum(tour):
+    _, stdout, numbers, md, _ = tour
+    runs = numbers["adopt"]["runs"]
+    assert set(runs) == {"0", "0.9"} and set(runs["0"]) == {"0.1", "0.5", "0.9", "0.999"}
+    for row in runs.values():
+        for cell in row.values():
+            assert cell["ADOPT"]["final"] < -0.9            # any beta2
+    for b2 in ("0.1", "0.5", "0.9"):
+        assert runs["0"][b2]["Adam"]["final"] > 0.9         # Reddi et al.'s case, beta1 = 0
+    assert runs["0.9"]["0.5"]["Adam"]["final"] > 0.9
+    assert runs["0.9"]["0.1"]["Adam"]["final"] > 0.0
+    for row in runs.values():
+        assert row["0.999"]["Adam"]["final"] < -0.9         # a large beta2 suits Adam here
+    # the default clipping holds ADOPT back while (t - 1)^(1/4) < C
+    small = runs["0"]["0.1"]
+    clipped = small["ADOPT, clipped"]["steps_to_minus_0.9"]
+    assert clipped is None or clipped > 5 * small["ADOPT"]["steps_to_minus_0.9"]
+    assert small["ADOPT, clipped"]["final"] > small["ADOPT"]["final"] + 0.1
+    assert f"| 0 | 0.1 | {small['Adam']['final']:+.3f} (—) |" in md
+    assert f"β2=0.1 {small['Adam']['final']:+.2f}/{small['ADOPT']['final']:+.2f}" in stdout
+
+
+def test_ademamix_remembers_a_batch_longer_then_overshoots(tour):
+    """Measured on seeds 0-3: AdEMAMix's memory of one batch is higher and takes 1.3-1.4x
+    as long to halve as Adam's, then turns negative; at the same rate its final loss is
+    higher than Adam's."""
+    _, stdout, numbers, md, _ = tour
+    am = numbers["ademamix"]
+    a, m = am["runs"]["Adam"], am["runs"]["AdEMAMix"]
+    assert m["peak"] > a["peak"] > 0
+    assert m["half_at"] > 1.15 * a["half_at"]
+    assert am["half_ratio"] == pytest.approx(m["half_at"] / a["half_at"])
+    assert m["lowest"] < -0.05 and m["at_500"] < 0 and m["below_zero_at"] is not None
+    assert a["lowest"] > -0.01 and a["at_500"] > 0
+    assert m["final_excess"] > 1.3 * a["final_excess"]
+    assert f"| AdEMAMix | {m['peak']:.3g} | {m['peak_at']} | {m['half_at']} |" in md
+    assert "does not reach a lower loss" in md
+    assert f"Adam {a['half_at']}, AdEMAMix {m['half_at']}" in stdout
+
+
 def test_fit_slope_exact_power_law():
     k = np.arange(1, 1001)
     assert fit_slope(k, 3.0 * k ** -1.5, 10, 1000) == pytest.approx(-1.5)
@@ -137,6 +200,9 @@ def test_experiments_directly():
     assert abs(d["dry"]["final_x"]) <= 0.05 and d["dry"]["final_v"] == 0.0
     s = init_scales(depth=4, width=32, batch=64)
     assert s["calibration"].converged and len(s["stds"]["he_normal"]) == 4
+    a = adopt_counterexample(quick=True, k=3, C=3.0, beta1s=(0.0,), beta2s=(0.1,))
+    cell = a["runs"]["0"]["0.1"]          # Reddi et al.'s own: k = 3, C = 3, beta2 = 1/(1 + C²)
+    assert cell["Adam"]["final"] > 0.9 and cell["ADOPT"]["final"] < -0.9
 
 
 def test_tour_no_plot(tmp_path):

@@ -2,7 +2,8 @@
 
 * :mod:`ch8fast.apps.demo`: ``ch8fast demo``, every optimizer of the chapter on one small
   network and the embedded handwritten digits (:mod:`ch8fast.apps.data`);
-* :mod:`ch8fast.apps.tour`: ``ch8fast tour``, the chapter's claims measured;
+* :mod:`ch8fast.apps.tour`: ``ch8fast tour``, the chapter's claims, and those of three
+  later papers, measured;
 * :mod:`ch8fast.apps.bench`: ``ch8fast bench``, the cost of one step against the memory
   bandwidth limit, in-place NumPy, the reference rules and torch.optim;
 * :mod:`ch8fast.apps.mlp`: the NumPy multilayer perceptron that the demo and the tour train;

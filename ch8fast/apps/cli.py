@@ -2,7 +2,8 @@
 
 * ``ch8fast demo``: train a small MLP with every optimizer of the chapter and compare
   them (``mpirun -n 2 ch8fast demo --distributed``: data parallel over MPI);
-* ``ch8fast tour``: reproduce the chapter's claims as figures and a Markdown report;
+* ``ch8fast tour``: reproduce the chapter's claims, and those of the papers of Lion, ADOPT
+  and AdEMAMix, as figures and a Markdown report;
 * ``ch8fast bench``: benchmark the fused kernels;
 * ``ch8fast --version``.
 """
@@ -34,11 +35,12 @@ def build_parser():
     p.set_defaults(run=demo.main, subparser=p)
     p = sub.add_parser(
         "tour", help="reproduce the chapter's claims (momentum, rates, drag, AdaGrad vs "
-                     "RMSProp, initialization, learning-rate choice) as figures and "
-                     "tour.md",
-        description="Reproduce the claims of sections 8.3-8.5 with ch8fast's optimizers; "
-                    "write figures and a Markdown report with each measured number beside "
-                    "the book's statement.")
+                     "RMSProp, initialization, learning-rate choice) and those of the "
+                     "Lion, ADOPT and AdEMAMix papers as figures and tour.md",
+        description="Reproduce the claims of sections 8.3-8.5, and of the papers of Lion, "
+                    "ADOPT and AdEMAMix, with ch8fast's optimizers; write figures and a "
+                    "Markdown report with each measured number beside the statement it "
+                    "checks.")
     tour.add_arguments(p)
     p.set_defaults(run=tour.main, subparser=p)
     sub.add_parser("bench", help="benchmark the fused kernels (arguments are passed to "

@@ -1,6 +1,7 @@
-"""``ch8fast tour``: the claims of chapter 8.3-8.5, measured with ch8fast's optimizers.
+"""``ch8fast tour``: the claims of chapter 8.3-8.5, and of the papers of three later
+rules, measured with ch8fast's optimizers.
 
-Six experiments, each a function that returns its numbers (and the data of its figure):
+Nine experiments, each a function that returns its numbers (and the data of its figure):
 
 1. :func:`canyon`: momentum crosses an ill-conditioned quadratic; gradient descent zig-zags.
 2. :func:`rates`: excess error against k, with fitted log-log slopes: SGD on a convex and
@@ -12,6 +13,13 @@ Six experiments, each a function that returns its numbers (and the data of its f
 5. :func:`init_scales`: activation scale per layer of a deep ReLU network under each
    initializer, and after calibration on one minibatch.
 6. :func:`lr_choice`: the learning-rate chooser's trials and its pick.
+7. :func:`lion_vs_adam`: Lion moves every coordinate by exactly lr, more than Adam does,
+   so it needs a rate a few times smaller (Chen et al. 2023).
+8. :func:`adopt_counterexample`: on the online problem of Reddi et al. (2018) Adam with a
+   small beta2 goes to the wrong end; ADOPT converges for every beta2 (Taniguchi et al.
+   2024).
+9. :func:`ademamix_memory`: how long Adam and AdEMAMix remember a batch seen once
+   (Pagliardini et al. 2024).
 
 :func:`run_tour` runs them all and writes ``tour.md``, ``tour.json`` and the figures.
 """
@@ -26,7 +34,8 @@ import time
 import numpy as np
 
 __all__ = ["canyon", "rates", "terminal_speed", "drag", "adagrad_vs_rmsprop",
-           "init_scales", "lr_choice", "fit_slope", "run_tour", "add_arguments", "main"]
+           "init_scales", "lr_choice", "lion_vs_adam", "adopt_counterexample",
+           "ademamix_memory", "fit_slope", "run_tour", "add_arguments", "main"]
 
 
 def fit_slope(k, err, lo, hi):
@@ -423,6 +432,218 @@ def lr_choice(seed=0, quick=False):
 
 
 # ---------------------------------------------------------------------------------------
+# 7. Lion's sign update is larger than Adam's (Chen et al. 2023)
+# ---------------------------------------------------------------------------------------
+
+def _logistic(w, X, y, g=None):
+    """Mean logistic loss of the labels y in {0, 1}; fills ``g`` with its gradient."""
+    z = X @ w
+    if g is not None:
+        np.matmul(X.T, 1.0 / (1.0 + np.exp(-z)) - y, out=g)
+        g /= len(y)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def _logistic_minimum(X, y, iters=30):
+    """The smallest mean logistic loss, by Newton's method from zero."""
+    w = np.zeros(X.shape[1])
+    g = np.empty_like(w)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        _logistic(w, X, y, g)
+        w -= np.linalg.solve((X.T * (p * (1.0 - p))) @ X / len(y), g)
+    return _logistic(w, X, y)
+
+
+def lion_vs_adam(seed=0, quick=False, lr=0.01, factors=(1, 3, 10, 30), n=1000, d=50,
+                 batch=32):
+    r"""Adam at ``lr``, and Lion at lr / f for each f of ``factors``, on logistic regression
+    (``n`` samples of ``d`` standard-normal features, labels drawn from a logistic model),
+    from zero, on the same minibatches of ``batch`` samples.
+
+    Per step: the RMS over the coordinates of the update Δθ; for Lion also the largest
+    relative deviation of \|Δθ_i\| from its learning rate over the coordinates that moved,
+    and the share of the coordinates that moved; and the loss on all n samples above its
+    minimum (found by Newton's method). The factor by which Lion's rate must be smaller to
+    behave like Adam is read twice: as lr over Adam's mean RMS update (Lion then moves each
+    coordinate as far as Adam does on average), and as the f whose excess-loss curve is
+    nearest Adam's (the mean of \|ln(excess_Lion / excess_Adam)\| over the steps).
+    """
+    import ch8fast
+    steps = 400 if quick else 1500
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    w_true = rng.standard_normal(d) * 3.0 / math.sqrt(d)      # logits of std 3
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-(X @ w_true)))).astype(float)
+    batches = rng.integers(0, n, (steps, batch))
+    best = _logistic_minimum(X, y)
+    runs = {"Adam": (ch8fast.Adam, lr, None)}
+    runs.update({f"Lion, lr/{f:g}": (ch8fast.Lion, lr / f, f) for f in factors})
+    out = {"lr": lr, "factors": list(factors), "steps": steps, "n": n, "d": d,
+           "batch": batch, "min_loss": best, "runs": {}}
+    for name, (cls, rate, f) in runs.items():
+        w = np.zeros(d)
+        g = np.empty(d)
+        prev = w.copy()
+        opt = cls([w], lr=rate)
+        rms, excess = np.empty(steps), np.empty(steps)
+        worst, moved = 0.0, 1.0
+        for k in range(steps):
+            idx = batches[k]
+            _logistic(w, X[idx], y[idx], g)
+            opt.step([g])
+            dw = w - prev
+            rms[k] = math.sqrt(float(np.mean(dw * dw)))
+            if f is not None:
+                nz = dw != 0.0
+                moved = min(moved, float(nz.mean()))
+                if nz.any():
+                    worst = max(worst, float(np.max(np.abs(np.abs(dw[nz]) / rate - 1.0))))
+            prev[...] = w
+            excess[k] = _logistic(w, X, y) - best
+        tail = max(1, steps // 10)
+        out["runs"][name] = {"lr": rate, "factor": f, "rms_update_over_lr": float(
+            rms.mean() / lr), "final_excess": float(excess[-tail:].mean()),
+            "rms": rms, "excess": excess}
+        if f is not None:
+            out["runs"][name].update(max_rel_deviation=worst, min_share_moved=moved)
+    adam = out["runs"]["Adam"]
+    for name, r in out["runs"].items():
+        if r["factor"] is not None:
+            r["distance_from_adam"] = float(np.mean(np.abs(
+                np.log(r["excess"]) - np.log(adam["excess"]))))
+    lions = [r for r in out["runs"].values() if r["factor"] is not None]
+    out["adam_rms_over_lr"] = adam["rms_update_over_lr"]
+    out["rms_matching_factor"] = 1.0 / adam["rms_update_over_lr"]
+    out["nearest_factor"] = min(lions, key=lambda r: r["distance_from_adam"])["factor"]
+    out["max_rel_deviation"] = max(r["max_rel_deviation"] for r in lions)
+    out["min_share_moved"] = min(r["min_share_moved"] for r in lions)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 8. ADOPT converges for any beta2 where Adam does not (Taniguchi et al. 2024)
+# ---------------------------------------------------------------------------------------
+
+def adopt_counterexample(quick=False, k=10, C=10.0, lr=0.01, beta1s=(0.0, 0.9),
+                         beta2s=(0.1, 0.5, 0.9, 0.999)):
+    r"""Adam and ADOPT on the online problem of Reddi et al. (2018): at step t the loss is
+    :math:`f_t(\theta) = C\theta` when t mod k = 1 and :math:`-\theta` otherwise, with θ
+    projected back into [-1, 1] after each step (from θ = 0). Over a period of k steps the
+    gradients sum to C - (k - 1) = 1 > 0 with the defaults, so the optimum is θ = -1.
+
+    For each (beta1, beta2): Adam; ADOPT without clipping (``use_clipping=False``, the
+    algorithm of the paper's theorem); and ADOPT with its defaults, which clamp the
+    normalized gradient to (t - 1)^(1/4). Every run uses the constant rate ``lr`` and the
+    default eps (Adam 1e-8, ADOPT 1e-6): v is an average of g² in {1, C²}, so with C >= 1,
+    √v >= 1 and eps plays no part. Reports the mean of θ over the last 10 periods and the
+    first step at which the mean of θ over a period is at most -0.9.
+    """
+    import ch8fast
+    steps = 5000 if quick else 10000
+    grads = np.where(np.arange(1, steps + 1) % k == 1, C, -1.0)
+    makers = {"Adam": (ch8fast.Adam, {}),
+              "ADOPT": (ch8fast.ADOPT, {"use_clipping": False}),
+              "ADOPT, clipped": (ch8fast.ADOPT, {})}
+    out = {"k": k, "C": C, "lr": lr, "steps": steps, "runs": {}}
+    for b1 in beta1s:
+        for b2 in beta2s:
+            cell = out["runs"].setdefault(f"{b1:g}", {}).setdefault(f"{b2:g}", {})
+            for name, (cls, kw) in makers.items():
+                th = np.zeros(1)
+                g = np.empty(1)
+                opt = cls([th], lr=lr, betas=(b1, b2), **kw)
+                path = np.empty(steps + 1)
+                path[0] = 0.0
+                for t in range(steps):
+                    g[0] = grads[t]
+                    opt.step([g])
+                    np.clip(th, -1.0, 1.0, out=th)
+                    path[t + 1] = th[0]
+                period = np.convolve(path[1:], np.ones(k) / k, "valid")   # steps i+1..i+k
+                hit = np.nonzero(period <= -0.9)[0]
+                cell[name] = {"final": float(path[-10 * k:].mean()),
+                              "steps_to_minus_0.9": int(hit[0] + k) if hit.size else None,
+                              "period_mean": period}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 9. How long Adam and AdEMAMix remember a batch (Pagliardini et al. 2024)
+# ---------------------------------------------------------------------------------------
+
+def ademamix_memory(seed=0, quick=False, d=100, batch=32, lr=1e-3, alpha=5.0, beta3=0.999,
+                    seen_at=1000, noise=1.0):
+    r"""How long Adam and AdEMAMix remember one batch B seen once.
+
+    Online linear regression: every step draws a fresh batch of ``batch`` samples,
+    :math:`y = x^\top w^* + \text{noise}`, x standard normal in ``d`` dimensions, w* of norm
+    about 1; loss (xᵀw - y)²/2. Each optimizer (lr ``lr``, betas (0.9, 0.999); AdEMAMix with
+    ``alpha`` and ``beta3`` warmed up over the first ``seen_at`` steps by
+    :func:`ch8fast.schedules.ademamix_alpha` and :func:`ch8fast.schedules.ademamix_beta3`)
+    runs twice on the same stream: once with the batch of step ``seen_at`` replaced by B,
+    once without B. The memory of B, j steps after it was seen, is the loss on B of the run
+    without B minus that of the run with it. Reports its peak, the steps to the peak and
+    to half of it, its value 500 steps on and its lowest value (as shares of the peak), and
+    the excess loss ‖w - w*‖²/2 of the run without B over the last tenth of the steps.
+    """
+    import ch8fast
+    from ch8fast.schedules import ademamix_alpha, ademamix_beta3
+    steps = seen_at + (1000 if quick else 2000)
+    makers = {
+        "Adam": lambda: dict(cls=ch8fast.Adam),
+        "AdEMAMix": lambda: dict(cls=ch8fast.AdEMAMix,
+                                 alpha=ademamix_alpha(alpha, seen_at),
+                                 beta3=ademamix_beta3(beta3, 0.9, seen_at)),
+    }
+    out = {"d": d, "batch": batch, "lr": lr, "alpha": alpha, "beta3": beta3,
+           "seen_at": seen_at, "steps": steps, "runs": {}}
+    for name, make in makers.items():
+        loss_B = {}
+        for with_B in (True, False):
+            rng = np.random.default_rng(seed)
+            w_star = rng.standard_normal(d) / math.sqrt(d)
+            XB = rng.standard_normal((batch, d))
+            yB = XB @ w_star + noise * rng.standard_normal(batch)
+            kw = make()
+            w = np.zeros(d)
+            g = np.empty(d)
+            opt = kw.pop("cls")([w], lr=lr, **kw)
+            LB, excess = np.empty(steps), np.empty(steps)
+            for k in range(steps):
+                X = rng.standard_normal((batch, d))
+                y = X @ w_star + noise * rng.standard_normal(batch)
+                if with_B and k == seen_at:
+                    X, y = XB, yB
+                np.matmul(X.T, X @ w - y, out=g)
+                g /= batch
+                opt.step([g])
+                r = XB @ w - yB
+                LB[k] = 0.5 * float(r @ r) / batch
+                excess[k] = 0.5 * float(np.sum((w - w_star) ** 2))
+            loss_B[with_B] = LB
+        memory = (loss_B[False] - loss_B[True])[seen_at:]
+        peak_at = int(np.argmax(memory))
+        peak = float(memory[peak_at])
+        below = np.nonzero(memory[peak_at:] < 0.5 * peak)[0]
+        j500 = min(500, len(memory) - 1)
+        tail = max(1, steps // 10)
+        negative = np.nonzero(memory[peak_at:] < 0.0)[0]
+        out["runs"][name] = {
+            "peak": peak, "peak_at": peak_at,
+            "half_at": int(peak_at + below[0]) if below.size else None,
+            "below_zero_at": int(peak_at + negative[0]) if negative.size else None,
+            "at_500": float(memory[j500] / peak),
+            "lowest": float(memory[peak_at:].min() / peak),
+            "final_excess": float(excess[-tail:].mean()),
+            "memory": memory, "excess": excess}
+    a, m = out["runs"]["Adam"], out["runs"]["AdEMAMix"]
+    out["half_ratio"] = (m["half_at"] / a["half_at"]
+                         if a["half_at"] and m["half_at"] else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------
 
@@ -565,6 +786,87 @@ def _plot_init(s, path):
     return True
 
 
+def _plot_lion(s, path):
+    fig = _figure(12, 4.4)
+    if fig is None:
+        return False
+    ax1, ax2 = fig.subplots(1, 2)
+    steps = np.arange(1, s["steps"] + 1)
+    for i, (name, r) in enumerate(s["runs"].items()):
+        style = dict(color="k", lw=1.5) if r["factor"] is None else dict(color=f"C{i}",
+                                                                          lw=1)
+        ax1.semilogy(steps, r["rms"] / s["lr"], label=f"{name} "
+                     f"(mean {r['rms_update_over_lr']:.3g})", **style)
+        ax2.loglog(steps, r["excess"], label=f"{name}: final {r['final_excess']:.3g}",
+                   **style)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel(f"RMS update per coordinate / lr (lr = {s['lr']:g})")
+    ax1.set_ylim(top=8.0 * max(float(r["rms"].max()) for r in s["runs"].values()) / s["lr"])
+    ax1.set_title("Lion moves every coordinate by its rate; Adam by less")
+    ax1.legend(fontsize=8, loc="upper right", ncol=2)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("loss − its minimum")
+    ax2.set_title(f"logistic regression, minibatches of {s['batch']}")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_adopt(a, path):
+    fig = _figure(15, 4.4)
+    if fig is None:
+        return False
+    axes = fig.subplots(1, 3, sharey=True)
+    names = ("Adam", "ADOPT", "ADOPT, clipped")
+    titles = ("Adam", "ADOPT (use_clipping=False)", "ADOPT (defaults: clipped)")
+    for ax, name, title in zip(axes, names, titles):
+        for b1, ls in zip(a["runs"], ("-", "--")):
+            for i, (b2, cell) in enumerate(a["runs"][b1].items()):
+                pm = cell[name]["period_mean"]
+                ax.plot(np.arange(a["k"], a["k"] + len(pm)), pm, ls, color=f"C{i}", lw=1,
+                        label=f"β1 = {b1}, β2 = {b2}")
+        ax.axhline(-1.0, color="0.5", lw=0.8, ls=":")
+        ax.set_xlabel("step t")
+        ax.set_title(title)
+    axes[0].set_ylabel(f"θ, mean over each period of {a['k']} steps (optimum −1)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"f_t(θ) = {a['C']:g}θ once every {a['k']} steps, −θ otherwise, "
+                 f"θ in [−1, 1], lr {a['lr']:g}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_ademamix(m, path):
+    fig = _figure(12, 4.4)
+    if fig is None:
+        return False
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, color in (("Adam", "C0"), ("AdEMAMix", "C3")):
+        r = m["runs"][name]
+        half = "—" if r["half_at"] is None else r["half_at"]
+        ax1.plot(r["memory"], color=color, lw=1.2,
+                 label=f"{name}: peak {r['peak']:.3g} at +{r['peak_at']}, half at +{half}")
+        if r["half_at"] is not None:
+            ax1.plot(r["half_at"], r["memory"][r["half_at"]], "o", color=color, ms=5)
+        ax2.semilogy(np.arange(1, m["steps"] + 1), r["excess"], color=color, lw=1,
+                     label=f"{name}: final {r['final_excess']:.3g}")
+    ax1.axhline(0, color="0.6", lw=0.8)
+    ax1.set_xlabel("steps since B was seen")
+    ax1.set_ylabel("loss on B without it − loss on B with it")
+    ax1.set_title("memory of one batch B seen once (dots: half the peak)")
+    ax1.legend(fontsize=8)
+    ax2.axvline(m["seen_at"], color="0.6", lw=0.8, ls=":")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("excess loss ‖w − w*‖²/2")
+    ax2.set_title(f"online linear regression, lr {m['lr']:g} (dotted: B seen)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------
@@ -581,7 +883,8 @@ def _g(v, digits=3):
 def _report(res, figs):
     c, r, ts, dr = res["canyon"], res["rates"], res["terminal"], res["drag"]
     ad, ini, lrc = res["adagrad"], res["init"], res["lr"]
-    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5, measured", ""]
+    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5 and of three later "
+         "optimizers, measured", ""]
     L.append(f"Every number below was measured by this run (seed {res['seed']}"
              f"{', --quick' if res['quick'] else ''}), with ch8fast's optimizers.")
     L.append("")
@@ -697,6 +1000,135 @@ def _report(res, figs):
               f"{v['train_loss']:.4f} at the {k} rate ({_g(v['lr'])})"
               for k, v in lrc["longer"].items()) + ".", "", "```",
           res_lr.reasoning, "```", ""] + fig("lr")
+
+    li = res["lion"]
+    adam_l, lion1 = li["runs"]["Adam"], li["runs"].get("Lion, lr/1")
+    L += ["## 7. Lion's sign update is larger than Adam's (Chen et al. 2023)", "",
+          "> Paper: Lion's update, the sign of an interpolation of the momentum and the "
+          "gradient, has a larger norm than those of other optimizers (every coordinate "
+          "moves by exactly lr), so its learning rate is typically 3–10× smaller than "
+          "AdamW's, and its weight decay 3–10× larger so that lr·λ stays the same.", "",
+          f"Logistic regression, {li['n']} samples of {li['d']} features, minibatches of "
+          f"{li['batch']}, {li['steps']} steps from zero on the same minibatches; Adam at "
+          f"lr = {li['lr']:g}, Lion at lr/f:", "",
+          "| optimizer | lr | mean RMS update per coordinate / Adam's lr | final excess "
+          "loss | distance from Adam's curve |", "|---|---:|---:|---:|---:|"]
+    for name, r in li["runs"].items():
+        dist = "—" if r["factor"] is None else f"{r['distance_from_adam']:.3g}"
+        L.append(f"| {name} | {r['lr']:.3g} | {r['rms_update_over_lr']:.3g} | "
+                 f"{r['final_excess']:.3g} | {dist} |")
+    same = ("" if lion1 is None else
+            " At Adam's rate, Lion ends "
+            f"{lion1['final_excess'] / adam_l['final_excess']:.3g}× as far above the "
+            "minimum as Adam.")
+    moved = ("every coordinate moved at every step" if li["min_share_moved"] == 1.0 else
+             f"at least {li['min_share_moved']:.0%} of the coordinates moved at each step")
+    L += ["", "Measured: in every Lion run, each coordinate that moved did so by its "
+          f"learning rate, to within a relative {li['max_rel_deviation']:.1e} (rounding), "
+          f"and {moved}. Adam's RMS update is {li['adam_rms_over_lr']:.3g}·lr, so at "
+          f"the same rate Lion moves each coordinate {li['rms_matching_factor']:.3g}× as "
+          f"far: Lion takes Adam's steps at lr/{li['rms_matching_factor']:.2g}. The Lion "
+          f"run whose loss curve is nearest Adam's is at lr/{li['nearest_factor']:g}."
+          + same + " Excess loss: the loss on all samples minus its minimum, the final one "
+          "averaged over the last tenth of the steps; distance: the mean over the steps of "
+          "the absolute log ratio of the two excess losses. Weight decay is off in these "
+          "runs.", ""] + fig("lion")
+
+    ao = res["adopt"]
+    k, C = ao["k"], ao["C"]
+
+    def steps_text(v):
+        return "—" if v is None else str(v)
+
+    L += ["## 8. ADOPT converges for any β2; Adam does not (Taniguchi et al. 2024)", "",
+          "> Paper: Adam can fail to converge unless β2 suits the problem (Reddi et al. "
+          "2018 built an online problem on which it goes to the worst point); ADOPT, which "
+          "divides the gradient by the second-moment estimate of the previous steps before "
+          "it enters the momentum, converges for any β2.", "",
+          f"f_t(θ) = {C:g}θ when t mod {k} = 1, −θ otherwise, θ projected back into "
+          f"[−1, 1] after every step, from θ = 0: the gradients of a period sum to "
+          f"{C - (k - 1):g} > 0, so the optimum is θ = −1. lr = {ao['lr']:g} (constant), "
+          f"{ao['steps']} steps. Mean θ over the last 10 periods, and in brackets the "
+          "first step at which the mean of θ over a period is ≤ −0.9 (—: not within the "
+          "run):", "",
+          "| β1 | β2 | Adam | ADOPT (use_clipping=False) | ADOPT, defaults (clipped) |",
+          "|---:|---:|---:|---:|---:|"]
+    names = ("Adam", "ADOPT", "ADOPT, clipped")
+    for b1, row in ao["runs"].items():
+        for b2, cell in row.items():
+            L.append(f"| {b1} | {b2} | " + " | ".join(
+                f"{cell[n]['final']:+.3f} ({steps_text(cell[n]['steps_to_minus_0.9'])})"
+                for n in names) + " |")
+    wrong = [f"β1 = {b1} with β2 = " + ", ".join(b2 for b2, c in row.items()
+                                                  if c["Adam"]["final"] > 0)
+             for b1, row in ao["runs"].items()
+             if any(c["Adam"]["final"] > 0 for c in row.values())]
+    ends = [c["ADOPT"]["final"] for row in ao["runs"].values() for c in row.values()]
+    b1_0 = next(iter(ao["runs"]))
+    b2_0 = next(iter(ao["runs"][b1_0]))
+    clipped = ao["runs"][b1_0][b2_0]["ADOPT, clipped"]["steps_to_minus_0.9"]
+    unclipped = ao["runs"][b1_0][b2_0]["ADOPT"]["steps_to_minus_0.9"]
+    clipped = (f"has not reached −0.9 after {ao['steps']} steps" if clipped is None else
+               f"reaches −0.9 at step {clipped}")
+    L += ["", "Measured: Adam ends on the wrong side (θ > 0) for " +
+          (" and ".join(wrong) if wrong else "none of these settings") +
+          f". ADOPT without clipping ends between {min(ends):+.3f} and {max(ends):+.3f} "
+          "for every (β1, β2). ADOPT's defaults clamp the normalized gradient to "
+          f"(t − 1)^(1/4): with a small β2, v ≈ 1 when the rare gradient C = {C:g} comes, "
+          f"so its normalized value ≈ {C:g} is cut until t ≈ {C:g}⁴ and the rare steps "
+          f"are too short; with β1 = {b1_0}, β2 = {b2_0} the clipped ADOPT {clipped} "
+          f"(without clipping: step {steps_text(unclipped)}). So the settings here are "
+          "`use_clipping=False` (the algorithm of the paper's theorem) beside the "
+          "defaults; eps (Adam 1e-8, ADOPT 1e-6) plays no part, since v averages g² ∈ "
+          f"{{1, {C * C:g}}} and √v ≥ 1.", ""] + fig("adopt")
+
+    am = res["ademamix"]
+    a, m = am["runs"]["Adam"], am["runs"]["AdEMAMix"]
+    L += ["## 9. How long Adam and AdEMAMix remember a batch (Pagliardini et al. 2024)",
+          "",
+          "> Paper: one EMA of the gradients cannot both weigh the latest gradient heavily "
+          "and keep a non-negligible weight on old ones; AdEMAMix adds a slow EMA (β3 near "
+          "1) with weight α, so gradients stay relevant for thousands of steps, and models "
+          "trained with it forget their training data more slowly than with AdamW.", "",
+          f"Online linear regression in {am['d']} dimensions: every step a fresh batch of "
+          f"{am['batch']} noisy samples; one batch B replaces the stream's batch at step "
+          f"{am['seen_at']}, and the same run without B gives the loss B would have had. "
+          f"Adam and AdEMAMix at lr = {am['lr']:g}, betas (0.9, 0.999); AdEMAMix with "
+          f"α = {am['alpha']:g} and β3 = {am['beta3']:g}, both warmed up over the first "
+          f"{am['seen_at']} steps (`ademamix_alpha`, `ademamix_beta3`). The memory of "
+          "B is the loss on B without it minus the loss on B with it:", "",
+          "| optimizer | peak memory | steps to the peak | steps to half the peak | "
+          "memory 500 steps on (share of the peak) | lowest memory (share of the peak) | "
+          "final excess loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in am["runs"].items():
+        L.append(f"| {name} | {r['peak']:.3g} | {r['peak_at']} | "
+                 f"{steps_text(r['half_at'])} | {r['at_500']:+.3f} | {r['lowest']:+.3f} | "
+                 f"{r['final_excess']:.3g} |")
+    text = (f"Measured: AdEMAMix's memory of B peaks {m['peak'] / a['peak']:.3g}× as high "
+            f"as Adam's, {m['peak_at']} steps after B against {a['peak_at']}")
+    if am["half_ratio"] is not None:
+        text += f", and falls to half its peak {am['half_ratio']:.3g}× as late"
+    if m["below_zero_at"] is not None:
+        text += (f"; then its slow moment swings past: from step +{m['below_zero_at']} the "
+                 "loss on B is higher than if B had never been seen (lowest "
+                 f"{m['lowest']:+.2f} of the peak)")
+    if a["below_zero_at"] is None:
+        text += ", while Adam's memory stays above zero"
+    text += (". At the same rate AdEMAMix ends "
+             f"{m['final_excess'] / a['final_excess']:.3g}× as far above the best loss as "
+             "Adam (excess loss ‖w − w*‖²/2, mean over the last tenth of the steps). ")
+    slower = am["half_ratio"] is not None and am["half_ratio"] > 1
+    if slower and m["below_zero_at"] is not None:
+        text += ("On this small problem AdEMAMix forgets B more slowly for its first few "
+                 "hundred steps only, then overshoots")
+    elif slower:
+        text += "On this small problem AdEMAMix forgets B more slowly"
+    else:
+        text += "On this small problem AdEMAMix does not forget B more slowly"
+    text += (", and the mixture does not reach a lower loss than Adam at the same rate."
+             if m["final_excess"] > a["final_excess"] else
+             ", and the mixture reaches a lower loss than Adam at the same rate.")
+    L += ["", text, ""] + fig("ademamix")
     return "\n".join(L)
 
 
@@ -704,6 +1136,7 @@ def _numbers(res):
     """The tour's measured numbers, as plain JSON-able data."""
     c, r, ts, dr = res["canyon"], res["rates"], res["terminal"], res["drag"]
     ad, ini, lrc = res["adagrad"], res["init"], res["lr"]
+    li, ao, am = res["lion"], res["adopt"], res["ademamix"]
     return {
         "seed": res["seed"], "quick": res["quick"],
         "canyon": {n: {k: v for k, v in d.items() if k != "path"}
@@ -725,6 +1158,17 @@ def _numbers(res):
         "lr": {"recommended": lrc["result"].recommended,
                "best_short_trial": lrc["result"].best_short_trial,
                "longer": lrc["longer"]},
+        "lion": {k: v for k, v in li.items() if k != "runs"}
+        | {"runs": {n: {k: v for k, v in r.items() if k not in ("rms", "excess")}
+                    for n, r in li["runs"].items()}},
+        "adopt": {k: v for k, v in ao.items() if k != "runs"}
+        | {"runs": {b1: {b2: {n: {k: v for k, v in r.items() if k != "period_mean"}
+                              for n, r in cell.items()}
+                         for b2, cell in row.items()}
+                    for b1, row in ao["runs"].items()}},
+        "ademamix": {k: v for k, v in am.items() if k != "runs"}
+        | {"runs": {n: {k: v for k, v in r.items() if k not in ("memory", "excess")}
+                    for n, r in am["runs"].items()}},
     }
 
 
@@ -744,7 +1188,10 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
              ("init", "initialization scale",
               lambda: init_scales(depth=10 if quick else 20, width=64 if quick else 128,
                                   seed=seed)),
-             ("lr", "learning-rate chooser", lambda: lr_choice(seed, quick))]
+             ("lr", "learning-rate chooser", lambda: lr_choice(seed, quick)),
+             ("lion", "Lion against Adam", lambda: lion_vs_adam(seed, quick)),
+             ("adopt", "ADOPT on Reddi's problem", lambda: adopt_counterexample(quick)),
+             ("ademamix", "AdEMAMix's memory", lambda: ademamix_memory(seed, quick))]
     for key, title, fn in steps:
         t = time.perf_counter()
         res[key] = fn()
@@ -756,7 +1203,10 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
                 "rates": (_plot_rates, (res["rates"],)),
                 "momentum": (_plot_momentum, (res["terminal"], res["drag"])),
                 "adagrad": (_plot_adagrad, (res["adagrad"],)),
-                "init": (_plot_init, (res["init"],))}
+                "init": (_plot_init, (res["init"],)),
+                "lion": (_plot_lion, (res["lion"],)),
+                "adopt": (_plot_adopt, (res["adopt"],)),
+                "ademamix": (_plot_ademamix, (res["ademamix"],))}
         for key, (fn, args) in plan.items():
             path = os.path.join(out, f"tour_{key}.png")
             if fn(*args, path):
@@ -790,6 +1240,20 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
     say(f"  Rosenbrock final loss: AdaGrad {res['adagrad']['AdaGrad']['final_loss']:.3g}, "
         f"RMSProp {res['adagrad']['RMSProp']['final_loss']:.3g}")
     say(f"  lr chooser: recommended {_g(res['lr']['result'].recommended)}")
+    say()
+    say("Measured against the papers:")
+    li = res["lion"]
+    say(f"  Lion: RMS update / lr: Lion 1, Adam {li['adam_rms_over_lr']:.3f} (Lion takes "
+        f"Adam's steps at lr/{li['rms_matching_factor']:.2g}); loss curve nearest Adam's: "
+        f"Lion at lr/{li['nearest_factor']:g}")
+    for b1, row in res["adopt"]["runs"].items():
+        say(f"  Reddi's problem (optimum −1), final θ Adam/ADOPT, β1={b1}: " + ", ".join(
+            f"β2={b2} {c['Adam']['final']:+.2f}/{c['ADOPT']['final']:+.2f}"
+            for b2, c in row.items()))
+    a, m = res["ademamix"]["runs"]["Adam"], res["ademamix"]["runs"]["AdEMAMix"]
+    say(f"  AdEMAMix: memory of a batch seen once, steps to half its peak: Adam "
+        f"{a['half_at']}, AdEMAMix {m['half_at']}; final excess loss: Adam "
+        f"{a['final_excess']:.3g}, AdEMAMix {m['final_excess']:.3g}")
     if not plot:
         say("figures skipped (--no-plot)")
     elif missing:
