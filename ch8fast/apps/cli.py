@@ -2,8 +2,8 @@
 
 * ``ch8fast demo``: train a small MLP with every optimizer of the chapter and compare
   them (``mpirun -n 2 ch8fast demo --distributed``: data parallel over MPI);
-* ``ch8fast tour``: reproduce the chapter's claims, and those of the papers of Lion, ADOPT
-  and AdEMAMix, as figures and a Markdown report;
+* ``ch8fast tour``: reproduce the chapter's claims, and those of the papers of Lion, ADOPT,
+  AdEMAMix and schedule-free SGD, as figures and a Markdown report;
 * ``ch8fast bench``: benchmark the fused kernels;
 * ``ch8fast --version``.
 """
@@ -36,10 +36,11 @@ def build_parser():
     p = sub.add_parser(
         "tour", help="reproduce the chapter's claims (momentum, rates, drag, AdaGrad vs "
                      "RMSProp, initialization, learning-rate choice) and those of the "
-                     "Lion, ADOPT and AdEMAMix papers as figures and tour.md",
+                     "Lion, ADOPT, AdEMAMix and schedule-free papers as figures and "
+                     "tour.md",
         description="Reproduce the claims of sections 8.3-8.5, and of the papers of Lion, "
-                    "ADOPT and AdEMAMix, with ch8fast's optimizers; write figures and a "
-                    "Markdown report with each measured number beside the statement it "
+                    "ADOPT, AdEMAMix and schedule-free SGD, with ch8fast's optimizers; "
+                    "write figures and a Markdown report with each measured number beside the statement it "
                     "checks.")
     tour.add_arguments(p)
     p.set_defaults(run=tour.main, subparser=p)

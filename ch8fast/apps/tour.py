@@ -1,7 +1,7 @@
-"""``ch8fast tour``: the claims of chapter 8.3-8.5, and of the papers of three later
+"""``ch8fast tour``: the claims of chapter 8.3-8.5, and of the papers of four later
 rules, measured with ch8fast's optimizers.
 
-Nine experiments, each a function that returns its numbers (and the data of its figure):
+Ten experiments, each a function that returns its numbers (and the data of its figure):
 
 1. :func:`canyon`: momentum crosses an ill-conditioned quadratic; gradient descent zig-zags.
 2. :func:`rates`: excess error against k, with fitted log-log slopes: SGD on a convex and
@@ -20,6 +20,8 @@ Nine experiments, each a function that returns its numbers (and the data of its 
    2024).
 9. :func:`ademamix_memory`: how long Adam and AdEMAMix remember a batch seen once
    (Pagliardini et al. 2024).
+10. :func:`schedule_free`: schedule-free SGD, one run with one learning rate, against SGD
+    with a linear decay tuned for each run length (Defazio et al. 2024).
 
 :func:`run_tour` runs them all and writes ``tour.md``, ``tour.json`` and the figures.
 """
@@ -35,7 +37,8 @@ import numpy as np
 
 __all__ = ["canyon", "rates", "terminal_speed", "drag", "adagrad_vs_rmsprop",
            "init_scales", "lr_choice", "lion_vs_adam", "adopt_counterexample",
-           "ademamix_memory", "fit_slope", "run_tour", "add_arguments", "main"]
+           "ademamix_memory", "schedule_free", "fit_slope", "run_tour", "add_arguments",
+           "main"]
 
 
 def fit_slope(k, err, lo, hi):
@@ -643,6 +646,93 @@ def ademamix_memory(seed=0, quick=False, d=100, batch=32, lr=1e-3, alpha=5.0, be
     return out
 
 
+def schedule_free(seed=0, quick=False):
+    """Schedule-free SGD against SGD with a linear decay to 0, on a noisy least-squares
+    problem (Defazio et al. 2024): the decay must know the run's length T and be tuned
+    for it; one schedule-free run per learning rate is read at every T.
+
+    Returns the horizons; the decay's best excess loss (mean over seeds) and rate per T;
+    per beta, schedule-free's best per T and the losses of the one rate best at the
+    longest T; their ratios to the decay's; and the curves of the figure."""
+    import ch8fast
+    from ch8fast import schedules
+    rng = np.random.default_rng(seed)
+    n, d, batch = 4000, 40, 8
+    A = rng.standard_normal((n, d)) / np.sqrt(np.arange(1, d + 1))
+    y = A @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n)
+    w_star = np.linalg.lstsq(A, y, rcond=None)[0]
+
+    def loss(w):
+        r = A @ w - y
+        return 0.5 * float(np.mean(r * r))
+
+    f_star = loss(w_star)
+    horizons = (250, 1000) if quick else (250, 1000, 4000)
+    seeds = (1,) if quick else (1, 2, 3)
+    lrs = [0.02 * 2 ** (i / 2) for i in range(0, 12, 2 if quick else 1)]
+    t_max = horizons[-1]
+    draws = {s: np.random.default_rng([seed, s]).integers(0, n, (t_max, batch))
+             for s in seeds}
+
+    def run(make, T, s, at=()):
+        """Excess loss at the end (and at the steps ``at``) of T steps from 0."""
+        w = np.zeros(d)
+        opt = make([w])
+        out = {}
+        for k in range(T):
+            idx = draws[s][k]
+            Ai = A[idx]
+            opt.step([Ai.T @ (Ai @ w - y[idx]) / batch])
+            if k + 1 in at:
+                out[k + 1] = loss(opt.theta()[0]) - f_star
+        out[T] = loss(opt.theta()[0]) - f_star
+        return out
+
+    res = {"horizons": list(horizons), "seeds": len(seeds), "lrs": lrs, "linear": {},
+           "schedule_free": {}}
+    for T in horizons:
+        best = min((np.mean([run(lambda p: ch8fast.SGD(
+            p, lr=schedules.linear_decay(lr, T, 0.0)), T, s)[T] for s in seeds]), lr)
+            for lr in lrs)
+        res["linear"][T] = {"loss": best[0], "lr": best[1]}
+    for beta in (0.5, 0.9):
+        # one run per learning rate, read at every horizon: the best rate at each, and
+        # the losses at every horizon of the one rate best at the longest
+        by_lr = {lr: [run(lambda p: ch8fast.ScheduleFreeSGD(p, lr=lr, momentum=beta),
+                          t_max, s, at=horizons) for s in seeds] for lr in lrs}
+        mean = {lr: {T: float(np.mean([o[T] for o in runs])) for T in horizons}
+                for lr, runs in by_lr.items()}
+        tuned = {T: min((mean[lr][T], lr) for lr in lrs) for T in horizons}
+        one = tuned[t_max][1]
+        res["schedule_free"][beta] = {
+            "tuned": {T: {"loss": v, "lr": lr} for T, (v, lr) in tuned.items()},
+            "lr": one, "loss": mean[one]}
+    # each schedule-free figure over the decay's tuned for that length
+    res["ratio"] = {b: {T: d["loss"][T] / res["linear"][T]["loss"] for T in horizons}
+                    for b, d in res["schedule_free"].items()}
+    res["ratio_tuned"] = {b: {T: d["tuned"][T]["loss"] / res["linear"][T]["loss"]
+                              for T in horizons}
+                          for b, d in res["schedule_free"].items()}
+    # the figure: excess loss along one seed's runs
+    every = max(1, t_max // 200)
+    marks = tuple(range(every, t_max + 1, every))
+    s0 = seeds[0]
+    b_best = min(res["schedule_free"],
+                 key=lambda b: res["schedule_free"][b]["tuned"][t_max]["loss"])
+    sf = res["schedule_free"][b_best]
+    res["curves"] = {
+        "steps": list(marks),
+        "schedule_free": [run(lambda p: ch8fast.ScheduleFreeSGD(p, lr=sf["lr"],
+                                                                  momentum=b_best),
+                              t_max, s0, at=marks)[k] for k in marks],
+        "linear": {T: (lambda o: [o[k] for k in marks if k <= T])(run(
+            lambda p: ch8fast.SGD(p, lr=schedules.linear_decay(res["linear"][T]["lr"],
+                                                               T, 0.0)),
+            T, s0, at=marks)) for T in horizons}}
+    res["beta_figure"] = b_best
+    return res
+
+
 # ---------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------
@@ -867,6 +957,31 @@ def _plot_ademamix(m, path):
     return True
 
 
+def _plot_schedule_free(r, path):
+    fig = _figure(7.5, 4.6)
+    if fig is None:
+        return False
+    ax = fig.subplots()
+    c = r["curves"]
+    steps = np.array(c["steps"])
+    for j, (T, ys) in enumerate(c["linear"].items()):
+        ax.loglog(steps[:len(ys)], ys, color=f"C{j}", lw=1,
+                  label=f"SGD, linear decay to 0 over T = {T} "
+                        f"(lr {r['linear'][T]['lr']:.3g}, tuned for T)")
+        ax.plot(steps[len(ys) - 1], ys[-1], "o", color=f"C{j}", ms=5)
+    b = r["beta_figure"]
+    sf = r["schedule_free"][b]
+    ax.loglog(steps, c["schedule_free"], color="k", lw=1.4,
+              label=f"schedule-free SGD, β = {b:g}, lr {sf['lr']:.3g} (one run)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("excess loss at the evaluated point (x for schedule-free)")
+    ax.set_title("noisy least squares, minibatches of 8 (one seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------
@@ -883,7 +998,7 @@ def _g(v, digits=3):
 def _report(res, figs):
     c, r, ts, dr = res["canyon"], res["rates"], res["terminal"], res["drag"]
     ad, ini, lrc = res["adagrad"], res["init"], res["lr"]
-    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5 and of three later "
+    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5 and of four later "
          "optimizers, measured", ""]
     L.append(f"Every number below was measured by this run (seed {res['seed']}"
              f"{', --quick' if res['quick'] else ''}), with ch8fast's optimizers.")
@@ -1129,6 +1244,51 @@ def _report(res, figs):
              if m["final_excess"] > a["final_excess"] else
              ", and the mixture reaches a lower loss than Adam at the same rate.")
     L += ["", text, ""] + fig("ademamix")
+
+    sf = res["schedule_free"]
+    Ts = sf["horizons"]
+    L += ["## 10. Schedule-free SGD against a tuned linear decay (Defazio et al. 2024)", "",
+          "> Paper: averaging the iterates replaces the learning-rate schedule; schedule-"
+          "free methods match or beat a tuned linear decay without being told when the run "
+          "ends (the decay must know its length T and be tuned for it).", "",
+          "Noisy least squares (4,000 samples, 40 features with decaying scales, noise "
+          "0.5, minibatches of 8), from 0. SGD with a linear decay to 0 over T steps: its "
+          f"learning rate tuned for each T over {len(sf['lrs'])} rates from "
+          f"{sf['lrs'][0]:g} to {sf['lrs'][-1]:.3g}, a new run per T. Schedule-free SGD: "
+          f"one run of {Ts[-1]} steps per rate and β, read at every T (at x, "
+          "`opt.theta()`): its best rate at each T, and the one rate best at the longest "
+          "T read at all. "
+          f"Excess loss, mean of {sf['seeds']} minibatch order(s):", "",
+          "| T | linear decay (its lr) | "
+          + " | ".join(f"schedule-free β = {b:g}, tuned per T (lr) | β = {b:g}, lr "
+                       f"{d['lr']:.3g} throughout" for b, d in sf["schedule_free"].items())
+          + " |", "|---:|---:|" + "---:|---:|" * len(sf["schedule_free"])]
+    for T in Ts:
+        lin = sf["linear"][T]
+        L.append(f"| {T} | {lin['loss']:.3g} ({lin['lr']:.3g}) | " + " | ".join(
+            f"{d['tuned'][T]['loss']:.3g} ({d['tuned'][T]['lr']:.3g}) | {d['loss'][T]:.3g}"
+            for d in sf["schedule_free"].values()) + " |")
+    b = sf["beta_figure"]
+    tuned, one = sf["ratio_tuned"][b], sf["ratio"][b]
+    lin_lrs = [sf["linear"][T]["lr"] for T in Ts]
+    sf_lrs = [sf["schedule_free"][b]["tuned"][T]["lr"] for T in Ts]
+    L += ["", f"Measured (β = {b:g}): tuned for each length as the decay is, schedule-free "
+          f"SGD ends at {min(tuned.values()):.2f}–{max(tuned.values()):.2f}× the decay's "
+          f"excess loss, from one run per rate; its best rate moved from {max(sf_lrs):.3g} "
+          f"to {min(sf_lrs):.3g} over the lengths, the decay's from {max(lin_lrs):.3g} to "
+          f"{min(lin_lrs):.3g}. At the one rate best for T = {Ts[-1]}, read at every T: "
+          + ", ".join(f"{r:.2f}× at T = {T}" for T, r in one.items())
+          + " (the rate best for the long run is small for the short ones). β "
+          "matters: " + ", ".join(f"β = {bb:g} gives {r[Ts[-1]]:.2f}×"
+                                  for bb, r in sf["ratio_tuned"].items())
+          + f" at T = {Ts[-1]} (the paper's default for SGD is 0.9, and it tunes β per "
+          "problem). So here schedule-free SGD "
+          + ("reaches a lower loss than the decay tuned for each length"
+             if max(tuned.values()) < 1 else
+             "does not beat the tuned decay at every length")
+          + (", but its best rate still depends on the length: what it saves is the run "
+             "per length, not the tuning." if max(sf_lrs) > 2 * min(sf_lrs) else
+             ", and one rate serves every length."), ""] + fig("schedule_free")
     return "\n".join(L)
 
 
@@ -1169,6 +1329,7 @@ def _numbers(res):
         "ademamix": {k: v for k, v in am.items() if k != "runs"}
         | {"runs": {n: {k: v for k, v in r.items() if k not in ("memory", "excess")}
                     for n, r in am["runs"].items()}},
+        "schedule_free": {k: v for k, v in res["schedule_free"].items() if k != "curves"},
     }
 
 
@@ -1191,7 +1352,8 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
              ("lr", "learning-rate chooser", lambda: lr_choice(seed, quick)),
              ("lion", "Lion against Adam", lambda: lion_vs_adam(seed, quick)),
              ("adopt", "ADOPT on Reddi's problem", lambda: adopt_counterexample(quick)),
-             ("ademamix", "AdEMAMix's memory", lambda: ademamix_memory(seed, quick))]
+             ("ademamix", "AdEMAMix's memory", lambda: ademamix_memory(seed, quick)),
+             ("schedule_free", "schedule-free SGD", lambda: schedule_free(seed, quick))]
     for key, title, fn in steps:
         t = time.perf_counter()
         res[key] = fn()
@@ -1206,7 +1368,8 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
                 "init": (_plot_init, (res["init"],)),
                 "lion": (_plot_lion, (res["lion"],)),
                 "adopt": (_plot_adopt, (res["adopt"],)),
-                "ademamix": (_plot_ademamix, (res["ademamix"],))}
+                "ademamix": (_plot_ademamix, (res["ademamix"],)),
+                "schedule_free": (_plot_schedule_free, (res["schedule_free"],))}
         for key, (fn, args) in plan.items():
             path = os.path.join(out, f"tour_{key}.png")
             if fn(*args, path):
@@ -1254,6 +1417,11 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
     say(f"  AdEMAMix: memory of a batch seen once, steps to half its peak: Adam "
         f"{a['half_at']}, AdEMAMix {m['half_at']}; final excess loss: Adam "
         f"{a['final_excess']:.3g}, AdEMAMix {m['final_excess']:.3g}")
+    sf = res["schedule_free"]
+    say("  schedule-free SGD (one run) / linear decay (tuned per T), excess loss: "
+        + ", ".join(f"T={T} {r:.2f}"
+                    for T, r in sf["ratio_tuned"][sf["beta_figure"]].items())
+        + f" (β = {sf['beta_figure']:g}, its rate tuned per T from one run per rate)")
     if not plot:
         say("figures skipped (--no-plot)")
     elif missing:
