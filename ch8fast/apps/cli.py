@@ -40,8 +40,8 @@ def build_parser():
                      "tour.md",
         description="Reproduce the claims of sections 8.3-8.5, and of the papers of Lion, "
                     "ADOPT, AdEMAMix and schedule-free SGD, with ch8fast's optimizers; "
-                    "write figures and a Markdown report with each measured number beside the statement it "
-                    "checks.")
+                    "write figures and a Markdown report with each measured number "
+                    "beside the statement it checks.")
     tour.add_arguments(p)
     p.set_defaults(run=tour.main, subparser=p)
     sub.add_parser("bench", help="benchmark the fused kernels (arguments are passed to "
