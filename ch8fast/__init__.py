@@ -39,13 +39,13 @@ from .clip import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value, 
 from .flat import FlatParams
 from .sparse import SparseRows
 from .lr_finder import LRFinderResult, choose_lr
-from .optim import (ADOPT, SGD, AdaDelta, AdaGrad, Adam, AdamW, AdEMAMix, Lion, Optimizer,
-                    RMSProp, ScheduleFreeAdamW, ScheduleFreeSGD)
+from .optim import (ADOPT, LAMB, LARS, SGD, AdaDelta, AdaGrad, Adam, AdamW, AdEMAMix, Lion,
+                    Optimizer, RMSProp, ScheduleFreeAdamW, ScheduleFreeSGD)
 from .schedules import minibatches, robbins_monro
 
 __all__ = [
     "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaDelta", "Lion", "ADOPT", "AdEMAMix",
-    "ScheduleFreeSGD", "ScheduleFreeAdamW", "Optimizer",
+    "ScheduleFreeSGD", "ScheduleFreeAdamW", "LAMB", "LARS", "Optimizer",
     "functional", "init", "schedules", "get_num_threads", "set_num_threads", "isa",
     "choose_lr", "LRFinderResult", "minibatches", "robbins_monro",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "all_finite",

@@ -181,12 +181,16 @@ def rebuild(opt, groups, steps, interim, form):
                     aux[2 + c] = [state[i][name + ".absmax"] for i in sel]
             keep = keep_mode(opt, dt)
             catch = opt.sparse == "catch_up"
+            trust = None
+            if opt.rule.trust_ratio:        # per row: whether it takes the trust ratio
+                trust = [not (m.fixed.get("exclude_1d") and params[i].ndim < 2)
+                         for i in sel]
             tables.append(K.Table(
                 [params[i] for i in sel], cols, sel, guard, storage=stor, keep=keep,
                 aux=aux, base=[layouts[i][1] for i in sel], rowwise=rw,
                 last=[state[i].get("last_step") for i in sel] if catch else None,
                 dense_step=[state[i].get("dense_step") for i in sel] if catch
-                else None))
+                else None, trust=trust))
             owners.append(gi)
     engine = K.Engine(tables, owners, [m.scalars for m in metas], steps, interim, form,
                       opt.seed)
@@ -207,6 +211,10 @@ def rebuild(opt, groups, steps, interim, form):
 
 def check_storage(opt, params):
     sixteen = [i for i, p in enumerate(params) if storage.is_16bit(p.dtype)]
+    if sixteen and opt.rule.trust_ratio:
+        raise ValueError(f"params[{sixteen[0]}] is {params[sixteen[0]].dtype}: "
+                         f"{type(opt).__name__}'s per-tensor norms run on float32/float64 "
+                         f"parameters only")
     if opt._param_mode is not None and not sixteen:
         raise ValueError(f"param_mode={opt._param_mode!r} is for float16/bfloat16 "
                          f"parameters; these are {dtypes_in(params)[0]}")

@@ -40,7 +40,7 @@ from .sparse import SparseRows
 
 __all__ = ["Optimizer", "ParamGroup", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW",
            "AdaDelta", "Lion", "ADOPT", "AdEMAMix", "ScheduleFreeSGD",
-           "ScheduleFreeAdamW", "encode_hyperparameter",
+           "ScheduleFreeAdamW", "LAMB", "LARS", "encode_hyperparameter",
            "decode_hyperparameter"]
 
 
@@ -532,3 +532,11 @@ class ScheduleFreeSGD(Optimizer):
 
 class ScheduleFreeAdamW(Optimizer):
     rule = rules.SCHEDULE_FREE_ADAMW
+
+
+class LAMB(Optimizer):
+    rule = rules.LAMB
+
+
+class LARS(Optimizer):
+    rule = rules.LARS

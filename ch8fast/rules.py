@@ -32,7 +32,7 @@ from ._validation import (Choice, Exactly, Real, betas_pair, closed_unit, count,
 
 __all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
            "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ADEMAMIX", "SCHEDULE_FREE_SGD",
-           "SCHEDULE_FREE_ADAMW", "PARAM", "ALL", "CONVENTIONS"]
+           "SCHEDULE_FREE_ADAMW", "LAMB", "LARS", "PARAM", "ALL", "CONVENTIONS"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan
@@ -185,6 +185,12 @@ class Rule:
         for dt in dtypes:
             for k, h in self.hyper.items():
                 h.check.fits(values[k], where(k), dt)
+
+    @property
+    def trust_ratio(self):
+        """Whether the rule scales each parameter array by a ratio of its norms (LAMB,
+        LARS): two passes, no row-sparse steps, float32/float64 parameters."""
+        return K.TRUST[self.kernel(self.state(self.defaults()))]
 
     def profile(self, h):
         """The :class:`Profile` of hyperparameters ``h`` (their ``convention``)."""
@@ -1103,8 +1109,133 @@ and ``optax.contrib.schedule_free_adamw``.
     point=AveragePoint,
 )
 
+# ---------------------------------------------------------------------------------------
+# LAMB and LARS: a trust ratio per tensor (You et al. 2017, 2020)
+# ---------------------------------------------------------------------------------------
+
+_TRUST_NOTE = r"""
+The ratio is computed per parameter array, once per step, from sums of squares in fixed
+blocks added in order: the same bits for any number of threads. A group made with
+``exclude_1d=True`` leaves its arrays of fewer than 2 dimensions (biases, normalization
+scales) out of the ratio and the weight decay, as the papers' and optax's masks usually
+do. Two passes over the
+arrays (the first updates the state and sums the norms, the second applies the step).
+Row-sparse gradients are refused (the ratio is of the whole tensor), as are 16-bit
+parameters and compressed state for now, and :class:`ch8fast.distributed.DataParallel`
+(it updates one flat buffer, which would make one ratio for the whole model).
+"""
+
+_EXCLUDE_1D = Hyper(False, flag, "parameters of the group with fewer than 2 dimensions "
+                                 "(biases, normalization scales) take neither the trust "
+                                 "ratio nor the weight decay; fixed when the optimizer is "
+                                 "made.", fixed=True)
+
+_LAMB_PROFILES = {"book": Profile("You et al. 2020, as optax.lamb")}
+
+
+def _lamb_scalars(s, h, h_next):
+    _common_scalars(s, h, _LAMB_PROFILES[h["convention"]])
+    s.l2 = False                 # (the decay is in u, after the normalization)
+    s.beta1, s.beta2 = h["betas"]
+    s.eps = h["eps"]
+    s.bias_correction = True
+    s.corrected_lr = True        # lr stays; s_hat = s c1
+    s.trust, s.trust_eps = 1.0, 0.0
+
+
+LAMB = Rule(
+    name="LAMB",
+    summary="LAMB, Adam's direction scaled per tensor by a trust ratio (You et al. 2020, "
+            "\"Large Batch Optimization for Deep Learning: Training BERT in 76 minutes\").",
+    math=r"""
+.. math::
+
+    s \leftarrow \beta_1 s + (1 - \beta_1) g, \quad
+    r \leftarrow \beta_2 r + (1 - \beta_2) g \odot g, \quad
+    u = \frac{\hat s}{\sqrt{\hat r} + \delta} + \lambda \theta
+
+    \theta \leftarrow \theta - \epsilon\, \frac{\|\theta\|}{\|u\|}\, u
+    \quad \text{per parameter array (ratio 1 where either norm is 0)}
+""",
+    notes=_TRUST_NOTE + r"""
+Defaults: betas (0.9, 0.999), eps 1e-6, weight decay 0, as optax.lamb (whose formulas
+these are: its ``scale_by_trust_ratio`` with coefficient 1 and no epsilon).
+""",
+    hyper={
+        "lr": Hyper(1e-3, nonnegative, _LR),
+        "betas": Hyper((0.9, 0.999), betas_pair,
+                       "(beta1, beta2): the moments' decay rates, each in [0, 1)."),
+        "eps": Hyper(1e-6, positive, "delta, added to sqrt(r_hat); > 0."),
+        "weight_decay": Hyper(0.0, nonnegative, "lambda: ``lambda * theta`` is added to "
+                                                "the normalized direction u."),
+        "exclude_1d": _EXCLUDE_1D,
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_LAMB_PROFILES),
+    },
+    state=lambda h: ("exp_avg", "exp_avg_sq"),
+    state_doc="The step count t is kept per param group; state per parameter: ``exp_avg`` "
+              "(s) and ``exp_avg_sq`` (r).",
+    kinds={"exp_avg": "signed", "exp_avg_sq": "square"},
+    state_formats=("float32",),
+    state_format_note="its per-tensor norms run on float32/float64 state only",
+    kernel=lambda state: "lamb",
+    scalars=_lamb_scalars,
+    profiles=_LAMB_PROFILES,
+)
+
+_LARS_PROFILES = {"book": Profile("You et al. 2017, as optax.lars", nesterov="lookahead")}
+
+
+def _lars_scalars(s, h, h_next):
+    prof = _LARS_PROFILES[h["convention"]]
+    _common_scalars(s, h, prof)
+    s.l2 = True                  # u = g + wd theta (also when wd is 0: the same u)
+    _momentum_scalars(s, h, h_next, prof)
+    s.trust, s.trust_eps = h["trust_coefficient"], h["eps"]
+
+
+LARS = Rule(
+    name="LARS",
+    summary="LARS, momentum SGD scaled per tensor by a trust ratio (You, Gitman & Ginsburg "
+            "2017, \"Large Batch Training of Convolutional Networks\").",
+    math=r"""
+.. math::
+
+    u = g + \lambda \theta, \quad
+    v \leftarrow \alpha v - \epsilon\, \frac{c\, \|\theta\|}{\|u\| + e}\, u, \quad
+    \theta \leftarrow \theta + v
+    \quad \text{per parameter array (ratio 1 where either norm is 0)}
+""",
+    notes=_TRUST_NOTE + r"""
+``nesterov=True`` is optax's look-ahead form (theta moves by alpha v' plus the step).
+Defaults: momentum 0.9, trust coefficient c = 0.001, e = 0, weight decay 0, as optax.lars
+(whose formulas these are); the velocity is the book's (theta + v), optax's trace.
+""",
+    hyper={
+        "lr": Hyper(1.0, nonnegative, _LR),
+        "momentum": Hyper(0.9, unit_interval, "alpha in [0, 1), or a schedule."),
+        "nesterov": Hyper(False, flag, "optax's Nesterov form; fixed when the optimizer is "
+                                       "made.", fixed=True),
+        "weight_decay": Hyper(0.0, nonnegative, "lambda: ``lambda * theta`` is added to "
+                                                "the gradient before the ratio."),
+        "trust_coefficient": Hyper(0.001, positive, "c, the ratio's coefficient; > 0."),
+        "eps": Hyper(0.0, nonnegative, "e, added to the norm of u in the ratio; >= 0."),
+        "exclude_1d": _EXCLUDE_1D,
+        "maximize": _MAXIMIZE,
+        "convention": _convention(_LARS_PROFILES),
+    },
+    state=lambda h: ("velocity",),
+    state_doc="State per parameter: ``velocity`` (v, optax's trace).",
+    kinds={"velocity": "signed"},
+    state_formats=("float32",),
+    state_format_note="its per-tensor norms run on float32/float64 state only",
+    kernel=lambda state: "lars",
+    scalars=_lars_scalars,
+    profiles=_LARS_PROFILES,
+)
+
 ALL = (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, ADADELTA, LION, ADOPT, ADEMAMIX,
-       SCHEDULE_FREE_SGD, SCHEDULE_FREE_ADAMW)
+       SCHEDULE_FREE_SGD, SCHEDULE_FREE_ADAMW, LAMB, LARS)
 
 #: every convention name, in the order of the SGD rule's (the widest set)
 CONVENTIONS = tuple(SGD.profiles)

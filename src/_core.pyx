@@ -385,10 +385,16 @@ cdef class Table:
     cdef list dense_step      # per row (catch_up): int64[1], the last update of all rows
     cdef list saved           # per row: the dense gradient a catch-up row walk takes
     cdef Py_ssize_t[::1] rowlen   # per row: the length of its rows (-1: not 2-D)
+    # trust-ratio rules (two passes, per-tensor norms)
+    cdef bint trust
+    cdef unsigned char[::1] adapt     # per row: takes the trust ratio and weight decay
+    cdef Py_ssize_t[::1] bstart       # per row: its first norm block (NORM_BLOCK)
+    cdef double[::1] nsums            # per norm block: sum of theta^2, of u^2
+    cdef Hyper* row_h                 # per row: the second pass's scalars
 
     def __init__(self, list params, list states, index, Guard guard, storage=None,
                  str keep="none", aux=None, base=None, bint rowwise=False, last=None,
-                 dense_step=None):
+                 dense_step=None, trust=None):
         cdef Py_ssize_t r, c, k
         cdef cnp.ndarray p0
         self.nrows = len(params)
@@ -485,6 +491,23 @@ cdef class Table:
         self._check_layout(storage)
         n_blocks = (self.offsets[self.nrows] + SUM_BLOCK - 1) // SUM_BLOCK
         self.blocks = np.zeros(max(1, n_blocks))
+        # trust-ratio rules: ``trust`` is, per row, whether it takes the ratio
+        self.trust = trust is not None
+        if self.trust:
+            if self.coded or rowwise or self.catch:
+                raise ValueError("trust-ratio rules need float32/float64 parameters and "
+                                 "state, dense")
+            if len(trust) != self.nrows:
+                raise ValueError("one trust flag per row")
+            self.adapt = np.array([bool(x) for x in trust] or [False], np.uint8)
+            self.bstart = np.zeros(self.nrows + 1, np.intp)
+            for r in range(self.nrows):
+                self.bstart[r + 1] = self.bstart[r] + (
+                    self.offsets[r + 1] - self.offsets[r] + NORM_BLOCK - 1) // NORM_BLOCK
+            self.nsums = np.zeros(max(2, 2 * self.bstart[self.nrows]))
+            self.row_h = <Hyper*>PyMem_Malloc(max(1, self.nrows) * sizeof(Hyper))
+            if self.row_h == NULL:
+                raise MemoryError()
         # bytes moved per element (reads and writes), for the thread cutoff
         item = {EL_F32: 4, EL_F64: 8, EL_F16: 2, EL_BF16: 2}[self.elfmt]
         nbytes = 3 * item                       # p read and written, g read
@@ -496,6 +519,9 @@ cdef class Table:
             nbytes += {ST_F32: 2 * item if not self.coded else 8, ST_BF16: 4,
                        ST_BF16_SR: 4, ST_Q8_SIGNED: 2, ST_Q8_UNSIGNED: 2}[self.codec.sfmt[k]]
         self.bytes_per_element = nbytes
+
+    def __dealloc__(self):
+        PyMem_Free(self.row_h)
 
     def _check_layout(self, storage):
         # every array of the right dtype and size for its storage
@@ -715,12 +741,17 @@ cdef class Table:
             if nbytes < _parallel_min_bytes:
                 nt = 1                    # few active elements: no thread team
             if nbytes >= _parallel_min_bytes // 4:
-                with nogil:
-                    L.run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
-                          self.nrows, h, nt)
+                if self.trust and op < N_RULES:
+                    self._trust_go(op, h, nt, True)
+                else:
+                    with nogil:
+                        L.run(op, self.f64, &self.table[0, 0], self.ncols,
+                              &self.offsets[0], self.nrows, h, 0, nt)
+            elif self.trust and op < N_RULES:
+                self._trust_go(op, h, nt, False)
             else:
                 L.run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
-                      self.nrows, h, nt)
+                      self.nrows, h, 0, nt)
         if op >= N_RULES:
             return 0
         for r in range(self.nrows):
@@ -730,6 +761,46 @@ cdef class Table:
                 self._rows(op, r, None, self.saved[r], h, key, t, nt)
             if self.catch and self.last[r] is not None and self.batches[r] is None:
                 self.dense_step[r][0] = t
+        return 0
+
+    cdef int _trust_go(self, int op, const Hyper* h, int nt, bint release) except -1:
+        # A trust-ratio rule: its first pass (per-tensor sums of theta^2 and u^2, in fixed
+        # blocks), each tensor's ratio c |theta| / (|u| + e) (1 where either norm is 0, or
+        # for a tensor the group excludes, which also takes no weight decay), then the
+        # second pass with each tensor's rate times its ratio.
+        cdef Py_ssize_t r, b
+        cdef double tn, un, ratio
+        cdef Hyper* hs = self.row_h
+        for r in range(self.nrows):
+            hs[r] = h[0]
+            if not self.adapt[r]:
+                hs[r].wd = 0.0
+        if release:
+            with nogil:
+                L.norms(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                        self.nrows, hs, &self.bstart[0], &self.nsums[0], nt)
+        else:
+            L.norms(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                    self.nrows, hs, &self.bstart[0], &self.nsums[0], nt)
+        for r in range(self.nrows):
+            tn = 0.0
+            un = 0.0
+            for b in range(self.bstart[r], self.bstart[r + 1]):
+                tn += self.nsums[2 * b]
+                un += self.nsums[2 * b + 1]
+            tn = sqrt(tn)
+            un = sqrt(un)
+            ratio = 1.0
+            if self.adapt[r] and not (tn == 0.0 or un == 0.0):
+                ratio = h.trust * tn / (un + h.trust_eps)
+            hs[r].lr = h.lr * ratio
+        if release:
+            with nogil:
+                L.run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                      self.nrows, hs, 1, nt)
+        else:
+            L.run(op, self.f64, &self.table[0, 0], self.ncols, &self.offsets[0],
+                  self.nrows, hs, 1, nt)
         return 0
 
     cdef bint _stale(self, Py_ssize_t r, int64_t t):
@@ -874,7 +945,7 @@ cdef class Engine:
 
         A scalar that overflows the table's dtype raises ValueError before anything is
         written."""
-        cdef Py_ssize_t i, g
+        cdef Py_ssize_t i, g, r
         cdef Table t
         cdef Scalars s
         if form == 1:
@@ -894,6 +965,13 @@ cdef class Engine:
                 g = self.group_of[i]
                 if t.elfmt >= EL_BF16 and not t.coded:
                     raise ValueError("16-bit parameters need a keeping mode")
+                if t.trust:
+                    for r in range(t.nrows):
+                        if t.batches[r] is not None:
+                            raise ValueError(
+                                f"{t.names[r][0]} is row-sparse: a trust-ratio rule "
+                                f"scales each tensor by the norms of all of it; pass "
+                                f"the dense gradient")
                 (<Scalars>self.scalars[g]).fill(
                     &hs[i], plan, <long long>self.steps[g] + 1, t.f64, t.ncols,
                     g if len(self.scalars) > 1 else -1)
@@ -1004,7 +1082,7 @@ def apply(Scalars s not None, param, grad, dict state, tuple names,
     if offsets[1] * (8 if f64 else 4) * (2 * (n + 2) - 1) < _parallel_min_bytes:
         nt = 1
     with nogil:
-        L.run(s.code, f64, row, n + 2, offsets, 1, &h, nt)
+        L.run(s.code, f64, row, n + 2, offsets, 1, &h, 0, nt)
 
 
 # ---------------------------------------------------------------------------------------

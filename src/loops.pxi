@@ -659,6 +659,79 @@ cdef void _schedule_free_loop(floating* p, const floating* g, floating* z, float
         z[i] = zi - lr * ui
 
 
+cdef inline floating _lamb_u(floating mi, floating vi, floating pi, floating c1,
+                             floating c2, floating eps, floating wd) noexcept nogil:
+    # LAMB's direction: s_hat / (sqrt(r_hat) + delta) + wd theta
+    return (mi * c1) / (_sqrt(vi) * c2 + eps) + wd * pi
+
+
+cdef void _lamb_norms(floating* p, const floating* g, floating* m, floating* v,
+                      floating* s2, Py_ssize_t n, const Hyper* h, double* acc_t,
+                      double* acc_u) noexcept nogil:
+    # LAMB's first pass (You et al. 2020, Algorithm 2): s <- b1 s + (1 - b1) g,
+    # r <- b2 r + (1 - b2) g*g, and the sums of theta^2 and u^2 (u by QB elements, in a
+    # buffer; lanes by the element's index in its row)
+    cdef floating wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating c1 = <floating>h.c1, c2 = <floating>h.c2
+    cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
+    cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating buf[QB]
+    cdef floating gi, mi, vi
+    cdef Py_ssize_t k = 0, i, mm
+    while k < n:
+        mm = min(QB, n - k)
+        for i in range(mm):
+            gi = _grad(g[k + i], gs, cv, clip)
+            mi = b1 * m[k + i] + b1c * gi
+            vi = b2 * v[k + i] + b2c * (gi * gi)
+            m[k + i] = mi
+            v[k + i] = vi
+            buf[i] = _lamb_u(mi, vi, p[k + i], c1, c2, eps, wd)
+        _sumsq_piece(<floating*>NULL, p + k, mm, k % SUM_LANES, acc_t)
+        _sumsq_piece(<floating*>NULL, buf, mm, k % SUM_LANES, acc_u)
+        k += mm
+
+
+cdef void _lamb(floating* p, const floating* g, floating* m, floating* v, floating* s2,
+                Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
+    # LAMB's second pass: theta <- theta - lr u, u from the moments the first pass left;
+    # h.lr is this tensor's rate times its trust ratio |theta| / |u|
+    cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
+    cdef floating c1 = <floating>h.c1, c2 = <floating>h.c2
+    cdef floating pi
+    cdef Py_ssize_t i
+    for i in range(n):
+        pi = p[i]
+        p[i] = pi - lr * _lamb_u(m[i], v[i], pi, c1, c2, eps, wd)
+
+
+cdef void _lars_norms(floating* p, const floating* g, floating* vel, floating* s1,
+                      floating* s2, Py_ssize_t n, const Hyper* h, double* acc_t,
+                      double* acc_u) noexcept nogil:
+    # LARS's first pass (You et al. 2017): the sums of theta^2 and u^2, u = g + wd theta
+    cdef floating wd = <floating>h.wd
+    cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
+    cdef bint clip = h.flags & FLAG_CLIP
+    cdef floating buf[QB]
+    cdef Py_ssize_t k = 0, i, mm
+    while k < n:
+        mm = min(QB, n - k)
+        for i in range(mm):
+            buf[i] = _grad(g[k + i], gs, cv, clip) + wd * p[k + i]
+        _sumsq_piece(<floating*>NULL, p + k, mm, k % SUM_LANES, acc_t)
+        _sumsq_piece(<floating*>NULL, buf, mm, k % SUM_LANES, acc_u)
+        k += mm
+
+
+cdef void _lars(floating* p, const floating* g, floating* vel, floating* s1, floating* s2,
+                Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
+    # LARS's second pass: the book's momentum (FLAG_L2: u = g + wd theta; Nesterov in the
+    # look-ahead form) with h.lr this tensor's rate times its trust ratio
+    _momentum(p, g, vel, s1, s2, n, tail, h, o)
+
+
 cdef void _adadelta(floating* p, const floating* g, floating* eg, floating* ed, floating* s2,
                     Py_ssize_t n, Py_ssize_t tail, const Hyper* h, ops* o) noexcept nogil:
     # E[g^2] <- rho E[g^2] + (1 - rho) g*g
@@ -732,8 +805,9 @@ cdef inline void _span(floating* tag, int rule, const intptr_t* row, Py_ssize_t 
 
 cdef void _walk(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
                 const Py_ssize_t* offsets, Py_ssize_t nrows, Py_ssize_t start,
-                Py_ssize_t stop, const Hyper* h) noexcept nogil:
-    # Apply ``rule`` to the global element range [start, stop) of the table.
+                Py_ssize_t stop, const Hyper* h, Py_ssize_t hstride) noexcept nogil:
+    # Apply ``rule`` to the global element range [start, stop) of the table, row r with
+    # the scalars h[r * hstride] (hstride 0: one Hyper for all; 1: one per row).
     cdef Py_ssize_t r, end
     if start >= stop:
         return
@@ -747,17 +821,19 @@ cdef void _walk(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
             if table[r * ncols + 1] != 0 or rule == TRANSFORM:
                 if f64:
                     _span(<double*>NULL, rule, table + r * ncols, ncols,
-                          start - offsets[r], end - start, offsets[r + 1] - offsets[r], h)
+                          start - offsets[r], end - start, offsets[r + 1] - offsets[r],
+                          h + r * hstride)
                 else:
                     _span(<float*>NULL, rule, table + r * ncols, ncols,
-                          start - offsets[r], end - start, offsets[r + 1] - offsets[r], h)
+                          start - offsets[r], end - start, offsets[r + 1] - offsets[r],
+                          h + r * hstride)
             start = end
         r += 1
 
 
 cdef void _run(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
                const Py_ssize_t* offsets, Py_ssize_t nrows, const Hyper* h,
-               int n_threads) noexcept nogil:
+               Py_ssize_t hstride, int n_threads) noexcept nogil:
     cdef Py_ssize_t total = offsets[nrows]
     cdef Py_ssize_t itemsize = 8 if f64 else 4
     cdef Py_ssize_t chunk
@@ -768,9 +844,56 @@ cdef void _run(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
         chunk = (chunk + 15) // 16 * 16
         for t in prange(n_threads, num_threads=n_threads, schedule='static'):
             _walk(rule, f64, table, ncols, offsets, nrows,
-                  min(t * chunk, total), min((t + 1) * chunk, total), h)
+                  min(t * chunk, total), min((t + 1) * chunk, total), h, hstride)
     else:
-        _walk(rule, f64, table, ncols, offsets, nrows, 0, total, h)
+        _walk(rule, f64, table, ncols, offsets, nrows, 0, total, h, hstride)
+
+
+cdef void _norm_block(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
+                      const Py_ssize_t* offsets, Py_ssize_t nrows, const Hyper* hs,
+                      const Py_ssize_t* bstart, double* sums, Py_ssize_t b) noexcept nogil:
+    # Block b of the first pass of a trust-ratio rule: NORM_BLOCK elements of one row from
+    # a multiple of NORM_BLOCK, its two sums in sums[2b], sums[2b + 1] (lanes added in order)
+    cdef double acc_t[SUM_LANES]
+    cdef double acc_u[SUM_LANES]
+    cdef double st = 0.0, su = 0.0
+    cdef Py_ssize_t r = _row_of(bstart, nrows, b), lo, n, j
+    cdef const intptr_t* row = table + r * ncols
+    for j in range(SUM_LANES):
+        acc_t[j] = 0.0
+        acc_u[j] = 0.0
+    lo = (b - bstart[r]) * NORM_BLOCK
+    n = min(NORM_BLOCK, offsets[r + 1] - offsets[r] - lo)
+    if f64:
+        _rule_norms((<double*>row[0]) + lo, (<const double*>row[1]) + lo,
+                    (<double*>row[2]) + lo if ncols > 2 else NULL,
+                    (<double*>row[3]) + lo if ncols > 3 else NULL, <double*>NULL, n, rule,
+                    hs + r, acc_t, acc_u)
+    else:
+        _rule_norms((<float*>row[0]) + lo, (<const float*>row[1]) + lo,
+                    (<float*>row[2]) + lo if ncols > 2 else NULL,
+                    (<float*>row[3]) + lo if ncols > 3 else NULL, <float*>NULL, n, rule,
+                    hs + r, acc_t, acc_u)
+    for j in range(SUM_LANES):
+        st += acc_t[j]
+        su += acc_u[j]
+    sums[2 * b] = st
+    sums[2 * b + 1] = su
+
+
+cdef void _norms(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
+                 const Py_ssize_t* offsets, Py_ssize_t nrows, const Hyper* hs,
+                 const Py_ssize_t* bstart, double* sums, int n_threads) noexcept nogil:
+    # The first pass of a trust-ratio rule over a table, row r with the scalars hs[r]: its
+    # rows cut into blocks of NORM_BLOCK elements (bstart[r]: the first block of row r),
+    # each summed alone, so that the sums are the same bits for any number of threads
+    cdef Py_ssize_t nb = bstart[nrows], b
+    if n_threads > 1 and nb > 1:
+        for b in prange(nb, num_threads=n_threads, schedule='static'):
+            _norm_block(rule, f64, table, ncols, offsets, nrows, hs, bstart, sums, b)
+    else:
+        for b in range(nb):
+            _norm_block(rule, f64, table, ncols, offsets, nrows, hs, bstart, sums, b)
 
 
 cdef double _sumsq_block(int efmt, const intptr_t* table, Py_ssize_t ncols, int col,
@@ -1305,6 +1428,7 @@ _LOOPS.run = _run
 _LOOPS.run_blocks = _run_blocks
 _LOOPS.run_rows = _run_rows
 _LOOPS.sumsq = _sumsq
+_LOOPS.norms = _norms
 _LOOPS.sum_rows = _sum_rows_any
 
 LOOPS = PyCapsule_New(<void*>&_LOOPS, "ch8fast.Loops", NULL)

@@ -30,7 +30,11 @@ Column = namedtuple("Column", "name decay drift when", defaults=(None, False, No
 # gradient also applies the decoupled weight decay (theta *= decay^dt in the catch-up), and
 # whether steps of zero gradient have a closed form at all (else sparse="catch_up" is
 # refused when the optimizer is made).
-Rule = namedtuple("Rule", "name columns doc decoupled catch_up", defaults=(False, True))
+# A trust-ratio rule (``trust``) runs in two passes: ``_<name>_norms`` updates what the step
+# needs and sums, per tensor, theta^2 and u^2 of its update direction u; then ``_<name>``
+# applies the step with each tensor's learning rate times its trust ratio.
+Rule = namedtuple("Rule", "name columns doc decoupled catch_up trust",
+                  defaults=(False, True, False))
 
 RULES = [
     Rule("sgd", [], "theta <- theta - eps g  (Alg 8.1)"),
@@ -70,6 +74,13 @@ RULES = [
          "2024)", catch_up=False),
     Rule("schedule_free_adamw", [Column("z"), Column("exp_avg_sq", "beta2")],
          "the same with g / (sqrt(r_hat) + delta) (Defazio et al. 2024)", catch_up=False),
+    # (the trust ratio is of the whole tensor: no row-sparse step, no catch-up)
+    Rule("lamb", [Column("exp_avg", "beta1"), Column("exp_avg_sq", "beta2")],
+         "u = s_hat / (sqrt(r_hat) + delta) + wd theta, theta <- theta - eps |theta| / |u| "
+         "u per tensor  (You et al. 2020)", catch_up=False, trust=True),
+    Rule("lars", [Column("velocity", "alpha", drift=True)],
+         "u = g + wd theta, v <- alpha v - eps c |theta| / (|u| + e) u, theta <- theta + v "
+         "per tensor  (You et al. 2017)", catch_up=False, trust=True),
 ]
 
 # The per-step scalars, double precision, by name: (name, what it is, default). Python
@@ -97,6 +108,11 @@ SCALARS = [
            "(FLAG_BOUND; (t - 1)^clip_exponent at update t, see Scalars.fill)", 0.0),
     Scalar("ck", "schedule-free: c, the weight of z in the new average x (set each step "
            "from the run's weights, see ch8fast._points.AveragePoint)", 0.0),
+    Scalar("c1", "1 / (1 - beta1^t) with bias_correction (LAMB's s_hat; the others "
+           "fold it into lr)", 1.0),
+    Scalar("trust", "trust-ratio rules: the coefficient c of the ratio "
+           "c |theta| / (|u| + trust_eps)", 1.0),
+    Scalar("trust_eps", "trust-ratio rules: added to |u| in the ratio", 0.0),
 ]
 
 # The switches of a step, as Python sets them on a ``Scalars`` (name, what it is), and the
@@ -118,6 +134,8 @@ SWITCHES = [
     ("first_fills_v", "the first update sets v <- g*g and leaves m (beta1 1, beta2 0: "
      "ADOPT)"),
     ("bounded", "clamp the normalized gradient to (t - 1)^clip_exponent (ADOPT)"),
+    ("corrected_lr", "with bias_correction, lr keeps its value (the correction is c1: "
+     "LAMB)"),
 ]
 EXTRA = [("lr_decay", "lr / (1 + (t - 1) lr_decay) at update t (torch Adagrad)"),
          ("clip_exponent", "with bounded: bound = (t - 1)^clip_exponent at update t")]

@@ -51,6 +51,8 @@ include "rules.pxi"
 cdef enum:
     SUM_BLOCK = 4096      # sums of squares: fixed blocks of the concatenated elements,
     SUM_LANES = 16        # each summed in 16 lanes by global index, blocks added in order
+    NORM_BLOCK = 4096     # the blocks of a trust-ratio rule's per-tensor sums (a multiple
+                          # of SUM_LANES and of QB)
 
 cdef enum:
     TAIL_BYTES = 32       # the vectors of torch's fused CPU kernels (AVX2 Vectorized<T>):
@@ -107,7 +109,11 @@ cdef struct Codec:
 # the cutoff for small calls); the results are the same bits for any value.
 ctypedef void (*run_fn)(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
                         const Py_ssize_t* offsets, Py_ssize_t nrows, const Hyper* h,
-                        int n_threads) noexcept nogil
+                        Py_ssize_t hstride, int n_threads) noexcept nogil
+ctypedef void (*norms_fn)(int rule, bint f64, const intptr_t* table, Py_ssize_t ncols,
+                          const Py_ssize_t* offsets, Py_ssize_t nrows, const Hyper* hs,
+                          const Py_ssize_t* bstart, double* sums,
+                          int n_threads) noexcept nogil
 ctypedef void (*run_blocks_fn)(int rule, const intptr_t* table, const intptr_t* aux,
                                Py_ssize_t ncols, const Py_ssize_t* offsets,
                                const Py_ssize_t* voff, const Py_ssize_t* base,
@@ -136,3 +142,4 @@ cdef struct Loops:
     run_rows_fn run_rows  # the rows of one 2-D tensor (row-sparse, catch-up, row-wise)
     sumsq_fn sumsq        # the sum of squares of one column of a table
     sum_rows_fn sum_rows  # the duplicates of one row of a row-sparse gradient, summed
+    norms_fn norms        # the first pass of a trust-ratio rule: per-tensor sums

@@ -386,7 +386,7 @@ def test_every_demo_optimizer_is_a_ch8fast_class():
     assert list(OPTIMIZERS) == ["sgd", "momentum", "nesterov", "adagrad", "rmsprop",
                                 "rmsprop_nesterov", "adam", "adamw", "adadelta", "lion",
                                 "adopt", "ademamix", "schedule_free_sgd",
-                                "schedule_free_adamw"]
+                                "schedule_free_adamw", "lamb", "lars"]
     for c in OPTIMIZERS.values():
         assert issubclass(getattr(ch8fast, c.cls_name), ch8fast.Optimizer)
     # one colour each (matplotlib's "C10" is "C0" again)

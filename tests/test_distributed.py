@@ -304,6 +304,17 @@ def test_16bit_arenas_need_matching_or_float32_gradients():
 
 
 @needs_mpi
+@pytest.mark.parametrize("name", ["LAMB", "LARS"])
+def test_data_parallel_refuses_trust_ratio_rules(name):
+    """LAMB and LARS scale each array by its own norms; DataParallel updates one flat
+    buffer, which would make one ratio for the whole model: refused, naming the rule."""
+    from ch8fast.distributed import DataParallel
+    arena = ch8fast.FlatParams({"w": (10,), "b": (3,)}, np.float32)
+    with pytest.raises(ValueError, match=f"{name} scales each parameter array"):
+        DataParallel(arena, name, lr=0.5)
+
+
+@needs_mpi
 def test_what_data_parallel_holds_cannot_be_replaced():
     """Replacing an array the collectives or the optimizer hold (the reduction would run
     on one array and the step on another) is refused; writing into it works."""

@@ -34,13 +34,15 @@ def test_one_flat_step_equals_separate_arrays(name, cls, ref_name, hyper):
     for p in arena.params:
         p[...] = rng.standard_normal(p.shape)
     separate = [p.copy() for p in arena.params]
-    opt_flat = cls([arena.flat], **hyper)
+    # (LAMB, LARS: a ratio per array, so the arena's views are the parameters)
+    trust = cls.rule.trust_ratio
+    opt_flat = cls(arena.params if trust else [arena.flat], **hyper)
     opt_sep = cls(separate, **hyper)
     for _ in range(4):
         gs = [rng.standard_normal(p.shape).astype(np.float32) for p in separate]
         for view, g in zip(arena.grads, gs):
             view[...] = g
-        opt_flat.step(arena.flat_grad)
+        opt_flat.step(arena.grads if trust else arena.flat_grad)
         opt_sep.step(gs)
     for p, q in zip(arena.params, separate):
         assert p.tobytes() == q.tobytes()

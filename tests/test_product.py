@@ -75,6 +75,10 @@ RULES = [
                                                          warmup_steps=2), {"no_catch_up"}),
     ("schedule_free_adamw_optax", ch8fast.ScheduleFreeAdamW,
      dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, convention="optax"), {"no_catch_up"}),
+    ("lamb", ch8fast.LAMB, dict(lr=1e-2, weight_decay=0.01, exclude_1d=True),
+     {"no_catch_up", "trust"}),
+    ("lars", ch8fast.LARS, dict(lr=0.5, weight_decay=0.01, trust_coefficient=0.02),
+     {"no_catch_up", "trust", "momentum"}),
 ]
 
 BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
@@ -116,6 +120,8 @@ def refusal(rule, store, form, nform):
         return "rowwise"
     if fmt is not None and fmt not in cls.rule.state_formats:
         return "state_format"
+    if "trust" in flags and dt not in ("float32", "float64"):
+        return "16-bit"
     return None
 
 
@@ -128,6 +134,8 @@ def step_refusal(opt, store, form, nform):
         return "state_format"
     if nform == "literal" and keep is not None:
         return "literal"
+    if form == "lazy" and opt.rule.trust_ratio:
+        return "row-sparse"
     return None
 
 
@@ -224,7 +232,7 @@ def test_product(case):
         msg = str(err.value)
         assert any(word in msg for word in ("sparse", "state_format", "param_mode",
                                             "convention", "nesterov", "Nesterov",
-                                            "rowwise")), msg
+                                            "rowwise", "float32/float64")), msg
         for p, q in zip(params, before):
             assert p.tobytes() == q.tobytes()
         return
@@ -278,7 +286,7 @@ def _check_step_refused(opt, params, rng, dtype, nform, form):
     sp, rest = _grads(params, rng, dtype, 4)
     g0 = sp if form != "dense" else sp.to_dense(params[0].shape[0])
     before = [_bytes(opt, i) for i in range(len(params))]
-    with pytest.raises(ValueError, match="state_format|literal Nesterov"):
+    with pytest.raises(ValueError, match="state_format|literal Nesterov|row-sparse"):
         _step(opt, [g0] + rest, nform)
     assert [_bytes(opt, i) for i in range(len(params))] == before
 

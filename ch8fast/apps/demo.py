@@ -93,11 +93,14 @@ OPTIMIZERS = {c.name: c for c in [
               (("warmup_steps", 50),)),
     Contender("schedule_free_adamw", "schedule-free AdamW", 2.5e-3, False,
               "ScheduleFreeAdamW", (("warmup_steps", 50),)),
+    Contender("lamb", "LAMB", 2e-3, False, "LAMB", (("exclude_1d", True),)),
+    Contender("lars", "LARS", 1.0, False, "LARS", (("exclude_1d", True),)),
 ]}
 
 # One colour per optimizer, by name: the same in every figure and every run.
 # (matplotlib's ten cycle colours, then colours outside that cycle)
-_PALETTE = [f"C{i}" for i in range(10)] + ["k", "#b8860b", "#000080", "#ff00ff"]
+_PALETTE = [f"C{i}" for i in range(10)] + ["k", "#b8860b", "#000080", "#ff00ff", "#8b0000",
+                                             "#2e8b57"]
 COLORS = {name: _PALETTE[i] for i, name in enumerate(OPTIMIZERS)}
 
 
@@ -544,6 +547,12 @@ def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
     if threads is not None:
         ch8fast.set_num_threads(threads)
     names = list(OPTIMIZERS) if optimizers is None else list(optimizers)
+    skipped = []
+    if distributed:
+        # (DataParallel updates one flat buffer: no per-array trust ratio, LAMB and LARS)
+        skipped = [n for n in names
+                   if getattr(ch8fast, OPTIMIZERS[n].cls_name).rule.trust_ratio]
+        names = [n for n in names if n not in skipped]
     X, y, classes, desc = load_dataset(data)
     Xt, yt, Xv, yv = split_standardize(X, y, seed)
     if batch_size > len(Xt):
@@ -566,6 +575,9 @@ def run_demo(*, data: Optional[str] = None, optimizers=None, epochs: int = 30,
     say(f"  init: {init_note}")
     say(f"  {epochs} epochs, minibatch {bs!r}, same minibatch order for every optimizer; "
         f"{ch8fast.get_num_threads()} ch8fast thread(s)")
+    if skipped:
+        say(f"  not data parallel: {', '.join(skipped)} (a trust ratio per array; "
+            f"DataParallel updates one flat buffer)")
     if dist is not None:
         say(f"  data parallel over {world} MPI rank(s): each takes 1/{world} of every "
             f"minibatch, one Allreduce averages the gradients"

@@ -12,7 +12,7 @@ own) and works on copies of the parameters.
 import numpy as np
 
 __all__ = ["Reference", "SGD", "AdaGrad", "RMSProp", "Adam", "AdaDelta", "Lion", "ADOPT",
-           "AdEMAMix", "ScheduleFreeSGD", "ScheduleFreeAdamW", "for_rule",
+           "AdEMAMix", "ScheduleFreeSGD", "ScheduleFreeAdamW", "LAMB", "LARS", "for_rule",
            "nesterov_literal"]
 
 
@@ -298,6 +298,63 @@ class ScheduleFreeAdamW(ScheduleFreeSGD):
         return self.l2(y, g / (np.sqrt(r_hat) + self.h["eps"]))
 
 
+def _trust_ratio(p, u, coefficient=1.0, eps=0.0):
+    """``coefficient norm(p) / (norm(u) + eps)``, 1 where either norm is 0."""
+    pn, un = np.sqrt(np.sum(p.astype(np.float64) ** 2)), np.sqrt(
+        np.sum(u.astype(np.float64) ** 2))
+    return 1.0 if pn == 0 or un == 0 else coefficient * pn / (un + eps)
+
+
+class LAMB(Reference):
+    """You et al. 2020, Algorithm 2: Adam's bias-corrected direction u plus wd theta,
+    scaled per array by the norm of theta over the norm of u; ``exclude_1d``: arrays of
+    fewer than 2 dimensions take neither the ratio nor the decay."""
+
+    def init_state(self, p):
+        return {"exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+
+    def update(self, p, g, st):
+        (b1, b2), eps, t = self.h["betas"], self.h["eps"], self.t
+        skip = self.h.get("exclude_1d") and p.ndim < 2
+        wd = 0.0 if skip else self.h["weight_decay"]
+        if self.h.get("maximize"):
+            g = -g
+        st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * (g * g)
+        s_hat = st["exp_avg"] / (1 - b1 ** t)
+        r_hat = st["exp_avg_sq"] / (1 - b2 ** t)
+        u = s_hat / (np.sqrt(r_hat) + eps) + wd * p
+        ratio = 1.0 if skip else _trust_ratio(p, u)
+        return p - self.h["lr"] * ratio * u
+
+
+class LARS(Reference):
+    """You et al. 2017 with momentum, as optax.lars: u = g + wd theta, the step
+    lr c ``norm(theta) / (norm(u) + e)`` u per array into the velocity,
+    v <- alpha v - step, theta <- theta + v (Nesterov: theta + alpha v' - step)."""
+
+    def init_state(self, p):
+        return {"velocity": np.zeros_like(p)}
+
+    def update(self, p, g, st):
+        skip = self.h.get("exclude_1d") and p.ndim < 2
+        wd = 0.0 if skip else self.h["weight_decay"]
+        alpha = self.h["momentum"]
+        alpha = alpha(self.t - 1) if callable(alpha) else alpha
+        lr = self.h["lr"]
+        lr = lr(self.t - 1) if callable(lr) else lr
+        if self.h.get("maximize"):
+            g = -g
+        u = g + wd * p
+        ratio = 1.0 if skip else _trust_ratio(p, u, self.h["trust_coefficient"],
+                                              self.h["eps"])
+        step = lr * ratio * u
+        st["velocity"] = alpha * st["velocity"] - step
+        if self.h.get("nesterov"):
+            return p + alpha * st["velocity"] - step
+        return p + st["velocity"]
+
+
 def nesterov_literal(theta, grad_at, lr, alpha, steps):
     """The book's Algorithm 8.3 verbatim: gradient at theta + alpha v."""
     theta = theta.copy()
@@ -315,4 +372,4 @@ def for_rule(rule):
     return {"SGD": SGD, "AdaGrad": AdaGrad, "RMSProp": RMSProp, "Adam": Adam,
             "AdamW": Adam, "AdaDelta": AdaDelta, "Lion": Lion, "ADOPT": ADOPT,
             "AdEMAMix": AdEMAMix, "ScheduleFreeSGD": ScheduleFreeSGD,
-            "ScheduleFreeAdamW": ScheduleFreeAdamW}[rule.name]
+            "ScheduleFreeAdamW": ScheduleFreeAdamW, "LAMB": LAMB, "LARS": LARS}[rule.name]

@@ -278,6 +278,11 @@ class DataParallel:
         if not (isinstance(optimizer, type) and issubclass(optimizer, Optimizer)):
             raise TypeError(f"optimizer must be a ch8fast optimizer class or its name, got "
                             f"{optimizer!r}")
+        rule = optimizer.rule
+        if rule.trust_ratio:
+            raise ValueError(f"optimizer: {rule.name} scales each parameter array by its "
+                             f"own norms, and DataParallel updates one flat buffer (one "
+                             f"ratio for the whole model); it is not supported here")
         if grad_sync not in ("allreduce", "reduce_scatter"):
             raise ValueError(f"grad_sync must be 'allreduce' or 'reduce_scatter', got "
                              f"{grad_sync!r}")
