@@ -57,7 +57,8 @@ def main():
                     tf.append(_time(f, n))
                     tg.append(_time(g, n))
                 ratios = sorted(x / y for x, y in zip(tf, tg))
-                print(f"| {name} | {base} | {n:.3g} | {nt} | {np.median(tf) * 1e6:.3g} us | "
+                print(f"| {name} | {base} | {n:.3g} | {nt} | "
+                      f"{np.median(tf) * 1e6:.3g} us | "
                       f"{np.median(tg) * 1e6:.3g} us | {ratios[len(ratios) // 2]:.2f} | "
                       f"{streams / bstreams:.2f} |")
     print(f"load average {os.getloadavg()[0]:.2f} at end")

@@ -1130,12 +1130,19 @@ _EXCLUDE_1D = Hyper(False, flag, "parameters of the group with fewer than 2 dime
                                  "ratio nor the weight decay; fixed when the optimizer is "
                                  "made.", fixed=True)
 
-_LAMB_PROFILES = {"book": Profile("You et al. 2020, as optax.lamb")}
+_LAMB_PROFILES = {
+    "book": Profile("You et al. 2020, as optax.lamb"),
+    "optax": Profile("optax.lamb"),
+    "keras": Profile("keras.optimizers.Lamb", weight_decay="decoupled", lr_float32=True),
+}
 
 
 def _lamb_scalars(s, h, h_next):
-    _common_scalars(s, h, _LAMB_PROFILES[h["convention"]])
-    s.l2 = False                 # (the decay is in u, after the normalization)
+    prof = _LAMB_PROFILES[h["convention"]]
+    _common_scalars(s, h, prof)
+    s.l2 = False                 # (the book's decay is in u, after the normalization)
+    if prof.weight_decay == "decoupled":
+        s.wd = 0.0               # (Keras: theta (1 - lr wd) first, none in u)
     s.beta1, s.beta2 = h["betas"]
     s.eps = h["eps"]
     s.bias_correction = True
@@ -1160,6 +1167,9 @@ LAMB = Rule(
     notes=_TRUST_NOTE + r"""
 Defaults: betas (0.9, 0.999), eps 1e-6, weight decay 0, as optax.lamb (whose formulas
 these are: its ``scale_by_trust_ratio`` with coefficient 1 and no epsilon).
+``convention="keras"`` is keras.optimizers.Lamb's: its weight decay is decoupled,
+theta (1 - lr wd) first, and the ratio is of that theta and of u without the decay; the
+learning rate is rounded to float32 (Keras keeps it in a float32 variable).
 """,
     hyper={
         "lr": Hyper(1e-3, nonnegative, _LR),

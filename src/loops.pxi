@@ -671,14 +671,16 @@ cdef void _lamb_norms(floating* p, const floating* g, floating* m, floating* v,
     # LAMB's first pass (You et al. 2020, Algorithm 2): s <- b1 s + (1 - b1) g,
     # r <- b2 r + (1 - b2) g*g, and the sums of theta^2 and u^2 (u by QB elements, in a
     # buffer; lanes by the element's index in its row)
-    cdef floating wd = <floating>h.wd, eps = <floating>h.eps
+    # (Keras: the decoupled decay first, theta * decay, whose norm is then taken)
+    cdef floating wd = <floating>h.wd, eps = <floating>h.eps, decay = <floating>h.decay
     cdef floating c1 = <floating>h.c1, c2 = <floating>h.c2
     cdef floating b1 = <floating>h.beta1, b1c = <floating>(1.0 - h.beta1)
     cdef floating b2 = <floating>h.beta2, b2c = <floating>(1.0 - h.beta2)
     cdef floating gs = <floating>h.gscale, cv = <floating>h.clip
     cdef bint clip = h.flags & FLAG_CLIP
     cdef floating buf[QB]
-    cdef floating gi, mi, vi
+    cdef floating tbuf[QB]
+    cdef floating gi, mi, vi, pi
     cdef Py_ssize_t k = 0, i, mm
     while k < n:
         mm = min(QB, n - k)
@@ -688,8 +690,10 @@ cdef void _lamb_norms(floating* p, const floating* g, floating* m, floating* v,
             vi = b2 * v[k + i] + b2c * (gi * gi)
             m[k + i] = mi
             v[k + i] = vi
-            buf[i] = _lamb_u(mi, vi, p[k + i], c1, c2, eps, wd)
-        _sumsq_piece(<floating*>NULL, p + k, mm, k % SUM_LANES, acc_t)
+            pi = p[k + i] * decay
+            tbuf[i] = pi
+            buf[i] = _lamb_u(mi, vi, pi, c1, c2, eps, wd)
+        _sumsq_piece(<floating*>NULL, tbuf, mm, k % SUM_LANES, acc_t)
         _sumsq_piece(<floating*>NULL, buf, mm, k % SUM_LANES, acc_u)
         k += mm
 
@@ -699,11 +703,11 @@ cdef void _lamb(floating* p, const floating* g, floating* m, floating* v, floati
     # LAMB's second pass: theta <- theta - lr u, u from the moments the first pass left;
     # h.lr is this tensor's rate times its trust ratio |theta| / |u|
     cdef floating lr = <floating>h.lr, wd = <floating>h.wd, eps = <floating>h.eps
-    cdef floating c1 = <floating>h.c1, c2 = <floating>h.c2
+    cdef floating c1 = <floating>h.c1, c2 = <floating>h.c2, decay = <floating>h.decay
     cdef floating pi
     cdef Py_ssize_t i
     for i in range(n):
-        pi = p[i]
+        pi = p[i] * decay
         p[i] = pi - lr * _lamb_u(m[i], v[i], pi, c1, c2, eps, wd)
 
 

@@ -55,6 +55,7 @@ CONFIGS = [
     ("lamb", ch8fast.LAMB, "LAMB", dict(lr=1e-2, weight_decay=0.01)),
     ("lamb_exclude_1d", ch8fast.LAMB, "LAMB",
      dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, exclude_1d=True)),
+    ("lamb_keras", ch8fast.LAMB, "LAMB", dict(lr=1e-2, weight_decay=0.1, convention="keras")),
     ("lars", ch8fast.LARS, "LARS", dict(lr=0.5, weight_decay=0.01, trust_coefficient=0.02)),
     ("lars_nesterov_exclude_1d", ch8fast.LARS, "LARS",
      dict(lr=0.5, momentum=0.8, nesterov=True, weight_decay=0.01, eps=1e-3,

@@ -317,6 +317,13 @@ class LAMB(Reference):
         (b1, b2), eps, t = self.h["betas"], self.h["eps"], self.t
         skip = self.h.get("exclude_1d") and p.ndim < 2
         wd = 0.0 if skip else self.h["weight_decay"]
+        lr = self.h["lr"]
+        if self.h.get("convention") == "keras":
+            # keras.optimizers.Lamb: a float32 rate, the decoupled decay first, whose
+            # theta the ratio then measures, and no decay in u
+            lr = float(np.float32(lr))
+            p = p * (1 - lr * wd)
+            wd = 0.0
         if self.h.get("maximize"):
             g = -g
         st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
@@ -325,7 +332,7 @@ class LAMB(Reference):
         r_hat = st["exp_avg_sq"] / (1 - b2 ** t)
         u = s_hat / (np.sqrt(r_hat) + eps) + wd * p
         ratio = 1.0 if skip else _trust_ratio(p, u)
-        return p - self.h["lr"] * ratio * u
+        return p - lr * ratio * u
 
 
 class LARS(Reference):
