@@ -73,6 +73,9 @@ def _prepare(rule, dtype, hyper, momentum_next):
     them. The same hyperparameters (equal values of the same types) give the same
     result, which ``update`` remembers, so a loop that calls it with the same
     hyperparameters checks them once."""
+    if rule.trust_ratio:
+        raise ValueError(f"{rule.name} runs two passes over its arrays (the trust ratio "
+                         f"needs each array's norms first); use ch8fast.{rule.name}")
     if rule.point is not None and rule.point.COUNTERS:
         raise ValueError(f"{rule.name} keeps running numbers of the run per param group "
                          f"({', '.join(rule.point.COUNTERS)}) that one step cannot be "

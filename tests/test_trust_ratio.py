@@ -136,6 +136,14 @@ def test_refused_when_made(make, pattern):
     assert (w == 1).all()
 
 
+def test_the_functional_layer_refuses_them():
+    import ch8fast.functional as F
+    w, m, v = np.ones(3), np.zeros(3), np.zeros(3)
+    with pytest.raises(ValueError, match="LAMB runs two passes"):
+        F.update(ch8fast.rules.LAMB, w, np.ones(3), {"exp_avg": m, "exp_avg_sq": v})
+    assert (w == 1).all() and (m == 0).all() and (v == 0).all()
+
+
 # ---- optax, float64, 1,000 random steps -------------------------------------------------
 
 PEERS = [("lamb", dict(weight_decay=0.0)), ("lamb", dict(weight_decay=0.01, eps=1e-4)),
