@@ -15,7 +15,7 @@ from ch8fast.apps.tour import (adopt_counterexample, canyon, drag, fit_slope, in
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["canyon", "rates", "momentum", "adagrad", "init", "lr", "lion", "adopt",
-           "ademamix", "schedule_free"]
+           "ademamix", "schedule_free", "trust_ratio"]
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,27 @@ def test_schedule_free_beats_the_tuned_decay_with_the_right_beta(tour):
         assert d["tuned"][T]["lr"] == d["lr"]
     assert "## 10. Schedule-free SGD against a tuned linear decay" in md
     assert "schedule-free SGD (one run) / linear decay" in stdout
+
+
+def test_lars_and_lamb_train_the_full_batch_further(tour):
+    """Measured on seeds 0-3: the weight matrices' norm(W) / norm(grad W) differ by 2.5x or
+    more over the layers, and at their best rates LARS ends below momentum SGD's loss
+    (0.00003-0.002x) and LAMB below Adam's (0.00004-0.0001x) after 150 full-batch
+    steps."""
+    _, stdout, numbers, md, _ = tour
+    tr = numbers["trust_ratio"]
+    assert max(tr["ratios"]) > 2 * min(tr["ratios"])
+    assert tr["lars_over_momentum"] < 0.1 and tr["lamb_over_adam"] < 0.1
+    r = tr["runs"]
+    assert tr["lars_over_momentum"] == pytest.approx(r["LARS"]["loss"]
+                                                     / r["momentum SGD"]["loss"])
+    for name in ("momentum SGD", "LARS", "Adam", "LAMB"):
+        # its best rate is inside the grid, not at an end of it
+        rates = sorted(float(k) for k in r[name]["by_lr"])
+        assert rates[0] < r[name]["lr"] < rates[-1], name
+    assert "## 11. LARS and LAMB" in md and "(both lower" in md
+    assert 1 < r["LARS"]["ahead_from"] <= tr["steps"]
+    assert "LARS/momentum SGD" in stdout
 
 
 def test_fit_slope_exact_power_law():

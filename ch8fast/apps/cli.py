@@ -3,7 +3,7 @@
 * ``ch8fast demo``: train a small MLP with every optimizer of the chapter and compare
   them (``mpirun -n 2 ch8fast demo --distributed``: data parallel over MPI);
 * ``ch8fast tour``: reproduce the chapter's claims, and those of the papers of Lion, ADOPT,
-  AdEMAMix and schedule-free SGD, as figures and a Markdown report;
+  AdEMAMix, schedule-free SGD, LARS and LAMB, as figures and a Markdown report;
 * ``ch8fast bench``: benchmark the fused kernels;
 * ``ch8fast --version``.
 """
@@ -36,10 +36,11 @@ def build_parser():
     p = sub.add_parser(
         "tour", help="reproduce the chapter's claims (momentum, rates, drag, AdaGrad vs "
                      "RMSProp, initialization, learning-rate choice) and those of the "
-                     "Lion, ADOPT, AdEMAMix and schedule-free papers as figures and "
-                     "tour.md",
+                     "Lion, ADOPT, AdEMAMix, schedule-free, LARS and LAMB papers as "
+                     "figures and tour.md",
         description="Reproduce the claims of sections 8.3-8.5, and of the papers of Lion, "
-                    "ADOPT, AdEMAMix and schedule-free SGD, with ch8fast's optimizers; "
+                    "ADOPT, AdEMAMix, schedule-free SGD, LARS and LAMB, with ch8fast's "
+                    "optimizers; "
                     "write figures and a Markdown report with each measured number "
                     "beside the statement it checks.")
     tour.add_arguments(p)

@@ -1,7 +1,7 @@
-"""``ch8fast tour``: the claims of chapter 8.3-8.5, and of the papers of four later
+"""``ch8fast tour``: the claims of chapter 8.3-8.5, and of the papers of six later
 rules, measured with ch8fast's optimizers.
 
-Ten experiments, each a function that returns its numbers (and the data of its figure):
+Eleven experiments, each a function that returns its numbers (and the data of its figure):
 
 1. :func:`canyon`: momentum crosses an ill-conditioned quadratic; gradient descent zig-zags.
 2. :func:`rates`: excess error against k, with fitted log-log slopes: SGD on a convex and
@@ -22,6 +22,9 @@ Ten experiments, each a function that returns its numbers (and the data of its f
    (Pagliardini et al. 2024).
 10. :func:`schedule_free`: schedule-free SGD, one run with one learning rate, against SGD
     with a linear decay tuned for each run length (Defazio et al. 2024).
+11. :func:`trust_ratio`: LARS and LAMB against momentum SGD and Adam in full-batch
+    training, and the spread of norm(W) / norm(grad W) over the layers (You et al. 2017,
+    2020).
 
 :func:`run_tour` runs them all and writes ``tour.md``, ``tour.json`` and the figures.
 """
@@ -37,8 +40,8 @@ import numpy as np
 
 __all__ = ["canyon", "rates", "terminal_speed", "drag", "adagrad_vs_rmsprop",
            "init_scales", "lr_choice", "lion_vs_adam", "adopt_counterexample",
-           "ademamix_memory", "schedule_free", "fit_slope", "run_tour", "add_arguments",
-           "main"]
+           "ademamix_memory", "schedule_free", "trust_ratio", "fit_slope", "run_tour",
+           "add_arguments", "main"]
 
 
 def fit_slope(k, err, lo, hi):
@@ -733,6 +736,72 @@ def schedule_free(seed=0, quick=False):
     return res
 
 
+def trust_ratio(seed=0, quick=False, hidden=(64, 64), steps=None):
+    """LARS and LAMB against momentum SGD and Adam in large-batch training (You et al.
+    2017, 2020): the demo's digits, every step on the whole training set, an MLP; the
+    ratio norm(W) / norm(grad W) of each weight matrix at the start, and each method's
+    lowest training loss after ``steps`` full-batch steps over a grid of learning rates
+    (LARS and LAMB leave the biases out, ``exclude_1d``).
+
+    Returns the ratios, each method's best loss and rate, every rate's loss, and the best
+    run's curve of each method."""
+    import ch8fast
+    from ch8fast.apps.demo import load_dataset, split_standardize
+    from ch8fast.apps.mlp import MLP
+    X, y, classes, _ = load_dataset(None)
+    Xt, yt, _, _ = split_standardize(X, y, seed)
+    sizes = [X.shape[1], *hidden, len(classes)]
+    model = MLP(sizes, rng=seed)
+    theta0 = [p.copy() for p in model.params]
+    model.loss_and_grad(Xt, yt)
+    ratios = [float(np.linalg.norm(p) / np.linalg.norm(g))
+              for p, g in zip(model.params, model.grads) if p.ndim == 2]
+    # (the same with --quick: fewer steps or rates change which method wins, measured)
+    steps = steps or 150
+    # rates 10^(k/2); LARS's a hundred times larger (its step is lr * 0.001 * the ratio)
+    grid = [10 ** (e / 2) for e in range(-6, 3)]
+    methods = {
+        "momentum SGD": (ch8fast.SGD, dict(momentum=0.9), 1.0),
+        "LARS": (ch8fast.LARS, dict(momentum=0.9, exclude_1d=True), 100.0),
+        "Adam": (ch8fast.Adam, {}, 1.0),
+        "LAMB": (ch8fast.LAMB, dict(exclude_1d=True), 1.0),
+    }
+
+    def run(cls, kw, lr):
+        for p, p0 in zip(model.params, theta0):
+            np.copyto(p, p0)
+        opt = cls(model.params, lr=lr, **kw)
+        curve = []
+        with np.errstate(all="ignore"):
+            for _ in range(steps):
+                curve.append(model.loss_and_grad(Xt, yt))
+                if not math.isfinite(curve[-1]):
+                    return math.inf, curve
+                opt.step(model.grads)
+            loss = model.evaluate(Xt, yt)[0]
+        return (loss if math.isfinite(loss) else math.inf), curve
+
+    out = {"sizes": sizes, "batch": len(Xt), "steps": steps, "grid": grid,
+           "ratios": ratios, "runs": {}}
+    for name, (cls, kw, scale) in methods.items():
+        rates = [lr * scale for lr in grid]
+        losses = {lr: run(cls, kw, lr) for lr in rates}
+        lr = min(rates, key=lambda r: losses[r][0])
+        out["runs"][name] = {"lr": lr, "loss": losses[lr][0], "curve": losses[lr][1],
+                             "by_lr": {r: v[0] for r, v in losses.items()}}
+    for p, p0 in zip(model.params, theta0):
+        np.copyto(p, p0)
+    r = out["runs"]
+    out["lars_over_momentum"] = r["LARS"]["loss"] / r["momentum SGD"]["loss"]
+    out["lamb_over_adam"] = r["LAMB"]["loss"] / r["Adam"]["loss"]
+    # the step from which each trust-ratio method stays below its plain counterpart
+    for a, b in (("LARS", "momentum SGD"), ("LAMB", "Adam")):
+        ca, cb = r[a]["curve"], r[b]["curve"]
+        behind = [k for k in range(min(len(ca), len(cb))) if not ca[k] < cb[k]]
+        r[a]["ahead_from"] = behind[-1] + 2 if behind else 1
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------
@@ -957,6 +1026,27 @@ def _plot_ademamix(m, path):
     return True
 
 
+def _plot_trust_ratio(t, path):
+    fig = _figure(12, 4.4)
+    if fig is None:
+        return False
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.bar(range(1, len(t["ratios"]) + 1), t["ratios"], color="C0")
+    ax1.set_xlabel("weight matrix (layer)")
+    ax1.set_ylabel("‖W‖ / ‖∇W‖ at the start")
+    ax1.set_title("the ratio LARS and LAMB scale each layer's step by")
+    for j, (name, r) in enumerate(t["runs"].items()):
+        ax2.semilogy(np.arange(1, len(r["curve"]) + 1), r["curve"], color=f"C{j + 1}",
+                     lw=1.2, label=f"{name} (lr {r['lr']:.3g}): {r['loss']:.2g}")
+    ax2.set_xlabel("full-batch step")
+    ax2.set_ylabel("training loss")
+    ax2.set_title(f"each at its best rate, batch = {t['batch']} (all)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
 def _plot_schedule_free(r, path):
     fig = _figure(7.5, 4.6)
     if fig is None:
@@ -998,7 +1088,7 @@ def _g(v, digits=3):
 def _report(res, figs):
     c, r, ts, dr = res["canyon"], res["rates"], res["terminal"], res["drag"]
     ad, ini, lrc = res["adagrad"], res["init"], res["lr"]
-    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5 and of four later "
+    L = ["# ch8fast tour: the claims of Deep Learning 8.3–8.5 and of six later "
          "optimizers, measured", ""]
     L.append(f"Every number below was measured by this run (seed {res['seed']}"
              f"{', --quick' if res['quick'] else ''}), with ch8fast's optimizers.")
@@ -1289,6 +1379,33 @@ def _report(res, figs):
           + (", but its best rate still depends on the length: what it saves is the run "
              "per length, not the tuning." if max(sf_lrs) > 2 * min(sf_lrs) else
              ", and one rate serves every length."), ""] + fig("schedule_free")
+    tr = res["trust_ratio"]
+    L += ["", "## 11. LARS and LAMB: a learning rate per layer for large batches "
+          "(You et al. 2017, 2020)", "",
+          "> Papers: the ratio ‖w‖ / ‖∇L(w)‖ differs widely between layers, so one global "
+          "rate is too large for some and too small for others when the batch is large; "
+          "LARS scales each layer's step by it (SGD with momentum), LAMB does so for Adam.",
+          "", f"The demo's digits, MLP {'-'.join(map(str, tr['sizes']))}, every step on "
+          f"the whole training set ({tr['batch']} samples), {tr['steps']} steps, from the "
+          f"same start; each method's lowest training loss over {len(tr['grid'])} rates "
+          f"from {tr['grid'][0]:.3g} to {tr['grid'][-1]:.3g} (LARS: a hundred times "
+          "those, since its trust coefficient is 0.001; LARS and LAMB leave the biases "
+          "out). ‖W‖ / ‖∇W‖ of the weight "
+          "matrices at the start: " + ", ".join(f"{x:.3g}" for x in tr["ratios"])
+          + f" ({max(tr['ratios']) / min(tr['ratios']):.2g}× apart).", "",
+          "| method | best rate | training loss after the steps |", "|---|---:|---:|"]
+    for name, r in tr["runs"].items():
+        L.append(f"| {name} | {r['lr']:.3g} | {r['loss']:.3g} |")
+    L += ["", f"Measured: at their best rates LARS ends at {tr['lars_over_momentum']:.2g}× "
+          f"momentum SGD's loss and LAMB at {tr['lamb_over_adam']:.2g}× Adam's "
+          + ("(both lower: the per-layer rate trains the large batch further in the same "
+             "steps)" if tr["lars_over_momentum"] < 1 and tr["lamb_over_adam"] < 1 else
+             "(not lower for both on this small network)")
+          + f"; but LARS is ahead of momentum SGD only from step "
+          f"{tr['runs']['LARS']['ahead_from']} and LAMB of Adam from step "
+          f"{tr['runs']['LAMB']['ahead_from']}: in shorter runs the plain methods end "
+          "lower.", ""]
+    L += fig("trust_ratio")
     return "\n".join(L)
 
 
@@ -1330,6 +1447,9 @@ def _numbers(res):
         | {"runs": {n: {k: v for k, v in r.items() if k not in ("memory", "excess")}
                     for n, r in am["runs"].items()}},
         "schedule_free": {k: v for k, v in res["schedule_free"].items() if k != "curves"},
+        "trust_ratio": {k: v for k, v in res["trust_ratio"].items() if k != "runs"}
+        | {"runs": {n: {k: v for k, v in r.items() if k != "curve"}
+                    for n, r in res["trust_ratio"]["runs"].items()}},
     }
 
 
@@ -1353,7 +1473,8 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
              ("lion", "Lion against Adam", lambda: lion_vs_adam(seed, quick)),
              ("adopt", "ADOPT on Reddi's problem", lambda: adopt_counterexample(quick)),
              ("ademamix", "AdEMAMix's memory", lambda: ademamix_memory(seed, quick)),
-             ("schedule_free", "schedule-free SGD", lambda: schedule_free(seed, quick))]
+             ("schedule_free", "schedule-free SGD", lambda: schedule_free(seed, quick)),
+             ("trust_ratio", "LARS and LAMB", lambda: trust_ratio(seed, quick))]
     for key, title, fn in steps:
         t = time.perf_counter()
         res[key] = fn()
@@ -1369,7 +1490,8 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
                 "lion": (_plot_lion, (res["lion"],)),
                 "adopt": (_plot_adopt, (res["adopt"],)),
                 "ademamix": (_plot_ademamix, (res["ademamix"],)),
-                "schedule_free": (_plot_schedule_free, (res["schedule_free"],))}
+                "schedule_free": (_plot_schedule_free, (res["schedule_free"],)),
+                "trust_ratio": (_plot_trust_ratio, (res["trust_ratio"],))}
         for key, (fn, args) in plan.items():
             path = os.path.join(out, f"tour_{key}.png")
             if fn(*args, path):
@@ -1422,6 +1544,10 @@ def run_tour(out="ch8fast_out", seed=0, quick=False, plot=True, stream=None):
         + ", ".join(f"T={T} {r:.2f}"
                     for T, r in sf["ratio_tuned"][sf["beta_figure"]].items())
         + f" (β = {sf['beta_figure']:g}, its rate tuned per T from one run per rate)")
+    tr = res["trust_ratio"]
+    say(f"  full-batch training, best loss: LARS/momentum SGD "
+        f"{tr['lars_over_momentum']:.2g}, LAMB/Adam {tr['lamb_over_adam']:.2g}; "
+        f"‖W‖/‖∇W‖ over the layers " + ", ".join(f"{x:.3g}" for x in tr["ratios"]))
     if not plot:
         say("figures skipped (--no-plot)")
     elif missing:
