@@ -12,6 +12,7 @@ from ._groups import ParamGroup, StateList, StateView
 from ._isa import K
 from ._statedict import SHIFTED
 from ._validation import check_param
+from .rules import PARAM
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
@@ -286,7 +287,7 @@ def new_state(opt, p, layout, fixed, have, step):
         if (a is None or a.shape != shape or a.dtype != want
                 or how.startswith("q8") != (scales is not None)):
             fill = opt.rule.initial.get(name)
-            if fill == "param":                    # (rules.PARAM) a copy of p's values
+            if fill == PARAM:                      # a copy of p's values
                 a, scales = (storage.to_float32(p) if compute == F32
                              else np.array(p, compute)), None
             else:

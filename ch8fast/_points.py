@@ -364,6 +364,23 @@ class InterimPoint(Point):
         return out
 
 
+def warmup_factor(j, warm):
+    """The schedule-free warm-up's factor of the learning rate at update ``j`` (from 1;
+    0 before the first), over ``warm`` updates (0: none)."""
+    return j / warm if j < warm else 1.0
+
+
+def average_weight(lr, k, r, power, weight_sum, lr_max):
+    """Update ``k + 1`` of a schedule-free average at learning rate ``lr``: its weight is
+    (k + 1)^r times the largest rate so far to ``power``; returns c, that weight over the
+    sum of all (0 while the sum is 0), and the new ``weight_sum`` and ``lr_max``."""
+    if lr > lr_max:
+        lr_max = lr
+    weight = (k + 1) ** r * lr_max ** power
+    weight_sum += weight
+    return (weight / weight_sum if weight_sum != 0.0 else 0.0), weight_sum, lr_max
+
+
 class AveragePoint(Point):
     """Schedule-free methods (Defazio et al. 2024): the arrays hold
     y = beta x + (1 - beta) z, where the gradient is taken, the state holds z, and theta
@@ -406,23 +423,17 @@ class AveragePoint(Point):
         for gi, meta in enumerate(core.meta):
             h, k = meta.values, steps[gi]
             warm = h["warmup_steps"]
-            # the warm-up's factor at update k + 1 (from 1)
-            up = (k + 1) / warm if k + 1 < warm else 1.0
             if ahead[gi]:
                 # optax: the weight's learning rate is the next update's, the step's this
                 # one's (rules.Profile.lr_ahead)
-                lr = meta.next_values["lr"] * up
-                lr_step = h["lr"] * (k / warm if k < warm else 1.0)
+                lr = meta.next_values["lr"] * warmup_factor(k + 1, warm)
+                lr_step = h["lr"] * warmup_factor(k, warm)
             else:
-                lr = lr_step = h["lr"] * up
-            weight_sum, lr_max = kept[gi]
-            if lr > lr_max:
-                lr_max = lr
-            weight = (k + 1) ** h["r"] * lr_max ** h["weight_lr_power"]
-            weight_sum += weight
+                lr = lr_step = h["lr"] * warmup_factor(k + 1, warm)
             s = meta.scalars
+            s.ck, weight_sum, lr_max = average_weight(lr, k, h["r"], h["weight_lr_power"],
+                                                      *kept[gi])
             s.lr = lr_step
-            s.ck = weight / weight_sum if weight_sum != 0.0 else 0.0
             token.append((k, weight_sum, lr_max))
         return token
 

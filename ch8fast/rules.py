@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._isa import K
-from ._points import AveragePoint, InterimPoint
+from ._points import AveragePoint, InterimPoint, average_weight, warmup_factor
 from ._validation import (Choice, Exactly, Real, betas_pair, closed_unit, count, flag,
                           nonnegative, positive, unit_interval)
 
 __all__ = ["Hyper", "Rule", "Profile", "Scalars", "GradPlan", "SGD", "ADAGRAD", "RMSPROP",
            "ADAM", "ADAMW", "ADADELTA", "LION", "ADOPT", "ADEMAMIX", "SCHEDULE_FREE_SGD",
-           "SCHEDULE_FREE_ADAMW", "LAMB", "LARS", "PARAM", "ALL", "CONVENTIONS"]
+           "SCHEDULE_FREE_ADAMW", "LAMB", "LARS", "PARAM", "ALL", "CONVENTIONS",
+           "average_weight", "warmup_factor"]
 
 Scalars = K.Scalars
 GradPlan = K.GradPlan

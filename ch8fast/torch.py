@@ -31,6 +31,7 @@ from operator import is_ as _is
 
 from . import rules
 from ._isa import K
+from ._points import average_weight, warmup_factor
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Lion", "ADOPT",
            "AdEMAMix", "SGDScheduleFree", "AdamWScheduleFree", "adopt_clip"]
@@ -879,14 +880,13 @@ class _ScheduleFree(_Paper):
         done = []
         for gi, group in enumerate(self.param_groups):
             g = self._prepare(gi, group)
-            k, warm = group["k"], group["warmup_steps"]
-            lr = _plain(group["lr"]) * ((k + 1) / warm if k < warm else 1.0)
-            lr_max = max(lr, group["lr_max"])
-            weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
-            weight_sum = group["weight_sum"] + weight
+            k = group["k"]
+            lr = _plain(group["lr"]) * warmup_factor(k + 1, group["warmup_steps"])
             s = g.scalars
+            s.ck, weight_sum, lr_max = average_weight(
+                lr, k, group["r"], group["weight_lr_power"], group["weight_sum"],
+                group["lr_max"])
             s.lr = lr
-            s.ck = weight / weight_sum if weight_sum != 0 else 0.0
             if "exp_avg_sq" in g.layout:      # the bias correction of update k + 1
                 s.bias_correction = False
                 s.c2 = 1.0 / math.sqrt(1.0 - g.values["betas"][1] ** (k + 1))

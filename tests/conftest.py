@@ -95,6 +95,27 @@ def assert_close(got, ref, dtype, what=""):
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
+def optax_modules():
+    """jax (in float64) and optax, or a skip with the reason."""
+    jax = pytest.importorskip("jax", reason="optax cross-checks need jax and optax")
+    optax = pytest.importorskip("optax", reason="optax cross-checks need optax")
+    jax.config.update("jax_enable_x64", True)
+    return jax, optax
+
+
+def optax_run(tx, theta, grads):
+    """(theta, state) after optax transformation ``tx`` applied to ``grads`` in turn;
+    ``theta`` an array or a list of them, each gradient alike."""
+    jax, optax = optax_modules()
+    th = jax.tree.map(jax.numpy.asarray, theta)
+    st = tx.init(th)
+    update = jax.jit(tx.update)
+    for g in grads:
+        u, st = update(jax.tree.map(jax.numpy.asarray, g), st, th)
+        th = optax.apply_updates(th, u)
+    return jax.tree.map(np.asarray, th), st
+
+
 def scripted_lr_trials(lrs=(0.01, 0.1, 1.0, 3.0), iters=20):
     """``ch8fast.choose_lr`` on scripted costs: lr 1 blows up, every other rate (3
     included, by chance) decreases like 1 / (1 + t min(lr, 0.5))."""

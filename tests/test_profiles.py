@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ch8fast
-from conftest import assert_close
+from conftest import assert_close, optax_modules, optax_run
 
 N, T = 257, 1000
 
@@ -91,22 +91,12 @@ def test_torch_fused_convention_is_bit_exact(cls, kw, name, tkw, dtype):
 # ---- optax -----------------------------------------------------------------------------
 
 def _optax():
-    jax = pytest.importorskip("jax", reason="optax cross-checks need jax and optax")
-    optax = pytest.importorskip("optax", reason="optax cross-checks need optax")
-    jax.config.update("jax_enable_x64", True)
-    return jax, optax
+    return optax_modules()
 
 
 def _optax_run(tx, theta, grads):
     """theta after optax transformation ``tx`` applied to ``grads`` in turn."""
-    jax, optax = _optax()
-    th = jax.numpy.asarray(theta)
-    st = tx.init(th)
-    update = jax.jit(tx.update)
-    for g in grads:
-        u, st = update(jax.numpy.asarray(g), st, th)
-        th = optax.apply_updates(th, u)
-    return np.asarray(th)
+    return optax_run(tx, theta, grads)[0]
 
 
 OPTAX = [

@@ -12,7 +12,7 @@ import pytest
 
 import ch8fast
 import reference as R
-from conftest import assert_close, reference_hyper
+from conftest import assert_close, optax_modules, optax_run, reference_hyper
 
 RULES = [(ch8fast.ScheduleFreeSGD, dict(lr=0.05, weight_decay=0.01, warmup_steps=3)),
          (ch8fast.ScheduleFreeSGD, dict(lr=0.05, momentum=0.8, r=1.0, convention="optax",
@@ -226,9 +226,7 @@ def test_schedule_free_is_optax_schedule_free(kind, wd, warm):
     evaluation point x within 1e-12 of the largest entry, float64. (optax recomputes x from
     y and z at each step, (y - (1 - beta) z) / beta, where the kernel moves y directly:
     a few roundings per step, which measured about 3e-14 after 1,000 steps.)"""
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    jax.config.update("jax_enable_x64", True)
+    _, optax = optax_modules()
     theta, grads = _grads()
     if kind == "sgd":
         tx = optax.contrib.schedule_free_sgd(0.25, warmup_steps=warm, b1=0.9,
@@ -236,15 +234,10 @@ def test_schedule_free_is_optax_schedule_free(kind, wd, warm):
     else:
         tx = optax.contrib.schedule_free_adamw(2 ** -7, warmup_steps=warm, b1=0.9, b2=0.99,
                                                weight_decay=wd)
-    p = jax.numpy.asarray(theta)
-    st = tx.init(p)
-    update = jax.jit(tx.update)
-    for g in grads:
-        u, st = update(jax.numpy.asarray(g), st, p)
-        p = optax.apply_updates(p, u)
+    p, st = optax_run(tx, theta, grads)
     x = np.asarray(optax.contrib.schedule_free_eval_params(st, p))
     y, th = _ours(kind, wd, warm, "optax", theta, grads)
-    assert_close(y, np.asarray(p), np.float64, "y")
+    assert_close(y, p, np.float64, "y")
     assert_close(th, x, np.float64, "x")
     if warm:        # the authors' warm-up differs from optax's by a step: not the same
         y_book, _ = _ours(kind, wd, warm, "book", theta, grads)

@@ -10,7 +10,7 @@ import pytest
 
 import ch8fast
 import reference as R
-from conftest import assert_close, reference_hyper
+from conftest import assert_close, optax_modules, optax_run, reference_hyper
 
 BLOCK = 4096                                   # NORM_BLOCK of the kernels (types.pxi)
 SIZES = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17]
@@ -159,9 +159,7 @@ def test_against_optax(kind, kw):
     1 where a norm is 0), float64, 1,000 random steps on three arrays (one above the norm
     block): within 1e-12 of the largest entry (optax sums the norms in its order, the
     kernels in fixed blocks: the ratios differ in the last bits; measured about 1e-15)."""
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    jax.config.update("jax_enable_x64", True)
+    _, optax = optax_modules()
     rng = np.random.default_rng(5)
     shapes = [(30, 20), (20,), (BLOCK + 9,)]
     theta = [rng.standard_normal(s) for s in shapes]
@@ -172,12 +170,8 @@ def test_against_optax(kind, kw):
     else:
         tx = optax.lars(0.1, **kw)
         opt = ch8fast.LARS(ours := [t.copy() for t in theta], lr=0.1, **kw)
-    p = [jax.numpy.asarray(t) for t in theta]
-    st = tx.init(p)
-    update = jax.jit(tx.update)
+    p, _ = optax_run(tx, theta, grads)
     for g in grads:
-        u, st = update([jax.numpy.asarray(x) for x in g], st, p)
-        p = optax.apply_updates(p, u)
         opt.step(g)
     for a, b in zip(ours, p):
         assert_close(a, np.asarray(b), np.float64, kind)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ch8fast import functional, optim
+from ch8fast import functional, optim, rules
 from ch8fast.apps import reference
 from ch8fast.roofline import Roofline
 
@@ -318,12 +318,14 @@ class NumpyOptimizer:
         self._update = _INPLACE[case]
         self.hyper = hyperparameters(case)
         self.params = list(params)
-        initial = CASES[case][0].rule.initial
-        self.state = [{n: p.copy() if initial.get(n) == "param" else np.zeros_like(p)
-                       for n in state_names(case)} for p in self.params]
+        rule = CASES[case][0].rule
+        self.state = [{n: p.copy() if rule.initial.get(n) == rules.PARAM
+                       else np.zeros_like(p) for n in state_names(case)}
+                      for p in self.params]
         self.t = 0
-        # schedule-free: the running weight sum of the average (a constant lr, no warm-up)
-        self.weight_sum = 0.0 if "z" in state_names(case) else None
+        # schedule-free: the running numbers of the average (a constant lr, no warm-up)
+        self.average = ([0.0, 0.0] if rule.point is not None and rule.point.COUNTERS
+                        else None)
         big = max(p.size for p in self.params)
         dtype = self.params[0].dtype
         self._tmp = (np.zeros(big, dtype), np.zeros(big, dtype))
@@ -333,10 +335,10 @@ class NumpyOptimizer:
     def step(self, grads):
         self.t += 1
         h, t, update = self.hyper, self.t, self._update
-        if self.weight_sum is not None:
-            weight = h["lr"] ** h["weight_lr_power"]
-            self.weight_sum += weight
-            h["ck"] = weight / self.weight_sum
+        if self.average is not None:
+            h["ck"], *self.average = rules.average_weight(h["lr"], t - 1, h["r"],
+                                                          h["weight_lr_power"],
+                                                          *self.average)
         for p, g, st, (a, b) in zip(self.params, grads, self.state, self._views):
             update(h, p, g, st, a, b, t)
 
